@@ -1,0 +1,79 @@
+# Set-up, demo, tests and benchmarks. `make demo` and `make test` work on a fresh clone.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(CURDIR)/$(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# The shared data folder (ISBI 2012, DICOM samples); tests that need it skip without it.
+export UNET_SHARED_DATA ?= $(abspath $(CURDIR)/../shared/data)
+# Debian packages the tests need; `system-deps` installs those missing (needs root and apt).
+DEBIAN_PACKAGES :=
+DEMO := $(CURDIR)/demo_output
+ISBI_BUNDLE := bundles/unet2d_isbi2012
+PYTEST_ARGS ?=
+
+.PHONY: help venv system-deps test demo demo-isbi bench clean
+
+help:
+	@echo "make demo   - create .venv, install, train and run the U-Net ISBI 2012 bundle"
+	@echo "make test   - create/refresh .venv and run the test suite (all but GPU tests)"
+	@echo "make bench  - benchmarks, with ratios against the peer measured in the same run"
+
+# torch==2.13.0 first: that exact version is the local CPU build; anything that asks for torch later
+# finds it satisfied instead of pulling a CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+venv: $(STAMP)
+
+system-deps:
+	@missing=""; for pkg in $(DEBIAN_PACKAGES); do \
+		dpkg -s "$$pkg" >/dev/null 2>&1 || missing="$$missing $$pkg"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+test: $(STAMP) system-deps
+	$(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
+
+demo: $(STAMP) demo-isbi
+
+demo-isbi: $(STAMP)
+	@if [ ! -f "$(UNET_SHARED_DATA)/isbi2012/train/image/0.png" ]; then \
+		echo "The demo needs the ISBI 2012 EM data set (the U-Net paper's data), expected at"; \
+		echo "  $(UNET_SHARED_DATA)/isbi2012/{train/image,train/label,test}/N.png"; \
+		echo "It is the shared data folder beside this repository (../shared/data); point UNET_SHARED_DATA"; \
+		echo "at another copy, or download the challenge data from https://imagej.net/events/isbi-2012-segmentation-challenge"; \
+		exit 1; \
+	fi
+	@echo "== 1/3 train the ISBI 2012 bundle briefly (from scratch, tracked in MLflow) =="
+	cd $(ISBI_BUNDLE) && $(PY) -m monai.bundle run training --meta_file configs/metadata.json \
+		--config_file configs/train.json --logging_file configs/logging.conf --tracking mlflow \
+		--epoch_length 25 --max_epochs 2 --ckpt_dir $(DEMO)/isbi2012/models --output_dir $(DEMO)/isbi2012/mlflow
+	@echo "== 2/3 segment the 30 challenge test slices with the shipped weights =="
+	cd $(ISBI_BUNDLE) && $(PY) -m monai.bundle run --meta_file configs/metadata.json \
+		--config_file configs/inference.json --logging_file configs/logging.conf \
+		--output_dir $(DEMO)/isbi2012/test_segmentations
+	@echo "== 3/3 evaluate the shipped weights on the validation slices (20-23) =="
+	cd $(ISBI_BUNDLE) && $(PY) -m monai.bundle run --meta_file configs/metadata.json \
+		--config_file "['configs/train.json','configs/evaluate.json']" --logging_file configs/logging.conf \
+		--output_dir $(DEMO)/isbi2012/evaluation
+	@echo
+	@echo "Validation metrics of the shipped weights ($(DEMO)/isbi2012/evaluation/metrics.csv):"
+	@cat $(DEMO)/isbi2012/evaluation/metrics.csv
+	@echo "Segmentations (255 = cell, 0 = membrane) and membrane probabilities: $(DEMO)/isbi2012/test_segmentations/"
+	@echo "Demo training weights: $(DEMO)/isbi2012/models/model.pt"
+	@echo "MLflow UI: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(DEMO)/isbi2012/mlflow/mlruns.db --host 127.0.0.1"
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_unet.py
+
+clean:
+	rm -rf $(DEMO) bench_output .pytest_cache

@@ -1,0 +1,32 @@
+"""Shared fixtures: the shared data folder, and small helpers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path:
+    """``$UNET_SHARED_DATA``, by default ``../shared/data`` beside the repository."""
+    return Path(os.environ.get("UNET_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def isbi_dir() -> Path:
+    path = shared_data_dir() / "isbi2012"
+    if not (path / "train" / "image" / "0.png").is_file():
+        pytest.skip(f"ISBI 2012 data not found at {path} (set UNET_SHARED_DATA to the shared data folder)")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    """Keep tests from oversubscribing the 2 CI cores when pytest runs them with other processes."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
