@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # The shared data folder (ISBI 2012, DICOM samples); tests that need it skip without it.
 export UNET_SHARED_DATA ?= $(abspath $(CURDIR)/../shared/data)
 # Debian packages the tests need; `system-deps` installs those missing (needs root and apt).
-DEBIAN_PACKAGES :=
+DEBIAN_PACKAGES := dcm2niix dicom3tools
 DEMO := $(CURDIR)/demo_output
 ISBI_BUNDLE := bundles/unet2d_isbi2012
 PYTEST_ARGS ?=
@@ -47,10 +47,11 @@ demo: $(STAMP) demo-isbi
 
 demo-isbi: $(STAMP)
 	@if [ ! -f "$(UNET_SHARED_DATA)/isbi2012/train/image/0.png" ]; then \
-		echo "The demo needs the ISBI 2012 EM data set (the U-Net paper's data), expected at"; \
+		echo "The demo needs the ISBI 2012 EM data set: the U-Net paper's data, from the ISBI 2012 EM"; \
+		echo "segmentation challenge (Cardona et al. 2010), expected at"; \
 		echo "  $(UNET_SHARED_DATA)/isbi2012/{train/image,train/label,test}/N.png"; \
-		echo "It is the shared data folder beside this repository (../shared/data); point UNET_SHARED_DATA"; \
-		echo "at another copy, or download the challenge data from https://imagej.net/events/isbi-2012-segmentation-challenge"; \
+		echo "It ships in the shared data folder beside this repository (../shared/data);"; \
+		echo "set UNET_SHARED_DATA to use another copy of that folder."; \
 		exit 1; \
 	fi
 	@echo "== 1/3 train the ISBI 2012 bundle briefly (from scratch, tracked in MLflow) =="
@@ -74,6 +75,7 @@ demo-isbi: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_unet.py
+	$(PY) benchmarks/bench_io.py
 
 clean:
 	rm -rf $(DEMO) bench_output .pytest_cache

@@ -1,0 +1,54 @@
+"""DICOM series: find, group, select, sort and assemble into a volume."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from pipelines.io.dicom.geometry import StackGeometry, plan_stack
+from pipelines.io.dicom.scan import ScanResult, SliceRecord, scan_dicom
+from pipelines.io.dicom.series import SeriesCandidate, SeriesRules, group_series, orientation_label, select_series
+from pipelines.io.dicom.volume import assemble_volume, source_geometry
+
+__all__ = [
+    "ScanResult",
+    "SeriesCandidate",
+    "SeriesRules",
+    "SliceRecord",
+    "StackGeometry",
+    "group_series",
+    "load_dicom",
+    "orientation_label",
+    "plan_stack",
+    "scan_dicom",
+    "select_series",
+]
+
+
+def load_dicom(path: str | os.PathLike, rules: SeriesRules, strict: bool = False) -> tuple[np.ndarray, np.ndarray, dict]:
+    """The chosen series under ``path`` as ``(volume (X, Y, Z) float32, RAS affine, metadata)``."""
+    scan = scan_dicom(path)
+    chosen = select_series(group_series(scan.records), rules, path)
+    geometry = plan_stack(chosen.records, strict=strict, source=f"{path}: {chosen.describe()}")
+    volume, affine = assemble_volume(geometry)
+    first = geometry.records[0]
+    meta = {
+        "source_format": "dicom",
+        "modality": first.modality,
+        "study_instance_uid": first.study_instance_uid,
+        "series_instance_uid": first.series_instance_uid,
+        "series_description": first.series_description,
+        "series_number": first.series_number,
+        "geometry_corrections": geometry.corrections,
+        "dicom": {
+            "sop_instance_uids": [r.sop_instance_uid for r in geometry.records],
+            "frame_numbers": [None if r.frame is None else r.frame + 1 for r in geometry.records],
+            "source_files": [str(r.path) for r in geometry.records],
+            "source_geometry": source_geometry(geometry),
+            "transfer_syntax": first.transfer_syntax,
+            "skipped_files": {"non_dicom": scan.skipped_non_dicom, "non_image": scan.skipped_non_image},
+        },
+        "identifiers": dict(first.identifiers),
+    }
+    return volume, affine, meta

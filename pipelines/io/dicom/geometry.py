@@ -1,0 +1,148 @@
+"""Where each slice of a DICOM stack lies, and whether it forms a regular grid.
+
+Slices are sorted by ImagePositionPatient projected on the slice normal (never by InstanceNumber),
+the slice spacing comes from those positions (never from SliceThickness). A stack is regular when
+its positions are evenly spaced along the normal; gantry tilt shifts each slice within its plane,
+and uneven spacing breaks the even steps. Both are corrected by resampling (see ``volume``) unless
+``strict=True``, which refuses them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pipelines.io.dicom.scan import SliceRecord
+from pipelines.io.errors import GeometryError
+
+__all__ = ["StackGeometry", "plan_stack"]
+
+_SAME_POSITION_MM = 1e-3
+_GAP_FACTOR = 1.5  # a step larger than this times the median step means slices are missing
+_UNEVEN_TOLERANCE = 0.01  # relative spread of the steps above which spacing is uneven
+_TILT_TOLERANCE_PX = 0.01  # in-plane shift (pixels) above which slices are sheared (gantry tilt)
+
+
+@dataclass
+class StackGeometry:
+    """Sorted slices and the grid they need (patient coordinates, LPS, millimetres).
+
+    Attributes:
+        records: slices sorted along the normal, duplicates removed.
+        row, col, normal: unit vectors of increasing column index, increasing row index, and slice order.
+        spacing_x, spacing_y: distance between columns and between rows.
+        positions: each slice's position along ``normal``.
+        offsets: ``(N, 2)`` in-plane shift of each slice's first pixel from the first slice's, in pixels
+            (columns, rows); zero without gantry tilt.
+        slice_spacing: spacing of the output grid along ``normal``.
+        corrections: what resampling will correct, as JSON-ready dicts.
+    """
+
+    records: list[SliceRecord]
+    row: np.ndarray
+    col: np.ndarray
+    normal: np.ndarray
+    spacing_x: float
+    spacing_y: float
+    positions: np.ndarray
+    offsets: np.ndarray
+    slice_spacing: float
+    corrections: list[dict] = field(default_factory=list)
+
+    @property
+    def regular(self) -> bool:
+        return not any(c["type"] in ("gantry_tilt", "uneven_spacing") for c in self.corrections)
+
+
+def plan_stack(records: list[SliceRecord], strict: bool = False, source: object = "") -> StackGeometry:
+    """Sort ``records`` of one candidate series and check that they form a volume.
+
+    Raises:
+        GeometryError: mixed pixel spacing or orientation, two different slices at one position,
+            missing slices (a step over 1.5 times the median), or with ``strict=True`` gantry tilt
+            or uneven spacing; the message names the files or the measured values.
+    """
+    first = records[0]
+    row = np.asarray(first.orientation[:3], dtype=float)
+    col = np.asarray(first.orientation[3:], dtype=float)
+    if abs(np.linalg.norm(row) - 1) > 1e-2 or abs(np.linalg.norm(col) - 1) > 1e-2 or abs(row @ col) > 1e-2:
+        raise GeometryError(f"{first.path}: ImageOrientationPatient {list(first.orientation)} is not two unit, orthogonal vectors")
+    row, col = row / np.linalg.norm(row), col / np.linalg.norm(col)
+    normal = np.cross(row, col)
+    spacing_y, spacing_x = first.pixel_spacing
+    for record in records:
+        if not np.allclose(record.pixel_spacing, first.pixel_spacing, rtol=1e-4, atol=1e-6):
+            raise GeometryError(
+                f"{source}: slices with different PixelSpacing: {list(first.pixel_spacing)} in {first.path}, "
+                f"{list(record.pixel_spacing)} in {record.path}"
+            )
+
+    corrections: list[dict] = []
+    ordered = sorted(records, key=lambda r: (float(normal @ r.position), r.instance_number or 0))
+    ordered = _drop_duplicates(ordered, normal, corrections, source)
+    positions = np.array([normal @ r.position for r in ordered])
+    origin = np.asarray(ordered[0].position)
+    shifts = np.array([np.asarray(r.position) - origin for r in ordered])
+    in_plane = shifts - np.outer(shifts @ normal, normal)
+    # snapped to a millionth of a pixel: floating-point noise must not move a slice off its own edge
+    offsets = np.round(np.stack([in_plane @ row / spacing_x, in_plane @ col / spacing_y], axis=1), 6) + 0.0
+
+    if len(ordered) == 1:
+        thickness = first.slice_thickness or 1.0
+        return StackGeometry(ordered, row, col, normal, spacing_x, spacing_y, positions, offsets, thickness, corrections)
+
+    steps = np.diff(positions)
+    median = float(np.median(steps))
+    widest = int(np.argmax(steps))
+    if steps[widest] > _GAP_FACTOR * median:
+        a, b = ordered[widest], ordered[widest + 1]
+        raise GeometryError(
+            f"{source}: missing slices: a gap of {steps[widest]:.3f} mm between the slices at "
+            f"{positions[widest]:.3f} and {positions[widest + 1]:.3f} mm along the normal (median spacing "
+            f"{median:.3f} mm), between {a.path} and {b.path}"
+        )
+    slice_spacing = float((positions[-1] - positions[0]) / (len(ordered) - 1))
+    if steps.max() - steps.min() > _UNEVEN_TOLERANCE * median:
+        if strict:
+            raise GeometryError(
+                f"{source}: uneven slice spacing from {steps.min():.4f} to {steps.max():.4f} mm "
+                "(strict=True refuses to resample)"
+            )
+        # about the median spacing, adjusted so the grid runs exactly from the first to the last slice
+        span = float(positions[-1] - positions[0])
+        slice_spacing = span / max(round(span / median), 1)
+        corrections.append(
+            {"type": "uneven_spacing", "min_mm": float(steps.min()), "max_mm": float(steps.max()),
+             "resampled_to_mm": slice_spacing}
+        )
+    if np.abs(offsets).max() > _TILT_TOLERANCE_PX:
+        angle = math.degrees(math.atan2(float(np.linalg.norm(in_plane[-1])), float(positions[-1] - positions[0])))
+        if strict:
+            raise GeometryError(
+                f"{source}: gantry tilt of {angle:.2f} degrees (slices shifted in their plane; "
+                "strict=True refuses to resample)"
+            )
+        corrections.append({"type": "gantry_tilt", "angle_deg": angle})
+    return StackGeometry(ordered, row, col, normal, spacing_x, spacing_y, positions, offsets, slice_spacing, corrections)
+
+
+def _drop_duplicates(ordered: list[SliceRecord], normal: np.ndarray, corrections: list[dict], source: object) -> list[SliceRecord]:
+    """Keep one copy of an instance found twice; refuse two different slices at one position."""
+    kept = [ordered[0]]
+    dropped = 0
+    for record in ordered[1:]:
+        previous = kept[-1]
+        if abs(normal @ np.subtract(record.position, previous.position)) > _SAME_POSITION_MM:
+            kept.append(record)
+        elif (record.sop_instance_uid, record.frame) == (previous.sop_instance_uid, previous.frame):
+            dropped += 1
+        else:
+            raise GeometryError(
+                f"{source}: two different slices at position {float(normal @ record.position):.3f} mm "
+                f"along the normal: {previous.path} and {record.path}"
+            )
+    if dropped:
+        corrections.append({"type": "duplicate_instances_dropped", "count": dropped})
+    return kept

@@ -1,0 +1,339 @@
+"""Find DICOM image files under a path and read what grouping and geometry need from their headers.
+
+Each file is parsed once with large values deferred, so pixel data stays on disk until a series is
+chosen. Files that are not DICOM, and DICOM files that hold no image (DICOMDIR, structured reports,
+segmentations...), are skipped and counted. A DICOM file that cannot be parsed is an error naming
+it: it may be a slice of the series the caller wants.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+from pydicom.fileset import FileSet
+from pydicom.uid import UID
+
+from pipelines.io.errors import CorruptFileError, InputNotFoundError, InputPermissionError, NoImageDataError
+
+__all__ = ["ScanResult", "SliceRecord", "scan_dicom"]
+
+logger = logging.getLogger(__name__)
+
+_DIRECTORY_SOP_CLASS = "1.2.840.10008.1.3.10"  # Media Storage Directory (DICOMDIR)
+_DEFER = 1024  # bytes: values larger than this (pixel data) are read only when used
+
+
+@dataclass(frozen=True)
+class SliceRecord:
+    """One 2D image: a single-frame file, or one frame of a multi-frame file (patient coordinates, LPS)."""
+
+    path: Path
+    frame: int | None
+    sop_instance_uid: str
+    series_instance_uid: str
+    study_instance_uid: str
+    modality: str
+    series_description: str
+    series_number: int | None
+    image_type: tuple[str, ...]
+    rows: int
+    columns: int
+    orientation: tuple[float, ...]  # ImageOrientationPatient: row direction, column direction
+    position: tuple[float, ...]  # ImagePositionPatient of the first pixel's centre
+    pixel_spacing: tuple[float, float]  # (between rows, between columns) in mm
+    slope: float
+    intercept: float
+    instance_number: int | None
+    acquisition_number: int | None
+    temporal_position: int | None
+    echo_number: float | None
+    slice_thickness: float | None
+    transfer_syntax: str
+    identifiers: dict = field(compare=False, repr=False)  # patient/study identifiers: never logged
+    # where the pixels of an uncompressed little-endian single-frame image start, and their dtype:
+    # they are then read straight from the file instead of parsing it a second time
+    pixel_offset: int | None = field(default=None, compare=False, repr=False)
+    pixel_dtype: str | None = field(default=None, compare=False, repr=False)
+
+
+@dataclass
+class ScanResult:
+    records: list[SliceRecord]
+    skipped_non_dicom: int = 0
+    skipped_non_image: int = 0
+    files: int = 0
+
+
+def scan_dicom(path: str | os.PathLike) -> ScanResult:
+    """Image slices under ``path``: a DICOM file, a folder (any nesting) or a DICOMDIR.
+
+    Raises:
+        NoImageDataError: no DICOM image is found; the message says what was skipped.
+        CorruptFileError: a DICOM file cannot be parsed (truncated header, broken element).
+    """
+    path = Path(path)
+    result = ScanResult(records=[])
+    for file in _candidate_files(path):
+        result.files += 1
+        try:
+            ds = pydicom.dcmread(file, defer_size=_DEFER)
+        except PermissionError as exc:
+            raise InputPermissionError(f"{file}: not readable (permission denied)") from exc
+        except InvalidDicomError:
+            result.skipped_non_dicom += 1
+            continue
+        except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise CorruptFileError(f"{file}: unreadable DICOM file ({type(exc).__name__}: {exc})") from exc
+        records = _records(file, ds)
+        if records is None:
+            result.skipped_non_image += 1
+        else:
+            result.records.extend(records)
+    if not result.records:
+        raise NoImageDataError(
+            f"{path}: no DICOM image found ({result.files} files; {result.skipped_non_dicom} not DICOM, "
+            f"{result.skipped_non_image} DICOM without an image)"
+        )
+    if result.skipped_non_dicom or result.skipped_non_image:
+        logger.info(
+            "%s: skipped %d non-DICOM and %d non-image DICOM files",
+            path,
+            result.skipped_non_dicom,
+            result.skipped_non_image,
+        )
+    return result
+
+
+def _candidate_files(path: Path) -> Iterator[Path]:
+    if not path.exists():
+        raise InputNotFoundError(f"{path}: no such file or folder")
+    if path.is_file():
+        if path.name.upper() == "DICOMDIR":
+            yield from _dicomdir_files(path)
+        else:
+            yield path
+        return
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            if name.upper() != "DICOMDIR":  # the directory itself; its files are in the walk
+                yield Path(root) / name
+
+
+def _dicomdir_files(path: Path) -> Iterator[Path]:
+    try:
+        fileset = FileSet(pydicom.dcmread(path))
+    except Exception as exc:  # pydicom raises many types for a broken DICOMDIR
+        raise CorruptFileError(f"{path}: unreadable DICOMDIR ({type(exc).__name__}: {exc})") from exc
+    for instance in fileset:
+        yield Path(instance.path)
+
+
+def _records(file: Path, ds: pydicom.Dataset) -> list[SliceRecord] | None:
+    sop_class = UID(_text(ds, "SOPClassUID") or str(getattr(ds.get("file_meta"), "MediaStorageSOPClassUID", "")))
+    if sop_class == _DIRECTORY_SOP_CLASS:
+        return None
+    if "PixelData" not in ds and "FloatPixelData" not in ds:
+        if sop_class.name.endswith("Image Storage") or "ImagePositionPatient" in ds:
+            # an image SOP class without pixels: stripped, or the file ends early (pydicom stops quietly)
+            raise NoImageDataError(f"{file}: DICOM image header without pixel data ({sop_class.name}; truncated?)")
+        return None
+    try:
+        frames = int(_number(ds, "NumberOfFrames") or 1)
+        common = _common(file, ds)
+        if "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds:
+            return [_enhanced_frame(file, ds, common, index) for index in range(frames)]
+        if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds:
+            return None  # an image without patient geometry (secondary capture, photo): not a volume slice
+        geometry = {
+            "orientation": _floats(_numbers(ds, "ImageOrientationPatient"), 6, file, "ImageOrientationPatient"),
+            "position": _floats(_numbers(ds, "ImagePositionPatient"), 3, file, "ImagePositionPatient"),
+            "pixel_spacing": _spacing(ds, file),
+            "slope": _number(ds, "RescaleSlope") or 1.0,
+            "intercept": _number(ds, "RescaleIntercept") or 0.0,
+        }
+        if frames == 1:
+            return [SliceRecord(frame=None, **common, **geometry, **_raw_pixels(ds))]
+        return _legacy_frames(file, ds, common, geometry, frames)
+    except (NoImageDataError, CorruptFileError):
+        raise
+    except (AttributeError, TypeError, ValueError, KeyError, IndexError) as exc:
+        raise CorruptFileError(f"{file}: broken image geometry ({type(exc).__name__}: {exc})") from exc
+
+
+_RAW_SYNTAXES = (pydicom.uid.ExplicitVRLittleEndian, pydicom.uid.ImplicitVRLittleEndian)
+_ASCII_VRS = ("AS", "CS", "DA", "DS", "IS", "SH", "TM", "UI")
+
+
+def _raw(ds: pydicom.Dataset, keyword: str):
+    """An element's value, read from its raw bytes where that is safe and cheap.
+
+    pydicom converts elements lazily, with value validation, at a cost above that of reading the
+    whole header; a volume's worth of slices pays it thousands of times. ASCII value
+    representations (UIDs, code strings, dates, DS, IS) are returned as stripped text (multiple
+    values joined by backslashes), 2-byte unsigned shorts as int; anything else (names, long strings
+    with character sets, sequences) goes through pydicom.
+    """
+    tag = pydicom.datadict.tag_for_keyword(keyword)
+    if tag is None or tag not in ds:
+        return None
+    element = ds.get_item(tag, keep_deferred=True)
+    if isinstance(element, pydicom.dataelem.RawDataElement) and element.value is not None:
+        vr = element.VR or pydicom.datadict.dictionary_VR(tag)
+        if vr in _ASCII_VRS:
+            return element.value.decode("ascii").strip(" \0")
+        if vr == "US" and element.length == 2:
+            return int.from_bytes(element.value, "little" if element.is_little_endian else "big")
+    return ds[tag].value
+
+
+def _text(ds: pydicom.Dataset, keyword: str) -> str:
+    value = _raw(ds, keyword)
+    return "" if value is None else str(value)
+
+
+def _numbers(ds: pydicom.Dataset, keyword: str) -> tuple[float, ...] | None:
+    """Values of a numeric element (DS, IS, US...), or None when absent or empty."""
+    value = _raw(ds, keyword)
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        return tuple(float(v) for v in value.split("\\"))
+    return tuple(float(v) for v in (value if isinstance(value, list | tuple | pydicom.multival.MultiValue) else [value]))
+
+
+def _number(ds: pydicom.Dataset, keyword: str) -> float | None:
+    values = _numbers(ds, keyword)
+    return None if values is None else values[0]
+
+
+def _raw_pixels(ds: pydicom.Dataset) -> dict:
+    """Offset and dtype of pixel data that can be read directly: uncompressed little endian, one
+    sample per pixel, every allocated bit stored (no sign extension or masking to reproduce)."""
+    try:
+        if ds.file_meta.TransferSyntaxUID not in _RAW_SYNTAXES or int(_raw(ds, "SamplesPerPixel") or 1) != 1:
+            return {}
+        bits, stored = int(_raw(ds, "BitsAllocated")), int(_raw(ds, "BitsStored"))
+        if bits not in (8, 16, 32) or stored != bits:
+            return {}
+        element = ds.get_item(0x7FE00010, keep_deferred=True)
+        offset = getattr(element, "value_tell", None)
+        if offset is None or element.length < int(_raw(ds, "Rows")) * int(_raw(ds, "Columns")) * bits // 8:
+            return {}
+        kind = "i" if int(_raw(ds, "PixelRepresentation") or 0) == 1 else "u"
+        return {"pixel_offset": int(offset), "pixel_dtype": f"<{kind}{bits // 8}"}
+    except (AttributeError, TypeError, ValueError, KeyError):
+        return {}
+
+
+def _common(file: Path, ds: pydicom.Dataset) -> dict:
+    def optional_int(keyword: str) -> int | None:
+        value = _number(ds, keyword)
+        return None if value is None else int(value)
+
+    echo = _number(ds, "EchoNumbers")
+    thickness = _number(ds, "SliceThickness")
+    image_type = _text(ds, "ImageType")
+    return {
+        "path": file,
+        "sop_instance_uid": _text(ds, "SOPInstanceUID"),
+        "series_instance_uid": _text(ds, "SeriesInstanceUID"),
+        "study_instance_uid": _text(ds, "StudyInstanceUID"),
+        "modality": _text(ds, "Modality"),
+        "series_description": str(ds.get("SeriesDescription", "")),
+        "series_number": optional_int("SeriesNumber"),
+        "image_type": tuple(v.strip().upper() for v in image_type.split("\\")) if image_type else (),
+        "rows": int(_raw(ds, "Rows")),
+        "columns": int(_raw(ds, "Columns")),
+        "instance_number": optional_int("InstanceNumber"),
+        "acquisition_number": optional_int("AcquisitionNumber"),
+        "temporal_position": optional_int("TemporalPositionIdentifier"),
+        "echo_number": echo,
+        "slice_thickness": thickness,
+        "transfer_syntax": str(ds.file_meta.TransferSyntaxUID),
+        "identifiers": {
+            "patient_id": str(ds.get("PatientID", "")),
+            "patient_name": str(ds.get("PatientName", "")),
+            "accession_number": _text(ds, "AccessionNumber"),
+            "study_id": _text(ds, "StudyID"),
+            "study_date": _text(ds, "StudyDate"),
+        },
+    }
+
+
+def _floats(value, count: int, file: Path, keyword: str) -> tuple[float, ...]:
+    if value is None:
+        raise CorruptFileError(f"{file}: {keyword} is empty")
+    values = tuple(float(v) for v in value)
+    if len(values) != count or not np.all(np.isfinite(values)):
+        raise CorruptFileError(f"{file}: {keyword} must hold {count} finite numbers, got {list(value)!r}")
+    return values
+
+
+def _spacing(ds: pydicom.Dataset, file: Path) -> tuple[float, float]:
+    values = _numbers(ds, "PixelSpacing")
+    if values is None:
+        raise CorruptFileError(f"{file}: image with patient geometry but no PixelSpacing")
+    spacing = _floats(values, 2, file, "PixelSpacing")
+    if min(spacing) <= 0:
+        raise CorruptFileError(f"{file}: PixelSpacing must be positive, got {list(spacing)}")
+    return spacing  # type: ignore[return-value]
+
+
+def _legacy_frames(file: Path, ds, common: dict, geometry: dict, frames: int) -> list[SliceRecord]:
+    """A multi-frame file without functional groups: frames stacked along the slice normal."""
+    step = ds.get("SpacingBetweenSlices") or ds.get("SliceThickness")
+    if not step:
+        raise CorruptFileError(f"{file}: multi-frame image with one position and no SpacingBetweenSlices")
+    row, col = np.array(geometry["orientation"][:3]), np.array(geometry["orientation"][3:])
+    normal = np.cross(row, col)
+    first = np.array(geometry["position"])
+    records = []
+    for index in range(frames):
+        frame_geometry = dict(geometry, position=tuple(first + index * float(step) * normal))
+        records.append(SliceRecord(frame=index, **common, **frame_geometry))
+    return records
+
+
+def _enhanced_frame(file: Path, ds, common: dict, index: int) -> SliceRecord:
+    """Per-frame geometry of an enhanced multi-frame image (functional groups, per frame or shared)."""
+    per_frame = ds.PerFrameFunctionalGroupsSequence[index] if "PerFrameFunctionalGroupsSequence" in ds else None
+    shared = ds.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in ds else None
+
+    def group(sequence: str, keyword: str, default=None):
+        for source in (per_frame, shared):
+            if source is not None and sequence in source and keyword in source[sequence][0]:
+                return source[sequence][0][keyword].value
+        return default
+
+    position = group("PlanePositionSequence", "ImagePositionPatient")
+    orientation = group("PlaneOrientationSequence", "ImageOrientationPatient")
+    spacing = group("PixelMeasuresSequence", "PixelSpacing")
+    if position is None or orientation is None or spacing is None:
+        raise CorruptFileError(f"{file}: frame {index + 1} has no plane position, orientation or pixel spacing")
+    thickness = group("PixelMeasuresSequence", "SliceThickness")
+    content = per_frame.FrameContentSequence[0] if per_frame is not None and "FrameContentSequence" in per_frame else None
+    temporal = content.get("TemporalPositionIndex") if content is not None else None
+    spacing_values = _floats(spacing, 2, file, "PixelSpacing")
+    if min(spacing_values) <= 0:
+        raise CorruptFileError(f"{file}: frame {index + 1} PixelSpacing must be positive, got {list(spacing)}")
+    return SliceRecord(
+        frame=index,
+        orientation=_floats(orientation, 6, file, "ImageOrientationPatient"),
+        position=_floats(position, 3, file, "ImagePositionPatient"),
+        pixel_spacing=spacing_values,  # type: ignore[arg-type]
+        slope=float(group("PixelValueTransformationSequence", "RescaleSlope", 1) or 1),
+        intercept=float(group("PixelValueTransformationSequence", "RescaleIntercept", 0) or 0),
+        **dict(
+            common,
+            temporal_position=None if temporal is None else int(temporal),
+            slice_thickness=None if thickness is None else float(thickness),
+        ),
+    )

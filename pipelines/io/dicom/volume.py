@@ -1,0 +1,170 @@
+"""Assemble a DICOM stack into a volume on a regular grid, with its RAS affine and references.
+
+Pixels are decoded one slice at a time straight into the output, per-slice
+RescaleSlope/RescaleIntercept applied: int16 (or int32) when the rescaled values are integers, as in
+CT, float32 otherwise. A stack with gantry tilt or uneven spacing is resampled
+onto a regular grid whose every voxel sits at its true patient position: linear interpolation
+between the two neighbouring slices along the normal, each shifted within its plane by its own
+offset (bilinear). The grid keeps the slices' orientation and pixel spacing, runs from the first to
+the last slice (about the median spacing for uneven stacks), and grows in-plane to hold every
+shifted slice; voxels no slice covers get the stack's minimum value.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pydicom
+from pydicom.pixels import get_decoder
+from pydicom.uid import UID
+from scipy import ndimage
+
+from pipelines.io.dicom.geometry import StackGeometry
+from pipelines.io.dicom.scan import SliceRecord
+from pipelines.io.errors import CorruptFileError, MissingDecoderError
+
+__all__ = ["assemble_volume", "decode_slice", "source_geometry"]
+
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+_DECODER_PACKAGES = "python-gdcm (pip install python-gdcm)"
+
+
+def _check_decoder(record: SliceRecord) -> None:
+    uid = UID(record.transfer_syntax)
+    if not uid.is_compressed:
+        return
+    try:
+        decoder = get_decoder(uid)
+    except NotImplementedError as exc:
+        raise MissingDecoderError(
+            f"{record.path}: no decoder exists for transfer syntax {uid.name} ({uid})"
+        ) from exc
+    if not decoder.is_available:
+        raise MissingDecoderError(
+            f"{record.path}: pixel data in transfer syntax {uid.name} ({uid}) needs a decoder: "
+            f"install {_DECODER_PACKAGES}"
+        )
+
+
+def decode_slice(record: SliceRecord, cache: dict) -> np.ndarray:
+    """Stored pixel values of one slice ``(rows, columns)``; a multi-frame file is decoded once into ``cache``."""
+    if record.pixel_offset is not None:
+        count = record.rows * record.columns
+        array = np.fromfile(record.path, dtype=record.pixel_dtype, count=count, offset=record.pixel_offset)
+        if array.size != count:
+            raise CorruptFileError(
+                f"{record.path}: unreadable pixel data (file ends after {array.size} of {count} pixels)"
+            )
+        return array.reshape(record.rows, record.columns)
+    _check_decoder(record)
+    try:
+        if record.frame is None:
+            array = pydicom.dcmread(record.path).pixel_array
+        else:
+            if record.path not in cache:
+                cache.clear()  # one multi-frame file at a time
+                cache[record.path] = pydicom.dcmread(record.path).pixel_array
+            array = cache[record.path][record.frame]
+    except MissingDecoderError:
+        raise
+    except Exception as exc:  # pydicom raises many types for truncated or inconsistent pixel data
+        raise CorruptFileError(f"{record.path}: unreadable pixel data ({type(exc).__name__}: {exc})") from exc
+    if array.shape[-2:] != (record.rows, record.columns) or array.ndim != 2:
+        raise CorruptFileError(
+            f"{record.path}: pixel data of shape {array.shape}, expected one {record.rows}x{record.columns} plane"
+        )
+    return array
+
+
+def assemble_volume(geometry: StackGeometry) -> tuple[np.ndarray, np.ndarray]:
+    """The volume ``(X, Y, Z)`` (columns, rows, slices) and its 4x4 affine in RAS.
+
+    Integer rescaling (integral slope and intercept, as in CT) gives int16 when the values fit and
+    int32 otherwise; fractional rescaling, and resampled stacks, give float32.
+    """
+    records = geometry.records
+    integral = all(float(r.slope).is_integer() and float(r.intercept).is_integer() for r in records)
+    stack = _read_stack(records, np.int16 if integral else np.float32)
+    origin = np.asarray(records[0].position, dtype=float)
+    x0 = y0 = 0
+    if not geometry.regular:
+        stack, (x0, y0) = _resample(stack, geometry)
+    affine = np.eye(4)
+    affine[:3, 0] = geometry.row * geometry.spacing_x
+    affine[:3, 1] = geometry.col * geometry.spacing_y
+    affine[:3, 2] = geometry.normal * geometry.slice_spacing
+    affine[:3, 3] = origin + x0 * affine[:3, 0] + y0 * affine[:3, 1]
+    return stack.transpose(2, 1, 0), _LPS_TO_RAS @ affine
+
+
+def _read_stack(records: list[SliceRecord], dtype) -> np.ndarray:
+    """Rescaled slices ``(Z, rows, columns)``; an int16 stack widens to int32 if a slice needs it."""
+    stack = np.empty((len(records), records[0].rows, records[0].columns), dtype=dtype)
+    cache: dict = {}
+    for k, record in enumerate(records):
+        pixels = decode_slice(record, cache)
+        if stack.dtype == np.float32:
+            np.multiply(pixels, record.slope, out=stack[k], casting="unsafe")
+            stack[k] += record.intercept
+            continue
+        slope, intercept = int(record.slope), int(record.intercept)
+        ends = sorted((int(pixels.min()) * slope + intercept, int(pixels.max()) * slope + intercept))
+        if ends[0] < np.iinfo(stack.dtype).min or ends[1] > np.iinfo(stack.dtype).max:
+            stack = stack.astype(np.int32 if stack.dtype == np.int16 else np.float32)
+        if slope == 1:
+            np.add(pixels, np.int64(intercept), out=stack[k], casting="unsafe")  # in range: checked above
+        else:
+            stack[k] = pixels.astype(np.int64) * slope + intercept
+    return stack
+
+
+def _resample(stack: np.ndarray, geometry: StackGeometry) -> tuple[np.ndarray, tuple[int, int]]:
+    """Regular-grid volume ``(Z, Y, X)`` and the grid's first pixel in the first slice's pixel grid."""
+    positions, offsets, step = geometry.positions, geometry.offsets, geometry.slice_spacing
+    count, rows, columns = stack.shape
+    x0, y0 = math.floor(offsets[:, 0].min() + 1e-6), math.floor(offsets[:, 1].min() + 1e-6)
+    width = math.ceil(offsets[:, 0].max() - 1e-6) + columns - x0
+    height = math.ceil(offsets[:, 1].max() - 1e-6) + rows - y0
+    fill = float(stack.min())
+    planes = int(round((positions[-1] - positions[0]) / step)) + 1
+    out = np.empty((planes, height, width), dtype=np.float32)
+
+    def placed(k: int) -> np.ndarray:
+        """Slice ``k`` on the output's in-plane grid (bilinear; ``fill`` outside the slice)."""
+        if (height, width) == (rows, columns) and not offsets[k].any():
+            return stack[k].astype(np.float32, copy=False)
+        return ndimage.affine_transform(
+            stack[k].astype(np.float32, copy=False),
+            np.ones(2),
+            offset=(y0 - offsets[k, 1], x0 - offsets[k, 0]),
+            output_shape=(height, width),
+            order=1,
+            mode="constant",
+            cval=fill,
+        )
+
+    for m in range(planes):
+        z = positions[0] + m * step
+        k = int(np.clip(np.searchsorted(positions, z, side="right") - 1, 0, count - 2)) if count > 1 else 0
+        t = 0.0 if count == 1 else float(np.clip((z - positions[k]) / (positions[k + 1] - positions[k]), 0.0, 1.0))
+        if t < 1e-6:
+            out[m] = placed(k)
+        elif t > 1 - 1e-6:
+            out[m] = placed(k + 1)
+        else:
+            out[m] = (1 - t) * placed(k) + t * placed(k + 1)
+    return out, (x0, y0)
+
+
+def source_geometry(geometry: StackGeometry) -> dict:
+    """The acquired slices' geometry (LPS), JSON-ready, to map results back onto the source grid."""
+    first = geometry.records[0]
+    return {
+        "rows": first.rows,
+        "columns": first.columns,
+        "row_direction": geometry.row.tolist(),
+        "column_direction": geometry.col.tolist(),
+        "pixel_spacing": [geometry.spacing_y, geometry.spacing_x],
+        "positions": [list(r.position) for r in geometry.records],
+    }

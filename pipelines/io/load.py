@@ -1,0 +1,174 @@
+"""``load_volume``: one entry point for NIfTI, NRRD/MHA/MHD, DICOM files, folders and DICOMDIRs."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.utils import SpaceKeys
+
+from pipelines.io.metadata import uniform_metadata
+from pipelines.io.errors import CorruptFileError, InputNotFoundError, InputPermissionError, InvalidValuesError
+
+__all__ = ["load_volume", "volume_format"]
+
+logger = logging.getLogger(__name__)
+
+_NIFTI = (".nii", ".nii.gz")
+_ITK = (".nrrd", ".nhdr", ".mha", ".mhd")
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def volume_format(path: str | os.PathLike) -> str:
+    """``"nifti"``, ``"itk"`` or ``"dicom"`` (folders, DICOMDIRs and any other file)."""
+    name = Path(path).name.lower()
+    if name.endswith(_NIFTI):
+        return "nifti"
+    if name.endswith(_ITK):
+        return "itk"
+    return "dicom"
+
+
+def load_volume(
+    path: str | os.PathLike,
+    *,
+    modality: str | Sequence[str] | None = None,
+    description: str | None = None,
+    image_type_include: Sequence[str] = (),
+    image_type_exclude: Sequence[str] = (),
+    min_slices: int = 1,
+    orientation: str | None = None,
+    strict: bool = False,
+    allow_nonfinite: bool = False,
+    dtype: np.dtype | str | None = None,
+) -> MetaTensor:
+    """Load an image volume as a channel-first ``MetaTensor`` ``(C, X, Y, Z)`` with an RAS affine.
+
+    Args:
+        path: a NIfTI file (``.nii``, ``.nii.gz``), an NRRD/MHA/MHD file, a DICOM file (one slice or
+            a multi-frame image), a folder of DICOM files (any nesting; other files are skipped and
+            counted) or a DICOMDIR.
+        modality, description, image_type_include, image_type_exclude, min_slices, orientation:
+            DICOM series selection rules (see :class:`pipelines.io.dicom.SeriesRules`); a path with
+            several candidate series and no rule that picks one is an error listing them.
+        strict: refuse DICOM stacks with gantry tilt or uneven slice spacing instead of resampling
+            them onto a regular grid.
+        allow_nonfinite: accept NaN or infinite voxels (refused by default).
+        dtype: cast the voxels; by default they keep their type: DICOM gives int16 (int32 if
+            needed) when the rescaled values are integers, as in CT, and float32 otherwise or when
+            resampled; scaled NIfTI gives float32; other files keep their stored type.
+
+    Returns:
+        The volume; ``.affine`` maps voxel indices to RAS millimetres. ``.meta`` holds, for every
+        format and in types MONAI can batch: ``filename_or_obj``, ``source_format``, ``spacing``,
+        ``original_affine``, ``spatial_shape``, ``modality``, ``study_instance_uid``,
+        ``series_instance_uid``, ``series_description``, ``series_number`` (-1 when unknown),
+        ``identifiers`` (patient and study identifiers for output references; never logged),
+        ``geometry_corrections`` and ``dicom`` (JSON strings: read them with
+        :func:`pipelines.io.geometry_corrections` and :func:`pipelines.io.dicom_references`; the
+        latter gives the SOPInstanceUIDs and frame numbers in slice order and the source geometry).
+
+    Raises:
+        pipelines.io.errors.InputDataError: a subclass naming the file and the problem (a missing
+            path is also a ``FileNotFoundError``, an unreadable one a ``PermissionError``).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputNotFoundError(f"{path}: no such file or folder")
+    if not os.access(path, os.R_OK) or (path.is_dir() and not os.access(path, os.X_OK)):
+        raise InputPermissionError(f"{path}: not readable (permission denied)")
+    kind = volume_format(path)
+    if kind == "nifti":
+        array, affine, meta = _load_nifti(path)
+    elif kind == "itk":
+        array, affine, meta = _load_itk(path)
+    else:
+        from pipelines.io.dicom import SeriesRules, load_dicom
+
+        rules = SeriesRules(
+            modality=modality,
+            description=description,
+            image_type_include=tuple(image_type_include),
+            image_type_exclude=tuple(image_type_exclude),
+            min_slices=min_slices,
+            orientation=orientation,
+        )
+        volume, affine, meta = load_dicom(path, rules, strict=strict)
+        array = volume[None]
+    if dtype is not None:
+        array = array.astype(dtype, copy=False)
+    if not allow_nonfinite and np.issubdtype(array.dtype, np.floating):
+        _check_finite(array, path)
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    meta.update(
+        {
+            "filename_or_obj": str(path),
+            "original_affine": affine.copy(),
+            "spatial_shape": np.asarray(array.shape[1:]),
+            "spacing": spacing,
+            "space": SpaceKeys.RAS,
+            "original_channel_dim": 0,
+        }
+    )
+    meta = uniform_metadata(meta)
+    if meta["geometry_corrections"] != "[]":
+        logger.info("%s: geometry corrected: %s", path, meta["geometry_corrections"])
+    # DICOM volumes are a transposed view of the slice stack: no copy (peak memory stays one volume)
+    return MetaTensor(torch.from_numpy(array), affine=torch.as_tensor(affine), meta=meta)
+
+
+def _check_finite(array: np.ndarray, path: Path) -> None:
+    if np.isfinite(array).all():
+        return
+    nan = int(np.isnan(array).sum())
+    inf = int(np.isinf(array).sum())
+    raise InvalidValuesError(f"{path}: {nan} NaN and {inf} infinite voxels (pass allow_nonfinite=True to accept)")
+
+
+def _channel_first(data: np.ndarray, path: Path) -> np.ndarray:
+    """``(X, Y, Z[, 1][, C])`` or 2D ``(X, Y)`` to ``(C, X, Y, Z)``."""
+    if data.ndim == 2:
+        data = data[..., None]
+    if data.ndim == 5 and data.shape[3] == 1:  # NIfTI stores vectors as (X, Y, Z, 1, C)
+        data = data[:, :, :, 0]
+    if data.ndim == 3:
+        return data[None]
+    if data.ndim == 4:
+        return np.moveaxis(data, -1, 0)
+    raise CorruptFileError(f"{path}: {data.ndim}-dimensional image of shape {data.shape}; expected 2 to 4 axes")
+
+
+def _load_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
+    import nibabel as nib
+
+    try:
+        image = nib.load(str(path))
+        proxy = image.dataobj
+        scaled = getattr(proxy, "slope", 1.0) != 1.0 or getattr(proxy, "inter", 0.0) != 0.0
+        data = np.asarray(proxy, dtype=np.float32) if scaled else np.asarray(proxy)
+    except Exception as exc:  # nibabel raises many types for truncated or broken files
+        raise CorruptFileError(f"{path}: unreadable NIfTI file ({type(exc).__name__}: {exc})") from exc
+    return _channel_first(data, path), np.asarray(image.affine, dtype=np.float64), {"source_format": "nifti"}
+
+
+def _load_itk(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
+    import SimpleITK as sitk
+
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        raise CorruptFileError(f"{path}: unreadable image file ({exc})") from exc
+    dims = image.GetDimension()
+    data = sitk.GetArrayFromImage(image)  # (Z, Y, X[, C]) for 3D
+    spatial = data.ndim - (image.GetNumberOfComponentsPerPixel() > 1)
+    data = np.transpose(data, (*reversed(range(spatial)), *range(spatial, data.ndim)))
+    direction = np.asarray(image.GetDirection(), dtype=float).reshape(dims, dims)
+    affine = np.eye(4)
+    affine[:dims, :dims] = direction * np.asarray(image.GetSpacing())
+    affine[:dims, 3] = image.GetOrigin()
+    return _channel_first(data, path), _LPS_TO_RAS @ affine, {"source_format": "itk"}

@@ -1,0 +1,116 @@
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+from highdicom.legacy import LegacyConvertedEnhancedCTImage
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
+
+from pipelines.io import CorruptFileError, InvalidValuesError, dicom_references, load_volume
+from tests.io.dicom_factory import SeriesSpec, read_slices, write_series
+
+
+def oblique_affine() -> np.ndarray:
+    angle = 0.3
+    rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    affine = np.eye(4)
+    affine[:3, :3] = rotation @ np.diag([0.7, 0.8, 2.5])
+    affine[:3, 3] = [-10.5, 20.25, -30.0]
+    return affine
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.uint8, np.float32])
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_nifti_round_trip_is_exact(tmp_path, dtype, suffix):
+    rng = np.random.default_rng(0)
+    data = (rng.normal(size=(9, 8, 7)) * 100).astype(dtype)
+    path = tmp_path / f"image{suffix}"
+    nib.save(nib.Nifti1Image(data, oblique_affine()), path)
+    volume = load_volume(path)
+    assert volume.shape == (1, 9, 8, 7) and volume.numpy().dtype == dtype
+    assert np.array_equal(volume[0].numpy(), data)
+    assert np.allclose(volume.affine.numpy(), oblique_affine())
+    np.testing.assert_allclose(volume.meta["spacing"], [0.7, 0.8, 2.5])
+    assert volume.meta["source_format"] == "nifti" and volume.meta["dicom"] == "{}"
+
+
+def test_nifti_channels_and_scaling(tmp_path):
+    data = np.arange(2 * 3 * 4 * 3, dtype=np.int16).reshape(2, 3, 4, 3)
+    image = nib.Nifti1Image(data, np.eye(4))
+    image.header.set_slope_inter(0.5, 10.0)
+    nib.save(image, tmp_path / "multi.nii.gz")
+    volume = load_volume(tmp_path / "multi.nii.gz")
+    assert volume.shape == (3, 2, 3, 4) and volume.numpy().dtype == np.float32  # last axis -> channels
+    assert np.allclose(volume.numpy(), np.moveaxis(data * 0.5 + 10.0, -1, 0))
+
+
+def test_nifti_with_nan_or_inf_is_refused(tmp_path):
+    data = np.ones((4, 4, 4), np.float32)
+    data[1, 1, 1], data[2, 2, 2] = np.nan, np.inf
+    nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "bad.nii.gz")
+    with pytest.raises(InvalidValuesError, match=r"bad.nii.gz: 1 NaN and 1 infinite voxels"):
+        load_volume(tmp_path / "bad.nii.gz")
+    assert load_volume(tmp_path / "bad.nii.gz", allow_nonfinite=True).isnan().sum() == 1
+
+
+def test_truncated_nifti(tmp_path):
+    nib.save(nib.Nifti1Image(np.ones((20, 20, 20), np.float32), np.eye(4)), tmp_path / "t.nii")
+    data = (tmp_path / "t.nii").read_bytes()
+    (tmp_path / "t.nii").write_bytes(data[:1000])
+    with pytest.raises(CorruptFileError, match=r"t.nii: unreadable NIfTI file"):
+        load_volume(tmp_path / "t.nii")
+
+
+@pytest.mark.parametrize("suffix", [".nrrd", ".mha", ".mhd"])
+def test_itk_formats_match_their_geometry(tmp_path, suffix):
+    rng = np.random.default_rng(1)
+    data = rng.integers(-1000, 1000, size=(7, 8, 9)).astype(np.int16)  # (Z, Y, X) as SimpleITK stores
+    image = sitk.GetImageFromArray(data)
+    image.SetSpacing((0.7, 0.8, 2.5))
+    image.SetOrigin((10.0, -20.0, 30.0))
+    direction = oblique_affine()[:3, :3] / np.array([0.7, 0.8, 2.5])
+    image.SetDirection(direction.flatten().tolist())
+    sitk.WriteImage(image, str(tmp_path / f"image{suffix}"))
+    volume = load_volume(tmp_path / f"image{suffix}")
+    assert np.array_equal(volume[0].numpy(), data.transpose(2, 1, 0))
+    # voxel (i, j, k) sits where SimpleITK puts it, converted from LPS to RAS
+    for index in [(0, 0, 0), (8, 7, 6), (3, 5, 2)]:
+        lps = np.array(image.TransformIndexToPhysicalPoint(index))
+        ras = volume.affine.numpy() @ np.array([*index, 1.0])
+        assert np.allclose(ras[:3], lps * [-1, -1, 1])
+
+
+def test_enhanced_multiframe_matches_the_single_frame_series(tmp_path):
+    paths = write_series(tmp_path / "single", SeriesSpec(orientation="oblique"), shuffle=True)
+    legacy = read_slices(paths)
+    enhanced = LegacyConvertedEnhancedCTImage(
+        legacy_datasets=legacy, series_instance_uid=generate_uid(), series_number=9,
+        sop_instance_uid=generate_uid(), instance_number=1,
+    )
+    enhanced.save_as(tmp_path / "enhanced.dcm", enforce_file_format=True)
+    single = load_volume(tmp_path / "single")
+    multi = load_volume(tmp_path / "enhanced.dcm")
+    assert np.array_equal(multi.numpy(), single.numpy())
+    assert np.allclose(multi.affine, single.affine)
+    references = dicom_references(multi.meta)
+    assert references["sop_instance_uids"] == [enhanced.SOPInstanceUID] * 7
+    frame_positions = [
+        float(enhanced.PerFrameFunctionalGroupsSequence[f - 1].PlanePositionSequence[0].ImagePositionPatient[2])
+        for f in references["frame_numbers"]
+    ]
+    assert frame_positions == sorted(frame_positions) or frame_positions == sorted(frame_positions, reverse=True)
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small.dcm"])
+def test_pydicom_sample_files(name):
+    path = get_testdata_file(name, download=False)
+    ds = pydicom.dcmread(path)
+    volume = load_volume(path)
+    expected = ds.pixel_array * float(ds.get("RescaleSlope", 1)) + float(ds.get("RescaleIntercept", 0))
+    assert np.array_equal(volume[0, :, :, 0].numpy(), expected.T.astype(np.float32))
+    ipp_ras = np.asarray(ds.ImagePositionPatient, float) * [-1, -1, 1]
+    assert np.allclose(volume.affine.numpy()[:3, 3], ipp_ras)
+    assert volume.meta["modality"] == ds.Modality
