@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import torch
+
+from pipelines.io.writers import atomic_path
 
 __all__ = ["load_weights", "save_weights"]
 
@@ -21,18 +22,9 @@ def save_weights(network: torch.nn.Module, path: str | os.PathLike) -> Path:
     interruption leaves the previous file intact.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = getattr(network, "module", network).state_dict()
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
     logger.info("saved weights to %s", path)
     return path
 

@@ -22,8 +22,9 @@ def test_failed_save_keeps_the_previous_file(tmp_path, monkeypatch):
     path = save_weights(UNet(2, 1, 2, features=(4, 8)), tmp_path / "model.pt")
     before = path.read_bytes()
 
-    def broken_save(obj, f):
-        f.write(b"partial")
+    def broken_save(obj, target):
+        with open(target, "wb") as f:
+            f.write(b"partial")
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", broken_save)

@@ -1,0 +1,119 @@
+"""Writing results: NIfTI files written atomically, and label maps mapped back onto source DICOM slices."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["atomic_path", "labels_on_source_slices", "resample_labels", "save_nifti"]
+
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+class atomic_path:  # noqa: N801 - used as a context manager, like open()
+    """Context manager giving a temporary path beside ``path``; renamed to ``path`` on success only.
+
+    Readers never see a half-written file, and an interrupted write leaves the old file in place.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.tmp: Path | None = None
+
+    def __enter__(self) -> Path:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        suffix = "".join(self.path.suffixes) or ".tmp"
+        handle, name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=f".part{suffix}", dir=self.path.parent)
+        os.close(handle)
+        self.tmp = Path(name)
+        return self.tmp
+
+    def __exit__(self, kind, value, traceback) -> None:
+        if self.tmp is None:
+            return
+        if kind is None:
+            with open(self.tmp, "rb") as written:
+                os.fsync(written.fileno())  # on disk before it takes the final name
+            os.replace(self.tmp, self.path)
+        else:
+            self.tmp.unlink(missing_ok=True)
+
+
+def save_nifti(data, affine, path: str | os.PathLike, dtype: np.dtype | str | None = None) -> Path:
+    """Write ``data`` ``(X, Y, Z)`` or ``(C, X, Y, Z)`` with an RAS ``affine`` to a NIfTI file, atomically.
+
+    Channels go to the fifth NIfTI axis ``(X, Y, Z, 1, C)``. The affine is stored as both sform and
+    qform (code 1, scanner anatomical).
+    """
+    import nibabel as nib
+
+    array = np.asarray(data)
+    if dtype is not None:
+        array = array.astype(dtype, copy=False)
+    if array.ndim == 4:
+        array = np.moveaxis(array, 0, -1)[:, :, :, None] if array.shape[0] > 1 else array[0]
+    if array.ndim not in (3, 5):
+        raise ValueError(f"`data` must have shape (X, Y, Z) or (C, X, Y, Z), got {np.asarray(data).shape}")
+    image = nib.Nifti1Image(array, np.asarray(affine, dtype=np.float64))
+    image.set_sform(np.asarray(affine, dtype=np.float64), code=1)
+    image.set_qform(np.asarray(affine, dtype=np.float64), code=1)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        nib.save(image, tmp)
+    return path
+
+
+def _labels_at(labels: np.ndarray, affine, points_ras: np.ndarray) -> np.ndarray:
+    """Nearest-neighbour labels at RAS points ``(..., 3)``; 0 outside the grid."""
+    to_voxel = np.linalg.inv(np.asarray(affine, float))
+    voxels = np.rint(points_ras @ to_voxel[:3, :3].T + to_voxel[:3, 3]).astype(np.int64)
+    inside = np.all((voxels >= 0) & (voxels < np.array(labels.shape)), axis=-1)
+    out = np.zeros(points_ras.shape[:-1], dtype=labels.dtype)
+    v = voxels[inside]
+    out[inside] = labels[v[:, 0], v[:, 1], v[:, 2]]
+    return out
+
+
+def _single_channel(labels) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.ndim == 4:
+        if labels.shape[0] != 1:
+            raise ValueError(f"`labels` must have one channel, got shape {labels.shape}")
+        labels = labels[0]
+    if labels.ndim != 3:
+        raise ValueError(f"`labels` must have shape (X, Y, Z) or (1, X, Y, Z), got {labels.shape}")
+    return labels
+
+
+def resample_labels(labels, affine, shape, target_affine) -> np.ndarray:
+    """A label map ``(X, Y, Z)`` with RAS ``affine`` read at every voxel centre of the grid
+    ``(shape, target_affine)``: nearest neighbour, 0 outside. Puts a prediction made on a resampled
+    grid back onto the source image's grid."""
+    labels = _single_channel(labels)
+    index = np.indices(tuple(int(s) for s in shape), dtype=np.float64)
+    points = np.moveaxis(index, 0, -1) @ np.asarray(target_affine, float)[:3, :3].T + np.asarray(target_affine, float)[:3, 3]
+    return _labels_at(labels, affine, points)
+
+
+def labels_on_source_slices(labels, affine, source_geometry: Mapping) -> np.ndarray:
+    """Label map ``(X, Y, Z)`` on a grid with RAS ``affine``, read at every source DICOM pixel centre.
+
+    Nearest-neighbour, so labels stay labels; pixels outside the grid get 0. Returns
+    ``(slices, rows, columns)`` in the source slice order of ``source_geometry``
+    (``pipelines.io.dicom_references(meta)["source_geometry"]``).
+    """
+    labels = _single_channel(labels)
+    rows, columns = int(source_geometry["rows"]), int(source_geometry["columns"])
+    row_dir = np.asarray(source_geometry["row_direction"], float)
+    col_dir = np.asarray(source_geometry["column_direction"], float)
+    spacing_y, spacing_x = (float(v) for v in source_geometry["pixel_spacing"])
+    i, j = np.meshgrid(np.arange(rows), np.arange(columns), indexing="ij")
+    out = np.zeros((len(source_geometry["positions"]), rows, columns), dtype=labels.dtype)
+    for k, position in enumerate(source_geometry["positions"]):
+        points = np.asarray(position, float) + j[..., None] * spacing_x * row_dir + i[..., None] * spacing_y * col_dir
+        out[k] = _labels_at(labels, affine, points * _LPS_TO_RAS.diagonal()[:3])
+    return out

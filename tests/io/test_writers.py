@@ -1,0 +1,122 @@
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import highdicom as hd
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+import torch
+
+from pipelines.io import InputDataError, dicom_references, load_volume
+from pipelines.io.dicom_seg import SegmentCode, segments_from_metadata, write_dicom_seg
+from pipelines.io.writers import atomic_path, labels_on_source_slices, resample_labels, save_nifti
+from tests.io.dicom_factory import SeriesSpec, pixel_positions, read_slices, write_series
+
+TUMOR = SegmentCode(1, "tumor", ("49755003", "SCT", "Morphologically Altered Structure"), ("108369006", "SCT", "Neoplasm"))
+EDEMA = SegmentCode(2, "edema", ("49755003", "SCT", "Morphologically Altered Structure"), ("79654002", "SCT", "Edema"))
+CENTRE = np.array([-16.0, -26.0, 47.0])  # LPS mm, inside the synthetic series
+
+
+def sphere_labels(volume) -> np.ndarray:
+    """Label 1 inside 3 mm of CENTRE, 2 in the shell out to 5 mm, on the volume's grid."""
+    index = np.indices(volume.shape[1:]).reshape(3, -1)
+    ras = (volume.affine.numpy() @ np.r_[index, np.ones((1, index.shape[1]))])[:3]
+    distance = np.linalg.norm(ras.T * [-1, -1, 1] - CENTRE, axis=1).reshape(volume.shape[1:])
+    return np.where(distance <= 3, 1, np.where(distance <= 5, 2, 0)).astype(np.uint8)
+
+
+def test_save_nifti_round_trip_and_atomicity(tmp_path):
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 4, size=(9, 8, 7)).astype(np.uint8)
+    affine = np.array([[0.7, 0.1, 0, -5], [0, 0.8, 0, 7], [0, 0, 2.5, 3], [0, 0, 0, 1.0]])
+    path = save_nifti(data[None], affine, tmp_path / "out" / "mask.nii.gz")
+    loaded = load_volume(path)
+    assert np.array_equal(loaded[0].numpy(), data) and loaded.numpy().dtype == np.uint8
+    np.testing.assert_allclose(loaded.affine.numpy(), affine, atol=1e-5)
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["mask.nii.gz"]
+    before = path.read_bytes()
+    with pytest.raises(RuntimeError), atomic_path(path) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("interrupted")
+    assert path.read_bytes() == before and [p.name for p in (tmp_path / "out").iterdir()] == ["mask.nii.gz"]
+    with pytest.raises(ValueError, match=r"must have shape \(X, Y, Z\) or \(C, X, Y, Z\)"):
+        save_nifti(np.zeros((2, 2)), affine, tmp_path / "bad.nii.gz")
+
+
+@pytest.mark.parametrize("spec", [SeriesSpec(orientation="oblique"), SeriesSpec(in_plane_shift=(0.0, 0.3)),
+                                  SeriesSpec(slice_positions=[0.0, 2.5, 5.0, 7.0, 9.5, 12.0])])
+def test_labels_return_to_the_source_slices(tmp_path, spec):
+    paths = write_series(tmp_path, spec)
+    volume = load_volume(tmp_path)
+    frames = labels_on_source_slices(sphere_labels(volume), volume.affine.numpy(), dicom_references(volume.meta)["source_geometry"])
+    by_position = {tuple(ds.ImagePositionPatient): ds for ds in read_slices(paths)}
+    geometry = dicom_references(volume.meta)["source_geometry"]
+    for frame, position in zip(frames, geometry["positions"]):
+        ds = by_position[tuple(position)]
+        distance = np.linalg.norm(pixel_positions(spec, np.asarray(position)) - CENTRE, axis=-1)
+        sure = (distance < 2.3) | ((distance > 3.7) & (distance < 4.3)) | (distance > 5.7)  # a voxel from any border
+        expected = np.where(distance <= 3, 1, np.where(distance <= 5, 2, 0))
+        assert np.array_equal(frame[sure], expected[sure]), ds.filename
+
+
+@pytest.mark.parametrize("spec", [SeriesSpec(rows=24, columns=20), SeriesSpec(rows=24, columns=20, in_plane_shift=(0.0, 0.3))])
+def test_dicom_seg_references_the_source_and_validates(tmp_path, spec):
+    paths = write_series(tmp_path / "ct", spec, shuffle=True)
+    volume = load_volume(tmp_path / "ct")
+    labels = sphere_labels(volume)
+    out = write_dicom_seg(labels, volume.meta, [TUMOR, EDEMA], tmp_path / "seg.dcm", "unet3d_tumor", "0.1.0")
+    seg = hd.seg.segread(out)
+    assert seg.SegmentationType == "BINARY" and seg.SeriesInstanceUID != volume.meta["series_instance_uid"]
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["tumor", "edema"]
+    assert seg.SegmentSequence[0].SegmentedPropertyTypeCodeSequence[0].CodeValue == "108369006"
+    assert seg.SegmentSequence[1].SegmentedPropertyTypeCodeSequence[0].CodeMeaning == "Edema"
+    assert seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0].AlgorithmName == "unet3d_tumor"
+    sources = {ds.SOPInstanceUID: ds for ds in read_slices(paths)}
+    assert {r.ReferencedSOPInstanceUID for r in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence} == set(sources)
+    # every frame holds its source slice's labels
+    frames = labels_on_source_slices(labels, volume.affine.numpy(), dicom_references(volume.meta)["source_geometry"])
+    uids = dicom_references(volume.meta)["sop_instance_uids"]
+    for number, segment in ((1, TUMOR), (2, EDEMA)):
+        for uid, expected in zip(uids, frames):
+            mask = seg.get_pixels_by_source_instance(source_sop_instance_uids=[uid], segment_numbers=[number],
+                                                     ignore_spatial_locations=True)[0, :, :, 0]
+            assert np.array_equal(mask.astype(bool), expected == segment.label)
+    if shutil.which("dciodvfy") is None:
+        pytest.skip("dciodvfy not installed (make system-deps)")
+    result = subprocess.run(["dciodvfy", str(out)], capture_output=True, text=True)
+    errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]
+    assert not errors, "\n".join(errors)
+
+
+def test_dicom_seg_needs_a_dicom_source(tmp_path):
+    path = save_nifti(np.zeros((4, 4, 4), np.uint8), np.eye(4), tmp_path / "image.nii.gz")
+    volume = load_volume(path)
+    with pytest.raises(InputDataError, match="image.nii.gz: DICOM SEG needs a DICOM source, got nifti"):
+        write_dicom_seg(volume[0].numpy(), volume.meta, [TUMOR], tmp_path / "seg.dcm", "x", "1")
+
+
+def test_segments_from_bundle_metadata():
+    meta = {"dicom_seg_segments": [{"label": 1, "name": "tumor", "category": list(TUMOR.category), "type": list(TUMOR.type)}]}
+    assert segments_from_metadata(meta) == [TUMOR]
+    with pytest.raises(ValueError, match="no `dicom_seg_segments`"):
+        segments_from_metadata({})
+
+
+def test_prediction_on_a_resampled_grid_returns_to_the_source_grid(tmp_path):
+    from monai.transforms import Orientation, Spacing
+
+    write_series(tmp_path / "ct", SeriesSpec(orientation="oblique", rows=24, columns=20))
+    source = load_volume(tmp_path / "ct")
+    truth = sphere_labels(source)
+    labelled = source.clone()
+    labelled[0] = torch.from_numpy(truth.astype(np.float32))
+    working = Spacing(pixdim=(0.5, 0.5, 0.5), mode="nearest")(Orientation(axcodes="RAS")(labelled))  # model's grid
+    back = resample_labels(working[0].numpy(), working.affine.numpy(), source.shape[1:], source.affine.numpy())
+    assert back.shape == truth.shape
+    assert np.mean(back == truth) > 0.99  # nearest neighbour twice: only sphere-border voxels may flip
+    path = save_nifti(back, source.affine.numpy(), tmp_path / "mask.nii.gz", dtype=np.uint8)
+    written = load_volume(path)
+    assert written.shape == source.shape and np.allclose(written.affine.numpy(), source.affine.numpy(), atol=1e-5)
