@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.data import DataLoader, Dataset, decollate_batch, pad_list_data_collate
+from monai.transforms import Compose, Orientationd, Spacingd
+
+from pipelines.io import GridMismatchError, dicom_references
+from pipelines.transforms import LoadVolume, LoadVolumed
+from tests.io.dicom_factory import SeriesSpec, write_series
+
+
+def write_nifti(path, shape=(10, 12, 7), affine=None, dtype=np.uint8):
+    nib.save(nib.Nifti1Image(np.ones(shape, dtype), np.eye(4) if affine is None else affine), path)
+    return path
+
+
+def test_dicom_image_with_nifti_label_on_the_same_grid(tmp_path):
+    write_series(tmp_path / "dicom", SeriesSpec())
+    image = LoadVolume()(tmp_path / "dicom")
+    label = write_nifti(tmp_path / "label.nii.gz", affine=image.affine.numpy())
+    out = LoadVolumed(keys=["image", "label"], modality="CT")({"image": tmp_path / "dicom", "label": label, "id": 7})
+    assert out["image"].shape == out["label"].shape == (1, 10, 12, 7) and out["id"] == 7
+
+
+def test_label_on_another_grid_is_refused(tmp_path):
+    write_series(tmp_path / "dicom", SeriesSpec())
+    shifted = np.eye(4)
+    shifted[0, 3] = 5.0
+    for label, detail in [
+        (write_nifti(tmp_path / "small.nii.gz", shape=(10, 12, 6)), r"shape \(10, 12, 6\) vs \(10, 12, 7\)"),
+        (write_nifti(tmp_path / "moved.nii.gz", affine=shifted), "affine differs by up to"),
+    ]:
+        with pytest.raises(GridMismatchError, match=f"{label.name}: label grid differs from image .*dicom: {detail}"):
+            LoadVolumed(keys=["image", "label"])({"image": tmp_path / "dicom", "label": label})
+    LoadVolumed(keys=["image", "label"], check_grid=False)({"image": tmp_path / "dicom", "label": tmp_path / "small.nii.gz"})
+
+
+def test_unknown_or_bad_options_fail_at_construction():
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['modalities'\]"):
+        LoadVolume(modalities="CT")
+    with pytest.raises(ValueError, match="`orientation` must be one of"):
+        LoadVolumed(keys="image", orientation="transverse")
+
+
+def test_batches_of_series_with_different_slice_counts_collate(tmp_path):
+    """Metadata must survive MONAI's collation, also for DICOM series of different lengths."""
+    write_series(tmp_path / "a", SeriesSpec(slice_positions=[0.0, 2.5, 5.0]))
+    write_series(tmp_path / "b", SeriesSpec(slice_positions=[0.0, 2.5, 5.0, 7.5, 10.0], series_number=4))
+    nifti = write_nifti(tmp_path / "c.nii.gz", shape=(10, 12, 4), dtype=np.float32)
+    transform = Compose([
+        LoadVolumed(keys="image"),
+        Orientationd(keys="image", axcodes="RAS"),
+        Spacingd(keys="image", pixdim=(1.0, 1.0, 2.5)),
+    ])
+    data = [{"image": tmp_path / "a"}, {"image": tmp_path / "b"}, {"image": nifti}]
+    batch = next(iter(DataLoader(Dataset(data, transform), batch_size=3, collate_fn=pad_list_data_collate)))
+    assert batch["image"].shape[0] == 3
+    first = decollate_batch(batch)[0]["image"]
+    assert len(dicom_references(first.meta)["sop_instance_uids"]) == 3
+    assert isinstance(first.meta["series_number"], (int, torch.Tensor))
