@@ -40,6 +40,86 @@ def _per_axis(values: Sequence[int], dims: int, flag: str) -> tuple[int, ...]:
     return tuple(values)
 
 
+def _series_rules(args: argparse.Namespace) -> dict:
+    rules = {
+        "modality": args.modality,
+        "description": args.description,
+        "image_type_include": args.image_type_include,
+        "image_type_exclude": args.image_type_exclude,
+        "orientation": args.orientation,
+    }
+    rules = {k: v for k, v in rules.items() if v}
+    if args.min_slices is not None:
+        rules["min_slices"] = args.min_slices
+    return rules
+
+
+def _manifest_build(args: argparse.Namespace) -> int:
+    from pipelines.data import build_manifest, write_manifest
+
+    manifest, problems = build_manifest(
+        args.dataset_dir, images=args.images, labels=args.labels, progress=not args.quiet, **_series_rules(args)
+    )
+    write_manifest(manifest, args.output)
+    print(f"wrote {args.output}: {len(manifest['training'])} cases")
+    for problem in problems:
+        print(f"problem: {problem}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+def _manifest_check(args: argparse.Namespace) -> int:
+    from pipelines.data import check_manifest
+
+    report = check_manifest(args.manifest, args.dataset_dir, progress=not args.quiet)
+    for problem in report.problems:
+        print(f"problem: {problem}")
+    print(f"{args.manifest}: {report.cases} cases, {len(report.problems)} problems")
+    return 0 if report.ok else 1
+
+
+def _manifest_split(args: argparse.Namespace) -> int:
+    from pipelines.data import read_manifest, split_manifest, write_manifest
+
+    manifest = split_manifest(read_manifest(args.manifest), args.folds, args.seed, args.validation_fold)
+    write_manifest(manifest, args.output)
+    print(f"wrote {args.output}: {len(manifest['training'])} training, {len(manifest['validation'])} validation "
+          f"(fold {args.validation_fold} of {args.folds})")
+    return 0
+
+
+def _add_manifest_commands(commands) -> None:
+    manifest = commands.add_parser("manifest", help="build, check and split data manifests (MONAI datalists)")
+    actions = manifest.add_subparsers(dest="action", required=True)
+
+    build = actions.add_parser("build", help="scan a folder of NIfTI files or DICOM studies into a manifest")
+    build.add_argument("dataset_dir", help="the folder manifest paths are relative to")
+    build.add_argument("--output", required=True, help="manifest file to write")
+    build.add_argument("--images", default=".", help="sub-folder of cases: image files or one folder per DICOM study")
+    build.add_argument("--labels", help="sub-folder of label files named after the cases")
+    build.add_argument("--modality", nargs="+", help="DICOM series rule: modality")
+    build.add_argument("--description", help="DICOM series rule: SeriesDescription regular expression")
+    build.add_argument("--image-type-include", nargs="+", help="DICOM series rule: ImageType values required")
+    build.add_argument("--image-type-exclude", nargs="+", help="DICOM series rule: ImageType values refused")
+    build.add_argument("--min-slices", type=int, help="DICOM series rule: fewest slices")
+    build.add_argument("--orientation", choices=("axial", "coronal", "sagittal", "oblique"), help="DICOM series rule")
+    build.add_argument("--quiet", action="store_true", help="no progress bar")
+    build.set_defaults(func=_manifest_build)
+
+    check = actions.add_parser("check", help="every path exists, loads, matches its label's grid; no duplicates")
+    check.add_argument("manifest")
+    check.add_argument("--dataset-dir", required=True)
+    check.add_argument("--quiet", action="store_true", help="no progress bar")
+    check.set_defaults(func=_manifest_check)
+
+    split = actions.add_parser("split", help="k folds by patient: no patient in both training and validation")
+    split.add_argument("manifest")
+    split.add_argument("--folds", type=int, required=True)
+    split.add_argument("--seed", type=int, default=0)
+    split.add_argument("--validation-fold", type=int, default=0)
+    split.add_argument("--output", required=True)
+    split.set_defaults(func=_manifest_split)
+
+
 def _parser() -> argparse.ArgumentParser:
     from pipelines import __version__
 
@@ -59,6 +139,7 @@ def _parser() -> argparse.ArgumentParser:
     shapes.add_argument("--output-size", type=int, nargs="+", help="wanted output size (1 value or one per axis)")
     shapes.add_argument("--input-size", type=int, nargs="+", help="input size to check (1 value or one per axis)")
     shapes.set_defaults(func=_shapes)
+    _add_manifest_commands(commands)
     return parser
 
 
@@ -67,6 +148,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return args.func(args)
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:  # input errors (pipelines.io errors are ValueErrors) and paths
         print(f"unet-pipelines {args.command}: error: {exc}", file=sys.stderr)
         return 2

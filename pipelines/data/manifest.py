@@ -1,0 +1,291 @@
+"""Data manifests in MONAI's datalist format: read safely, build from a folder, check, split by patient.
+
+A manifest holds ``training``/``validation``/``test`` lists of cases (``image``, optional ``label``
+and descriptive keys), with paths relative to a ``dataset_dir`` given at use time. Paths that are
+absolute or climb out of ``dataset_dir`` are refused: a manifest can never point outside its data.
+The JSON Schema is ``manifest.schema.json`` beside this module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from pipelines.io.errors import InputDataError, ManifestError
+
+__all__ = [
+    "SECTIONS",
+    "CheckReport",
+    "build_manifest",
+    "check_manifest",
+    "load_manifest",
+    "manifest_schema",
+    "read_manifest",
+    "resolve_path",
+    "split_manifest",
+    "write_manifest",
+]
+
+logger = logging.getLogger(__name__)
+
+SECTIONS = ("training", "validation", "test")
+_PATH_KEYS = ("image", "label")
+_IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+def manifest_schema() -> dict:
+    return json.loads(resources.files("pipelines.data").joinpath("manifest.schema.json").read_text())
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    """The manifest at ``path``, validated against the schema.
+
+    Raises:
+        ManifestError: unreadable JSON or a schema violation; names the file and the offending entry.
+    """
+    import jsonschema
+
+    path = Path(path)
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise ManifestError(f"{path}: manifest not found") from exc
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ManifestError(f"{path}: not a readable JSON manifest ({exc})") from exc
+    error = jsonschema.exceptions.best_match(jsonschema.Draft7Validator(manifest_schema()).iter_errors(manifest))
+    if error is not None:
+        where = "/".join(str(p) for p in error.absolute_path) or "(top level)"
+        raise ManifestError(f"{path}: {where}: {error.message}")
+    return manifest
+
+
+def resolve_path(dataset_dir: str | os.PathLike, relative: str, manifest: object = "manifest") -> Path:
+    """``dataset_dir / relative``, refusing paths that are absolute or leave ``dataset_dir``."""
+    root = os.path.normpath(os.path.abspath(dataset_dir))
+    if os.path.isabs(relative):
+        raise ManifestError(f"{manifest}: path {relative!r} is absolute; manifest paths are relative to dataset_dir")
+    joined = os.path.normpath(os.path.join(root, relative))
+    if os.path.commonpath([root, joined]) != root:
+        raise ManifestError(f"{manifest}: path {relative!r} leaves dataset_dir {root}")
+    return Path(joined)
+
+
+def load_manifest(path: str | os.PathLike, section: str, dataset_dir: str | os.PathLike) -> list[dict]:
+    """One section of a manifest with ``image``/``label`` made absolute under ``dataset_dir``.
+
+    The drop-in for ``monai.data.load_decathlon_datalist`` in bundle configs, with schema validation
+    and path-traversal protection.
+    """
+    if section not in SECTIONS:
+        raise ValueError(f"`section` must be one of {SECTIONS}, got {section!r}")
+    manifest = read_manifest(path)
+    cases = []
+    for case in manifest.get(section, []):
+        entry = dict(case)
+        for key in _PATH_KEYS:
+            if key in entry:
+                entry[key] = str(resolve_path(dataset_dir, entry[key], path))
+        cases.append(entry)
+    return cases
+
+
+def write_manifest(manifest: Mapping, path: str | os.PathLike) -> Path:
+    """Write ``manifest`` (validated) as indented JSON, atomically."""
+    import jsonschema
+
+    from pipelines.io.writers import atomic_path
+
+    error = jsonschema.exceptions.best_match(jsonschema.Draft7Validator(manifest_schema()).iter_errors(manifest))
+    if error is not None:
+        raise ManifestError(f"refusing to write an invalid manifest to {path}: {error.message}")
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    return path
+
+
+def content_hash(path: Path) -> str:
+    """SHA-256 of a file, or of every file under a folder (relative names and bytes, in sorted order)."""
+    digest = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for file in files:
+        if path.is_dir():
+            digest.update(str(file.relative_to(path)).encode() + b"\0")
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _case_id(path: Path) -> str:
+    name = path.name
+    for suffix in sorted(_IMAGE_SUFFIXES, key=len, reverse=True):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _cases_in(folder: Path) -> list[Path]:
+    """Image files (NIfTI, NRRD, MHA/MHD) and study folders (anything else that is a folder)."""
+    if not folder.is_dir():
+        raise InputDataError(f"{folder}: not a folder")
+    found = [p for p in sorted(folder.iterdir()) if not p.name.startswith(".")]
+    return [p for p in found if p.is_dir() or p.name.lower().endswith(_IMAGE_SUFFIXES)]
+
+
+def _progress(items: list, description: str, show: bool) -> Iterable:
+    if not show:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc=description, unit="case")
+
+
+def build_manifest(
+    dataset_dir: str | os.PathLike,
+    images: str = ".",
+    labels: str | None = None,
+    progress: bool = False,
+    **load_options,
+) -> tuple[dict, list[str]]:
+    """Scan ``dataset_dir/images`` for cases and describe each; returns ``(manifest, problems)``.
+
+    A case is an image file (NIfTI, NRRD, MHA/MHD) or a folder holding one DICOM study. Its
+    ``case_id`` is the file stem or folder name; a label is ``dataset_dir/labels/<case_id>`` with
+    any supported suffix. Each entry records ``modality``, ``shape``, ``spacing``, ``sha256`` (of
+    the file or of the whole study folder) and ``patient``: a pseudonym (a hash of the DICOM
+    PatientID; the case id for other formats) that ``split_manifest`` groups by. Cases that fail
+    to load are left out and described in ``problems``. ``load_options`` go to ``load_volume``
+    (DICOM series rules).
+    """
+    from pipelines.io import load_volume
+
+    root = Path(dataset_dir)
+    image_dir = resolve_path(root, images, "--images")
+    label_files = {}
+    if labels is not None:
+        label_files = {_case_id(p): p for p in _cases_in(resolve_path(root, labels, "--labels")) if p.is_file()}
+    cases, problems = [], []
+    for path in _progress(_cases_in(image_dir), "scanning", progress):
+        case_id = _case_id(path)
+        try:
+            volume = load_volume(path, **load_options)
+        except (InputDataError, OSError) as exc:
+            problems.append(f"{case_id}: {exc}")
+            continue
+        patient_id = volume.meta["identifiers"]["patient_id"]
+        entry = {
+            "image": os.path.relpath(path, root),
+            "case_id": case_id,
+            "patient": "p-" + hashlib.sha256(patient_id.encode()).hexdigest()[:12] if patient_id else case_id,
+            "modality": volume.meta["modality"],
+            "shape": [int(s) for s in volume.shape[1:]],
+            "spacing": [round(float(s), 6) for s in volume.meta["spacing"]],
+            "sha256": content_hash(path),
+        }
+        if case_id in label_files:
+            entry["label"] = os.path.relpath(label_files[case_id], root)
+        elif labels is not None:
+            problems.append(f"{case_id}: no label in {labels}")
+        cases.append(entry)
+    return {"description": f"built from {images} by unet-pipelines manifest build", "training": cases}, problems
+
+
+@dataclass
+class CheckReport:
+    cases: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def check_manifest(path: str | os.PathLike, dataset_dir: str | os.PathLike, progress: bool = False) -> CheckReport:
+    """Every path exists, stays inside ``dataset_dir`` and loads; every label matches its image's grid;
+    recorded hashes still match; no file, content or patient appears twice across cases or sections."""
+    from pipelines.io import load_volume
+    from pipelines.transforms.io import check_same_grid
+
+    report = CheckReport()
+    try:
+        manifest = read_manifest(path)
+    except ManifestError as exc:
+        report.problems.append(str(exc))
+        return report
+    entries = [(section, i, case) for section in SECTIONS for i, case in enumerate(manifest.get(section, []))]
+    report.cases = len(entries)
+    seen_paths: dict[Path, str] = {}
+    seen_hashes: dict[str, str] = {}
+    patients: dict[str, set[str]] = defaultdict(set)
+    for section, i, case in _progress(entries, "checking", progress):
+        where = f"{section}[{i}]"
+        if "patient" in case:
+            patients[case["patient"]].add(section)
+        loaded = {}
+        for key in _PATH_KEYS:
+            if key not in case:
+                continue
+            try:
+                file = resolve_path(dataset_dir, case[key], path)
+                if file in seen_paths:
+                    report.problems.append(f"{where} {key}: {case[key]} is also {seen_paths[file]}")
+                seen_paths[file] = f"{where} {key}"
+                loaded[key] = load_volume(file, allow_nonfinite=False)
+            except (InputDataError, OSError) as exc:
+                report.problems.append(f"{where} {key}: {exc}")
+                continue
+            if key == "image":
+                digest = content_hash(file)
+                if case.get("sha256") not in (None, digest):
+                    report.problems.append(f"{where} image: {case[key]} changed since the manifest was built (sha256)")
+                if digest in seen_hashes:
+                    report.problems.append(f"{where} image: {case[key]} has the same content as {seen_hashes[digest]}")
+                seen_hashes.setdefault(digest, f"{where} {case[key]}")
+        if len(loaded) == 2:
+            try:
+                check_same_grid(loaded["image"], loaded["label"])
+            except InputDataError as exc:
+                report.problems.append(f"{where} label: {exc}")
+    for patient, sections in sorted(patients.items()):
+        if {"training", "validation"} <= sections or ("test" in sections and len(sections) > 1):
+            report.problems.append(f"patient {patient} appears in {sorted(sections)}: data leak between splits")
+    return report
+
+
+def split_manifest(manifest: Mapping, folds: int, seed: int = 0, validation_fold: int = 0) -> dict:
+    """``k`` folds of the training and validation cases, grouped by ``patient`` (or ``case_id``,
+    or image path) so one patient's cases share a fold; fold ``validation_fold`` becomes
+    ``validation`` and the rest ``training``. Each case gets its ``fold``; ``test`` is kept."""
+    if not isinstance(folds, int) or folds < 2:
+        raise ValueError(f"`folds` must be an integer >= 2, got {folds!r}")
+    if not 0 <= validation_fold < folds:
+        raise ValueError(f"`validation_fold` must be in [0, {folds}), got {validation_fold!r}")
+    cases = [dict(c) for section in ("training", "validation") for c in manifest.get(section, [])]
+    key: Callable[[dict], str] = lambda c: str(c.get("patient") or c.get("case_id") or c["image"])  # noqa: E731
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for case in cases:
+        groups[key(case)].append(case)
+    if len(groups) < folds:
+        raise ValueError(f"`folds` must not exceed the {len(groups)} patients, got {folds}")
+    order = sorted(groups)
+    random.Random(seed).shuffle(order)
+    order.sort(key=lambda g: -len(groups[g]))  # largest first; the shuffle breaks ties
+    sizes = [0] * folds
+    for group in order:
+        fold = min(range(folds), key=lambda f: (sizes[f], f))
+        sizes[fold] += len(groups[group])
+        for case in groups[group]:
+            case["fold"] = fold
+    out = {k: v for k, v in manifest.items() if k not in ("training", "validation")}
+    out["training"] = [c for c in cases if c["fold"] != validation_fold]
+    out["validation"] = [c for c in cases if c["fold"] == validation_fold]
+    return out
