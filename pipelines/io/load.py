@@ -102,6 +102,8 @@ def load_volume(
         array = volume[None]
     if dtype is not None:
         array = array.astype(dtype, copy=False)
+    if not array.dtype.isnative:  # big-endian files (old NIfTI, ANALYZE heritage): torch needs native order
+        array = array.astype(array.dtype.newbyteorder("="))
     if not allow_nonfinite and np.issubdtype(array.dtype, np.floating):
         _check_finite(array, path)
     spacing = np.linalg.norm(affine[:3, :3], axis=0)

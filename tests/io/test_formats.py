@@ -114,3 +114,19 @@ def test_pydicom_sample_files(name):
     ipp_ras = np.asarray(ds.ImagePositionPatient, float) * [-1, -1, 1]
     assert np.allclose(volume.affine.numpy()[:3, 3], ipp_ras)
     assert volume.meta["modality"] == ds.Modality
+
+
+@pytest.mark.parametrize("name", ["anatomical.nii", "example4d.nii.gz", "example_nifti2.nii.gz", "standard.nii.gz",
+                                  "reoriented_anat_moved.nii"])
+def test_nibabel_sample_files(name):
+    from nibabel.testing import data_path
+
+    path = f"{data_path}/{name}"
+    image = nib.load(path)
+    expected = np.asarray(image.dataobj)
+    volume = load_volume(path, allow_nonfinite=True)
+    channels = expected.shape[3] if expected.ndim == 4 else 1
+    assert volume.shape == (channels, *expected.shape[:3])
+    first = volume[0].numpy()
+    np.testing.assert_allclose(first, expected[..., 0] if expected.ndim == 4 else expected, rtol=1e-6)
+    np.testing.assert_allclose(volume.affine.numpy(), image.affine, atol=1e-6)
