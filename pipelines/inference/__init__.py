@@ -1,8 +1,19 @@
-"""Tiled inference: the U-Net paper's overlap-tile strategy for valid networks, test-time augmentation."""
+"""Tiled inference: the paper's overlap-tile strategy, blended sliding windows, test-time augmentation."""
 
 from __future__ import annotations
 
-from .overlap_tile import OverlapTileInferer, TilePlan, mirror_indices
+from .overlap_tile import OverlapTileInferer, TilePlan
+from .sliding_window import BlendedSlidingWindowInferer
 from .tta import TTAInferer, tta_transforms
+from .windows import even_starts, gather_window, mirror_indices
 
-__all__ = ["OverlapTileInferer", "TTAInferer", "TilePlan", "mirror_indices", "tta_transforms"]
+__all__ = [
+    "BlendedSlidingWindowInferer",
+    "OverlapTileInferer",
+    "TTAInferer",
+    "TilePlan",
+    "even_starts",
+    "gather_window",
+    "mirror_indices",
+    "tta_transforms",
+]

@@ -19,35 +19,9 @@ from monai.data import MetaTensor
 from monai.inferers import Inferer
 from monai.utils import convert_to_dst_type, ensure_tuple_rep
 
-__all__ = ["OverlapTileInferer", "TilePlan", "mirror_indices"]
+from pipelines.inference.windows import gather_window, mirror_indices
 
-_PADDING_MODES = ("reflect", "symmetric", "replicate", "constant")
-
-
-def mirror_indices(length: int, before: int, after: int, mode: str = "reflect") -> torch.Tensor:
-    """Source index of every position of an axis of ``length`` padded by ``before`` and ``after``.
-
-    Works for pads of any size (mirroring repeats as often as needed, unlike ``torch.nn.functional.pad``).
-
-    Args:
-        mode: ``"reflect"`` (``2 1 | 0 1 2 3 | 2 1``), ``"symmetric"`` (``1 0 | 0 1 2 3 | 3 2``),
-            ``"replicate"`` (``0 0 | 0 1 2 3 | 3 3``) or ``"constant"`` (-1 marks padding).
-    """
-    if mode not in _PADDING_MODES:
-        raise ValueError(f"`padding_mode` must be one of {_PADDING_MODES}, got {mode!r}")
-    index = torch.arange(-before, length + after)
-    if mode == "constant":
-        return torch.where((index >= 0) & (index < length), index, -1)
-    if mode == "replicate" or length == 1:
-        return index.clamp(0, length - 1)
-    if mode == "reflect":
-        period = 2 * (length - 1)
-        index = index % period
-        return torch.where(index >= length, period - index, index)
-    period = 2 * length
-    index = index % period
-    return torch.where(index >= length, period - 1 - index, index)
-
+__all__ = ["OverlapTileInferer", "TilePlan"]
 
 @dataclass(frozen=True)
 class TilePlan:
@@ -147,15 +121,15 @@ class OverlapTileInferer(Inferer):
         data = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs
         spatial = tuple(data.shape[2:])
         plan = self.plan(network, spatial)
-        indices = [
-            mirror_indices(n, m, (c - 1) * s + i - m - n, self.padding_mode).to(data.device)
-            for n, m, s, i, c in zip(spatial, plan.margin, plan.stride, plan.input_tile, plan.counts)
-        ]
         jobs = [(b, starts) for b in range(data.shape[0]) for starts in product(*(range(c) for c in plan.counts))]
         output: torch.Tensor | None = None
         for first in range(0, len(jobs), self.sw_batch_size):
             chunk = jobs[first : first + self.sw_batch_size]
-            tiles = torch.stack([self._gather(data[b], indices, plan, starts) for b, starts in chunk])
+            tiles = torch.stack([
+                gather_window(data[b], [k * s - m for k, s, m in zip(starts, plan.stride, plan.margin)],
+                              plan.input_tile, self.padding_mode)
+                for b, starts in chunk
+            ])
             result = network(tiles, *args, **kwargs)
             if not isinstance(result, torch.Tensor):
                 raise TypeError(f"OverlapTileInferer needs a network that returns a tensor, got {type(result).__name__}")
@@ -176,20 +150,3 @@ class OverlapTileInferer(Inferer):
         if isinstance(inputs, MetaTensor):
             return convert_to_dst_type(output, inputs, dtype=output.dtype)[0]
         return output
-
-    def _gather(
-        self, image: torch.Tensor, indices: list[torch.Tensor], plan: TilePlan, starts: tuple[int, ...]
-    ) -> torch.Tensor:
-        """Input tile ``(C, *input_tile)`` for the output tile at ``starts`` (tile counts per axis)."""
-        tile = image
-        masks = []
-        for axis, (k, s, size, index) in enumerate(zip(starts, plan.stride, plan.input_tile, indices)):
-            window = index[k * s : k * s + size]
-            tile = tile.index_select(axis + 1, window.clamp(min=0))
-            if self.padding_mode == "constant":
-                shape = [1] * (len(indices) + 1)
-                shape[axis + 1] = size
-                masks.append((window >= 0).view(shape))
-        for mask in masks:
-            tile = tile * mask
-        return tile
