@@ -129,3 +129,23 @@ def test_per_slice_rescale(tmp_path):
         ds.PixelData = np.rint((values - float(ds.RescaleIntercept)) / float(ds.RescaleSlope)).astype(np.int16).tobytes()
         ds.save_as(path, enforce_file_format=True)
     assert_matches_every_source_pixel(load_volume(tmp_path), paths, tolerance=1e-3)
+
+
+@pytest.mark.parametrize("stored,intercept,expected", [
+    (np.array([0, 100, 40000], np.uint16), -32768, "int16"),  # raw values beyond int16, results within
+    (np.array([-32768, 0, 32767], np.int16), -1024, "int32"),  # results beyond int16
+    (np.array([0, 4095, 12], np.uint16), -1024, "int16"),  # 12-bit CT
+])
+def test_integer_rescale_keeps_exact_values(tmp_path, stored, intercept, expected):
+    paths = write_series(tmp_path, SeriesSpec(slice_positions=[0.0, 2.0]))
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        pixels = np.resize(stored, (ds.Rows, ds.Columns))
+        ds.PixelRepresentation = 1 if stored.dtype == np.int16 else 0
+        ds.RescaleSlope, ds.RescaleIntercept = 1, intercept
+        ds.PixelData = pixels.astype(stored.dtype).tobytes()
+        ds.save_as(path, enforce_file_format=True)
+    volume = load_volume(tmp_path)
+    assert str(volume.numpy().dtype) == expected
+    values = np.resize(stored, (12, 10)).astype(np.int64) + intercept
+    assert np.array_equal(volume[0, :, :, 0].numpy(), values.T)

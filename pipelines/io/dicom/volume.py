@@ -109,11 +109,16 @@ def _read_stack(records: list[SliceRecord], dtype) -> np.ndarray:
             stack[k] += record.intercept
             continue
         slope, intercept = int(record.slope), int(record.intercept)
-        ends = sorted((int(pixels.min()) * slope + intercept, int(pixels.max()) * slope + intercept))
-        if ends[0] < np.iinfo(stack.dtype).min or ends[1] > np.iinfo(stack.dtype).max:
+        raw = (int(pixels.min()), int(pixels.max()))
+        ends = sorted((raw[0] * slope + intercept, raw[1] * slope + intercept))
+        limits = np.iinfo(stack.dtype)
+        if ends[0] < limits.min or ends[1] > limits.max:
             stack = stack.astype(np.int32 if stack.dtype == np.int16 else np.float32)
-        if slope == 1:
-            np.add(pixels, np.int64(intercept), out=stack[k], casting="unsafe")  # in range: checked above
+            limits = np.iinfo(stack.dtype) if stack.dtype != np.float32 else None
+        if slope == 1 and limits is not None and limits.min <= raw[0] and raw[1] <= limits.max:
+            np.copyto(stack[k], pixels, casting="unsafe")  # exact: the raw values fit (checked above)
+            if intercept:
+                stack[k] += stack.dtype.type(intercept)  # in the stack's own type: the results fit too
         else:
             stack[k] = pixels.astype(np.int64) * slope + intercept
     return stack
