@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -27,10 +27,11 @@ class atomic_path:  # noqa: N801 - used as a context manager, like open()
     def __enter__(self) -> Path:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         suffix = "".join(self.path.suffixes) or ".tmp"
-        handle, name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=f".part{suffix}", dir=self.path.parent)
-        os.close(handle)
-        self.tmp = Path(name)
-        return self.tmp
+        tmp = self.path.parent / f".{self.path.name}.{uuid.uuid4().hex}.part{suffix}"
+        # created with mode 0o666 so the umask applies, as for any new file (mkstemp would give 0o600)
+        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        self.tmp = tmp
+        return tmp
 
     def __exit__(self, kind, value, traceback) -> None:
         if self.tmp is None:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 
@@ -44,6 +45,15 @@ def test_save_nifti_round_trip_and_atomicity(tmp_path):
     assert path.read_bytes() == before and [p.name for p in (tmp_path / "out").iterdir()] == ["mask.nii.gz"]
     with pytest.raises(ValueError, match=r"must have shape \(X, Y, Z\) or \(C, X, Y, Z\)"):
         save_nifti(np.zeros((2, 2)), affine, tmp_path / "bad.nii.gz")
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        path = save_nifti(np.zeros((2, 2, 2), np.uint8), np.eye(4), tmp_path / "mask.nii.gz")
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o644  # readable by the PACS user, not only the owner
 
 
 @pytest.mark.parametrize("spec", [SeriesSpec(orientation="oblique"), SeriesSpec(in_plane_shift=(0.0, 0.3)),
