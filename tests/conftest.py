@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -22,11 +21,3 @@ def isbi_dir() -> Path:
     if not (path / "train" / "image" / "0.png").is_file():
         pytest.skip(f"ISBI 2012 data not found at {path} (set UNET_SHARED_DATA to the shared data folder)")
     return path
-
-
-@pytest.fixture(autouse=True)
-def _few_threads():
-    """Keep tests from oversubscribing the 2 CI cores when pytest runs them with other processes."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)

@@ -1,18 +1,23 @@
-"""Transforms: loading volumes, and the U-Net paper's training recipe (weight map, elastic deformation)."""
+"""Transforms: loading volumes, the U-Net paper's training recipe (weight map, elastic deformation),
+and membrane post-processing."""
 
 from __future__ import annotations
 
 from .elastic import RandCoarseElastic, RandCoarseElasticd
 from .io import LoadVolume, LoadVolumed, check_same_grid
+from .membrane import MembraneWatershed, MembraneWatershedd, membrane_watershed
 from .weight_map import UNetWeightMap, UNetWeightMapd, unet_weight_map
 
 __all__ = [
     "LoadVolume",
     "LoadVolumed",
+    "MembraneWatershed",
+    "MembraneWatershedd",
     "RandCoarseElastic",
     "RandCoarseElasticd",
     "UNetWeightMap",
     "UNetWeightMapd",
     "check_same_grid",
+    "membrane_watershed",
     "unet_weight_map",
 ]
