@@ -9,6 +9,7 @@ can be accumulated in float16 or bfloat16, or streamed into a disk-backed array.
 
 from __future__ import annotations
 
+import mmap
 import os
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -37,7 +38,9 @@ class BlendedSlidingWindowInferer(Inferer):
             output window; its input window adds the network's context, mirrored at the border.
         overlap: least overlap between neighbouring windows, as a fraction of the window.
         sigma_scale: Gaussian standard deviation as a fraction of the window (nnU-Net: 1/8).
-        sw_batch_size: windows per network call.
+        sw_batch_size: windows per network call. 1 by default: on the development CPU (benchmarks),
+            batching helps the small convolutions but slows the large ones, and oneDNN pads few
+            channels to 16 in batched calls, which costs memory.
         mode: ``"gaussian"`` or ``"constant"`` (plain average).
         padding_mode: how windows that leave the image are filled: ``"reflect"``, ``"symmetric"``,
             ``"replicate"`` or ``"constant"`` (zeros).
@@ -63,7 +66,7 @@ class BlendedSlidingWindowInferer(Inferer):
         roi_size: Sequence[int] | int,
         overlap: float = 0.5,
         sigma_scale: float = 0.125,
-        sw_batch_size: int = 4,
+        sw_batch_size: int = 1,
         mode: str = "gaussian",
         padding_mode: str = "reflect",
         sw_device: torch.device | str | None = None,
@@ -137,6 +140,8 @@ class BlendedSlidingWindowInferer(Inferer):
         ]
         windows = [(b, index) for b in range(data.shape[0]) for index in product(*(range(len(s)) for s in starts))]
         outputs: dict = {}
+        mappings: dict = {}  # streaming: each output's memory map
+        released: dict[tuple, int] = {}  # streaming: rows already dropped from memory, per output and item
         returned: type | None = None  # what the network returns: a tensor, a tuple/list or a dict
         with torch.inference_mode():
             for first in range(0, len(windows), self.sw_batch_size):
@@ -149,13 +154,16 @@ class BlendedSlidingWindowInferer(Inferer):
                 parts = _as_dict(result)
                 if returned is None:
                     returned = dict if isinstance(result, Mapping) else type(result)
-                    outputs = {k: self._allocate(data.shape[0], v.shape[1], spatial, device) for k, v in parts.items()}
+                    for k, v in parts.items():
+                        outputs[k], mappings[k] = self._allocate(data.shape[0], v.shape[1], spatial, device)
                 for k, part in parts.items():
                     if tuple(part.shape[2:]) != out_win:
                         raise ValueError(
                             f"network output {k!r} has spatial shape {tuple(part.shape[2:])}, expected the window's {out_win}"
                         )
                     self._blend(outputs[k], part.to(device), chunk, starts, weights, spatial)
+                if self.streaming_dir is not None:
+                    self._release_finished(outputs, mappings, windows, first + self.sw_batch_size, starts, released)
                 if self.progress is not None:
                     self.progress(min(first + self.sw_batch_size, len(windows)), len(windows))
         results = {k: _finish(v, inputs) for k, v in outputs.items()}
@@ -164,6 +172,21 @@ class BlendedSlidingWindowInferer(Inferer):
         if returned in (tuple, list):
             return tuple(results[i] for i in range(len(results)))
         return results[0]
+
+    def _release_finished(self, outputs: dict, mappings: dict, windows: list, done: int, starts: list, released: dict) -> None:
+        """Windows run in order of batch item, then first-axis start: rows before the next window's
+        first-axis start (and whole earlier items) receive nothing more."""
+        if done >= len(windows):
+            item, rows = windows[-1][0] + 1, 0
+        else:
+            item, index = windows[done]
+            rows = starts[0][index[0]]
+        for key, output in outputs.items():
+            finished = [(earlier, output.shape[2]) for earlier in range(item)] + [(item, rows)]
+            for b, upto in finished:
+                if b < output.shape[0] and upto > released.get((key, b), 0):
+                    self._release(output, mappings[key], b, upto)
+                    released[(key, b)] = upto
 
     def _predict(self, network, batch: torch.Tensor, *args, **kwargs):
         if self.channels_last:
@@ -185,10 +208,11 @@ class BlendedSlidingWindowInferer(Inferer):
             return tuple(averaged[i] for i in range(len(out)))
         return averaged[0]
 
-    def _allocate(self, batch: int, channels: int, spatial: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    def _allocate(self, batch: int, channels: int, spatial: tuple[int, ...], device: torch.device):
+        """The zeroed output, and its ``mmap`` when it streams to disk (else None)."""
         shape = (batch, channels, *spatial)
         if self.streaming_dir is None:
-            return torch.zeros(shape, dtype=self.accumulate_dtype, device=device)
+            return torch.zeros(shape, dtype=self.accumulate_dtype, device=device), None
         dtype = np.float16 if self.accumulate_dtype == torch.float16 else np.float32
         handle, name = tempfile.mkstemp(prefix="blended-", suffix=".dat", dir=self.streaming_dir)
         os.close(handle)
@@ -196,7 +220,21 @@ class BlendedSlidingWindowInferer(Inferer):
             array = np.memmap(name, dtype=dtype, mode="w+", shape=shape)  # zero-filled by the file system
         finally:
             os.unlink(name)  # the mapping keeps the data; nothing is left behind, even after a crash
-        return torch.from_numpy(array)
+        return torch.from_numpy(array), array._mmap
+
+    @staticmethod
+    def _release(output: torch.Tensor, mapping: mmap.mmap, item: int, rows: int) -> None:
+        """Drop finished rows ``[0, rows)`` of batch item ``item`` of a streamed output from this process's
+        memory; they stay in the page cache and on disk (``MADV_DONTNEED`` on a shared file mapping)."""
+        if rows <= 0 or not hasattr(mapping, "madvise"):
+            return
+        channels, row_bytes = output.shape[1], output[0, 0, 0].numel() * output.element_size()
+        page = mmap.PAGESIZE
+        for channel in range(channels):
+            begin = (item * channels + channel) * output.shape[2] * row_bytes
+            start, end = -(-begin // page) * page, (begin + rows * row_bytes) // page * page
+            if end > start:
+                mapping.madvise(mmap.MADV_DONTNEED, start, end - start)
 
     def _blend(self, output, parts, chunk, starts, weights, spatial) -> None:
         for (b, index), prediction in zip(chunk, parts):

@@ -145,3 +145,25 @@ def test_bad_network_outputs():
         BlendedSlidingWindowInferer(8)(x, lambda t: t[..., :4, :4])
     with pytest.raises(TypeError, match="must return a tensor, a tuple or a dict"):
         BlendedSlidingWindowInferer(8)(x, lambda t: "nope")
+
+
+def mapping_rss_kib(prefix: str) -> int | None:
+    """Resident KiB of this process's mapping of a (deleted) file whose name starts with ``prefix``."""
+    lines = open("/proc/self/smaps").read().splitlines()
+    for i, line in enumerate(lines):
+        if prefix in line and "(deleted)" in line:
+            for detail in lines[i + 1 :]:
+                if detail.startswith("Rss:"):
+                    return int(detail.split()[1])
+    return None
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux /proc")
+def test_streaming_releases_finished_rows_from_memory(tmp_path):
+    x = torch.randn(1, 2, 256, 96, 80)  # output: 2 x 256 x 96 x 80 float32 = 15 MiB
+    out = BlendedSlidingWindowInferer(32, streaming_dir=tmp_path)(x, double)
+    resident = mapping_rss_kib("blended-")
+    assert resident is not None, "the streamed output is not memory-mapped"
+    assert resident < 1024, f"{resident} KiB of the streamed output stay in memory after inference"
+    assert torch.allclose(out, 2.0 * x, atol=1e-5)  # the data is still there: read back from the page cache
+    assert mapping_rss_kib("blended-") > 10_000
