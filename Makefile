@@ -76,6 +76,7 @@ demo-isbi: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_unet.py
 	$(PY) benchmarks/bench_io.py
+	$(PY) benchmarks/bench_inference.py
 
 clean:
 	rm -rf $(DEMO) bench_output .pytest_cache

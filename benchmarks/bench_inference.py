@@ -1,0 +1,211 @@
+"""Benchmark BlendedSlidingWindowInferer against monai.inferers.sliding_window_inference (same run).
+
+1. speed: a 3D UNet(padding="same", norm="instance", features=(16, 32, 64, 128)), the size planned
+   for the tumor bundle (it must train on 2 CPU cores in minutes), on a 1x1x256x256x160 volume, roi 96^3, overlap 0.5, Gaussian blending; median wall time of each, in
+   fresh processes, with peak resident memory; and each one's mean absolute difference from a
+   whole-volume forward pass (on a smaller volume that fits one pass).
+2. memory: a 2-class 512x512x400 output (a 1x1x1 convolution as the network, so buffers dominate):
+   peak resident memory of MONAI, ours in float32, float16 and streaming to disk.
+3. physical limit: the network's achieved GFLOP/s (FLOPs from torch.utils.flop_counter) against
+   this machine's float32 matrix-multiply GFLOP/s, measured in the same run.
+4. the sw_batch_size / channels-last sweep behind the inferer's defaults (on a volume of 2x2x1 windows).
+
+Ratios are MONAI / ours for time and memory (above 1: ours is better).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+CHILD = r"""
+import json, resource, sys, time
+import torch
+torch.manual_seed(0)
+config = json.loads(sys.argv[1])
+from monai.inferers import sliding_window_inference
+from pipelines.inference import BlendedSlidingWindowInferer
+from pipelines.networks import UNet
+if config["network"] == "unet":
+    net = UNet(3, 1, 3, features=tuple(config["features"]), padding="same", norm="instance", act="leakyrelu").eval()
+else:
+    net = torch.nn.Conv3d(1, 2, 1).eval()
+shape = config["shape"]
+x = torch.rand(1, 1, *shape)
+baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+start = time.perf_counter()
+if config["impl"] == "monai":
+    with torch.inference_mode():
+        out = sliding_window_inference(x, config["roi"], config["sw_batch_size"], net, overlap=0.5, mode="gaussian")
+else:
+    inferer = BlendedSlidingWindowInferer(config["roi"], overlap=0.5, sw_batch_size=config["sw_batch_size"],
+                                          accumulate_dtype=config.get("dtype", "float32"),
+                                          streaming_dir=config.get("streaming_dir"),
+                                          channels_last=config.get("channels_last", False))
+    out = inferer(x, net)
+seconds = time.perf_counter() - start
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"seconds": seconds, "peak_mib": peak / 1024, "added_mib": (peak - baseline) / 1024,
+                  "out_dtype": str(out.dtype)}))
+"""
+
+
+def child(config: dict) -> dict:
+    result = subprocess.run([sys.executable, "-c", CHILD, json.dumps(config)], capture_output=True, text=True)
+    if result.returncode:
+        raise RuntimeError(result.stderr[-3000:])
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def median_runs(config: dict, repeats: int) -> dict:
+    runs = [child(config) for _ in range(repeats)]
+    return {k: statistics.median(r[k] for r in runs) for k in ("seconds", "peak_mib", "added_mib")}
+
+
+def matmul_gflops(size: int = 2048, repeats: int = 10) -> float:
+    import torch
+
+    a, b = torch.rand(size, size), torch.rand(size, size)
+    torch.mm(a, b)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        torch.mm(a, b)
+    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def faithfulness(features: tuple[int, ...], shape: tuple[int, ...], roi: int) -> tuple[float, float]:
+    import torch
+    from monai.inferers import sliding_window_inference
+
+    from pipelines.inference import BlendedSlidingWindowInferer
+    from pipelines.networks import UNet
+
+    torch.manual_seed(0)
+    net = UNet(3, 1, 3, features=features, padding="same", norm="instance", act="leakyrelu").eval()
+    x = torch.rand(1, 1, *shape)
+    with torch.inference_mode():
+        whole = net(x)
+        monai = sliding_window_inference(x, roi, 2, net, overlap=0.5, mode="gaussian")
+    ours = BlendedSlidingWindowInferer(roi, overlap=0.5, sw_batch_size=2)(x, net)
+    return (ours - whole).abs().mean().item(), (monai - whole).abs().mean().item()
+
+
+def network_gflops(features: tuple[int, ...], roi: int, batch: int) -> tuple[float, float]:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pipelines.networks import UNet
+
+    net = UNet(3, 1, 3, features=features, padding="same", norm="instance", act="leakyrelu").eval()
+    x = torch.rand(batch, 1, roi, roi, roi)
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        net(x)
+    flops = counter.get_total_flops()
+    times = []
+    with torch.inference_mode():
+        net(x)
+        for _ in range(3):
+            start = time.perf_counter()
+            net(x)
+            times.append(time.perf_counter() - start)
+    return flops / 1e9, flops / statistics.median(times) / 1e9
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, to check the script runs")
+    parser.add_argument("--streaming-dir", default="bench_output")
+    parser.add_argument("--sections", nargs="+", default=["sweep", "speed", "memory", "limit"],
+                        choices=["sweep", "speed", "memory", "limit"])
+    args = parser.parse_args(argv)
+    import os
+
+    os.makedirs(args.streaming_dir, exist_ok=True)
+    if args.quick:
+        features, shape, roi, memory_shape, memory_roi, faithful_shape = (4, 8, 16), [48, 40, 32], 24, [64, 64, 48], 32, (40, 40, 32)
+        sweep_shape = [36, 36, 24]
+    else:
+        features, shape, roi, memory_shape, memory_roi, faithful_shape = (16, 32, 64, 128), [256, 256, 160], 96, [512, 512, 400], 128, (128, 128, 96)
+        sweep_shape = [144, 144, 96]
+    import torch
+
+    print(f"# {torch.get_num_threads()} torch threads, torch {torch.__version__}; repeats {args.repeats}")
+
+    # without the sweep: the best setting measured on the development machine (batch 1, channels first)
+    batch, channels_last = sweep(features, sweep_shape, roi) if "sweep" in args.sections else (1, False)
+
+    if "speed" in args.sections:
+        speed(features, shape, roi, batch, channels_last, faithful_shape, args.repeats)
+    if "memory" in args.sections:
+        memory_table(memory_shape, memory_roi, args.streaming_dir)
+    if "limit" in args.sections:
+        print("\n## physical limit")
+        gflop, achieved = network_gflops(features, roi, batch)
+        peak = matmul_gflops()
+        print(f"network: {gflop:.1f} GFLOP per batch of {batch} windows, {achieved:.1f} GFLOP/s; float32 matmul "
+              f"{peak:.1f} GFLOP/s; achieved fraction {achieved / peak:.2f} (goal >= 0.5)")
+    return 0
+
+
+def sweep(features, shape, roi) -> tuple[int, bool]:
+    print("\n## sw_batch_size and channels-last (ours, seconds)")
+    best = None
+    for batch in (1, 2, 4):
+        for channels_last in (False, True):
+            run = median_runs({"impl": "ours", "network": "unet", "features": features, "shape": shape, "roi": roi,
+                               "sw_batch_size": batch, "channels_last": channels_last}, 1)
+            print(f"sw_batch_size {batch} channels_last {channels_last!s:5}: {run['seconds']:8.2f}")
+            if best is None or run["seconds"] < best[0]:
+                best = (run["seconds"], batch, channels_last)
+    return best[1], best[2]
+
+
+def speed(features, shape, roi, batch, channels_last, faithful_shape, repeats) -> None:
+    print(f"\n## speed: {'x'.join(map(str, shape))}, roi {roi}^3, overlap 0.5, gaussian, UNet{features}")
+    common = {"network": "unet", "features": features, "shape": shape, "roi": roi}
+    monai = median_runs({**common, "impl": "monai", "sw_batch_size": 1}, repeats)
+    monai_batched = median_runs({**common, "impl": "monai", "sw_batch_size": batch}, repeats)
+    ours = median_runs({**common, "impl": "ours", "sw_batch_size": batch, "channels_last": channels_last}, repeats)
+    print(f"{'':34s} {'seconds':>8s} {'peak MiB':>9s}")
+    print(f"{'MONAI (sw_batch_size 1, default)':34s} {monai['seconds']:8.2f} {monai['peak_mib']:9.0f}")
+    print(f"{f'MONAI (sw_batch_size {batch})':34s} {monai_batched['seconds']:8.2f} {monai_batched['peak_mib']:9.0f}")
+    print(f"{f'ours (sw_batch_size {batch}, cl {channels_last})':34s} {ours['seconds']:8.2f} {ours['peak_mib']:9.0f}")
+    print(f"speed-up vs MONAI default: {monai['seconds'] / ours['seconds']:.2f}x (goal >= 1.5); "
+          f"vs MONAI at the same batch: {monai_batched['seconds'] / ours['seconds']:.2f}x; "
+          f"peak RSS ours/MONAI: {ours['peak_mib'] / monai['peak_mib']:.2f} (goal <= 1)")
+    ours_error, monai_error = faithfulness(features, faithful_shape, roi)
+    print(f"mean |difference| from a whole-volume pass ({'x'.join(map(str, faithful_shape))}): "
+          f"ours {ours_error:.5f}, MONAI {monai_error:.5f} (goal: ours <= MONAI)")
+
+
+def memory_table(memory_shape, memory_roi, streaming_dir) -> None:
+    print(f"\n## memory: 2-class {'x'.join(map(str, memory_shape))} output, roi {memory_roi}^3, 1x1x1 conv network")
+    # one window per call: a batch of windows makes oneDNN pad the 1x1x1 convolution's 1 and 2 channels to 16,
+    # about 1 GB for four 128^3 windows, which would measure the network rather than the inferers' buffers
+    memory = {"network": "conv", "shape": memory_shape, "roi": memory_roi, "sw_batch_size": 1}
+    rows = [
+        ("MONAI (float32 output and count map)", {**memory, "impl": "monai"}),
+        ("ours float32", {**memory, "impl": "ours"}),
+        ("ours float16", {**memory, "impl": "ours", "dtype": "float16"}),
+        ("ours streaming to disk (float16)", {**memory, "impl": "ours", "dtype": "float16", "streaming_dir": streaming_dir}),
+    ]
+    results = {name: median_runs(cfg, 1) for name, cfg in rows}
+    base = results[rows[0][0]]
+    print(f"{'':38s} {'peak MiB':>9s} {'ratio':>6s} {'added MiB':>10s} {'ratio':>6s} {'seconds':>8s}")
+    for name, _ in rows:
+        r = results[name]
+        added_ratio = r["added_mib"] / base["added_mib"] if base["added_mib"] > 0 else float("nan")
+        print(f"{name:38s} {r['peak_mib']:9.0f} {r['peak_mib'] / base['peak_mib']:6.2f} {r['added_mib']:10.0f} "
+              f"{added_ratio:6.2f} {r['seconds']:8.1f}")
+    print("peak: the whole process (torch and MONAI, about 535 MiB, and the 420 MiB input included); added: above the "
+          "process after imports and the input. Goal: float16 or streaming at most 0.5x MONAI's peak")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+
+@pytest.mark.slow
+def test_bench_script_runs_and_prints_ratios():
+    """`make bench` must not rot: the script runs end to end on tiny sizes and prints every case."""
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_unet.py"), "--quick", "--repeats", "1"],
+        capture_output=True, text=True, timeout=600, check=True,
+    )
+    lines = [line for line in result.stdout.splitlines() if not line.startswith("#")]
+    assert lines[0].split()[:3] == ["case", "ours", "s"]
+    rows = lines[1:]
+    assert len(rows) == 3 and all(float(row.split()[-3]) > 0 for row in rows)  # the ratio column
+
+
+@pytest.mark.slow
+def test_inference_bench_runs(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_inference.py"), "--quick", "--repeats", "1",
+         "--streaming-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=900, check=True,
+    )
+    for heading in ("## sw_batch_size", "## speed", "## memory", "## physical limit"):
+        assert heading in result.stdout
+    assert "speed-up vs MONAI default:" in result.stdout and "achieved fraction" in result.stdout
+
+
+@pytest.mark.slow
+def test_io_bench_runs(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_io.py"), "--size", "32", "32", "8", "--repeats", "1",
+         "--data", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, check=True,
+    )
+    assert "time ratio ours/SimpleITK:" in result.stdout
