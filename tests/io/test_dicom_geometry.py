@@ -1,11 +1,13 @@
 from __future__ import annotations
 
 import math
+import pickle
 import shutil
 
 import numpy as np
 import pydicom
 import pytest
+import torch
 from scipy import ndimage
 
 from pipelines.io import GeometryError, dicom_references, geometry_corrections, load_volume
@@ -149,3 +151,17 @@ def test_integer_rescale_keeps_exact_values(tmp_path, stored, intercept, expecte
     assert str(volume.numpy().dtype) == expected
     values = np.resize(stored, (12, 10)).astype(np.int64) + intercept
     assert np.array_equal(volume[0, :, :, 0].numpy(), values.T)
+
+
+def test_large_stack_is_an_ordinary_writable_array(tmp_path):
+    """Stacks over 4 MiB are allocated in their own mapping (no huge-page compaction): the values,
+    writability and pickling (DataLoader workers) must be those of any array."""
+    spec = SeriesSpec(rows=256, columns=256, slice_positions=[1.5 * k for k in range(20)])
+    paths = write_series(tmp_path, spec)
+    volume = load_volume(tmp_path)
+    assert volume.numel() * volume.element_size() > 2**22
+    expected = np.stack([ds.pixel_array.T * float(ds.RescaleSlope) + float(ds.RescaleIntercept) for ds in read_slices(paths)], -1)
+    np.testing.assert_allclose(volume[0].numpy(), expected, rtol=1e-6)
+    volume[0, 0, 0, 0] = 7  # writable
+    copy = pickle.loads(pickle.dumps(volume))
+    assert torch.equal(copy.as_tensor(), volume.as_tensor())

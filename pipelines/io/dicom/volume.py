@@ -13,6 +13,7 @@ shifted slice; voxels no slice covers get the stack's minimum value.
 from __future__ import annotations
 
 import math
+import mmap
 
 import numpy as np
 import pydicom
@@ -98,9 +99,22 @@ def assemble_volume(geometry: StackGeometry) -> tuple[np.ndarray, np.ndarray]:
     return stack.transpose(2, 1, 0), _LPS_TO_RAS @ affine
 
 
+def _empty(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """An uninitialised array in its own anonymous mapping, with ordinary pages.
+
+    numpy asks the kernel for transparent huge pages on large arrays; when memory is fragmented the
+    kernel then compacts memory on first touch, which measured 0.44 s for a 150 MiB CT stack against
+    0.08 s with ordinary pages (2-vCPU virtual machine, THP ``madvise``).
+    """
+    nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+    if nbytes < 2**22:
+        return np.empty(shape, dtype=dtype)
+    return np.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype).reshape(shape)
+
+
 def _read_stack(records: list[SliceRecord], dtype) -> np.ndarray:
     """Rescaled slices ``(Z, rows, columns)``; an int16 stack widens to int32 if a slice needs it."""
-    stack = np.empty((len(records), records[0].rows, records[0].columns), dtype=dtype)
+    stack = _empty((len(records), records[0].rows, records[0].columns), dtype)
     cache: dict = {}
     for k, record in enumerate(records):
         pixels = decode_slice(record, cache)
