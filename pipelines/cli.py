@@ -120,6 +120,18 @@ def _add_manifest_commands(commands) -> None:
     split.set_defaults(func=_manifest_split)
 
 
+def _demo_data(args: argparse.Namespace) -> int:
+    from pipelines.demo import write_demo_data
+
+    split = dict(zip(("training", "validation", "test"), args.cases))
+    if len(args.cases) != 3 or min(args.cases) < 0:
+        raise ValueError(f"--cases must be three counts >= 0 (training validation test), got {args.cases}")
+    write_demo_data(args.out, args.manifest or None, split=split, seed=args.seed, dicom=not args.no_dicom,
+                    progress=lambda line: print(line, flush=True))
+    print(f"wrote {sum(split.values())} cases to {args.out}" + (f", manifest {args.manifest}" if args.manifest else ""))
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     from pipelines import __version__
 
@@ -140,6 +152,18 @@ def _parser() -> argparse.ArgumentParser:
     shapes.add_argument("--input-size", type=int, nargs="+", help="input size to check (1 value or one per axis)")
     shapes.set_defaults(func=_shapes)
     _add_manifest_commands(commands)
+    demo = commands.add_parser(
+        "demo-data",
+        help="write the synthetic tumor data set (NIfTI, DICOM studies, manifest)",
+        description="Synthetic brain-tumor MR cases on the MNI152 anatomy shipped in nilearn: deterministic, "
+        "no download. Replaces --out.",
+    )
+    demo.add_argument("--out", default="demo_data", help="data set folder (default: demo_data)")
+    demo.add_argument("--manifest", default="data_manifests/demo_tumor.json", help="manifest to write ('' for none)")
+    demo.add_argument("--cases", type=int, nargs=3, default=[24, 8, 8], metavar=("TRAIN", "VAL", "TEST"))
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--no-dicom", action="store_true", help="NIfTI only")
+    demo.set_defaults(func=_demo_data)
     return parser
 
 

@@ -37,7 +37,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 SECTIONS = ("training", "validation", "test")
-_PATH_KEYS = ("image", "label")
+_PATH_KEYS = ("image", "label", "dicom")
 _IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 
@@ -78,21 +78,28 @@ def resolve_path(dataset_dir: str | os.PathLike, relative: str, manifest: object
     return Path(joined)
 
 
-def load_manifest(path: str | os.PathLike, section: str, dataset_dir: str | os.PathLike) -> list[dict]:
+def load_manifest(
+    path: str | os.PathLike, section: str, dataset_dir: str | os.PathLike, image_key: str = "image"
+) -> list[dict]:
     """One section of a manifest with ``image``/``label`` made absolute under ``dataset_dir``.
 
     The drop-in for ``monai.data.load_decathlon_datalist`` in bundle configs, with schema validation
-    and path-traversal protection.
+    and path-traversal protection. ``image_key`` picks another path key of each case as its
+    ``image`` (the demo manifest's ``dicom``: the same case as a DICOM study); a case without it is
+    an error naming the manifest and the case.
     """
     if section not in SECTIONS:
         raise ValueError(f"`section` must be one of {SECTIONS}, got {section!r}")
     manifest = read_manifest(path)
     cases = []
-    for case in manifest.get(section, []):
+    for index, case in enumerate(manifest.get(section, [])):
         entry = dict(case)
-        for key in _PATH_KEYS:
+        if image_key not in entry:
+            raise ManifestError(f"{path}: {section} case {entry.get('case_id', index)} has no {image_key!r} path")
+        for key in {*_PATH_KEYS, image_key}:
             if key in entry:
                 entry[key] = str(resolve_path(dataset_dir, entry[key], path))
+        entry["image"] = entry[image_key]
         cases.append(entry)
     return cases
 

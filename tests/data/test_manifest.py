@@ -123,3 +123,19 @@ def test_cli_build_check_split(dataset, tmp_path, capsys):
     assert len(split["training"]) + len(split["validation"]) == 4
     assert main(["manifest", "check", str(tmp_path / "nope.json"), "--dataset-dir", str(dataset)]) == 1
     assert "nope.json: manifest not found" in capsys.readouterr().out
+
+
+def test_image_key_selects_another_path_of_each_case(tmp_path):
+    from pipelines.data import load_manifest
+    from pipelines.io.errors import ManifestError
+
+    manifest = tmp_path / "m.json"
+    manifest.write_text(json.dumps({"test": [{"image": "nifti/a.nii.gz", "dicom": "dicom/a"}, {"image": "b.nii.gz"}]}))
+    with pytest.raises(ManifestError, match="test case 1 has no 'dicom' path"):
+        load_manifest(manifest, "test", tmp_path, image_key="dicom")
+    manifest.write_text(json.dumps({"test": [{"image": "nifti/a.nii.gz", "dicom": "dicom/a"}]}))
+    (case,) = load_manifest(manifest, "test", tmp_path, image_key="dicom")
+    assert case["image"] == case["dicom"] == str(tmp_path / "dicom" / "a")
+    manifest.write_text(json.dumps({"test": [{"image": "a.nii.gz", "dicom": "../../etc"}]}))
+    with pytest.raises(ManifestError):
+        load_manifest(manifest, "test", tmp_path)

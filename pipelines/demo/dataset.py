@@ -1,0 +1,213 @@
+"""The embedded demo data set: synthetic tumor cases as NIfTI files and as DICOM MR studies.
+
+``write_demo_data(out_dir, manifest_path)`` writes, for every case,
+``nifti/<case>_image.nii.gz``, ``nifti/<case>_label.nii.gz`` and ``dicom/<case>/`` (one MR study:
+a multi-file axial series with the same stored values and geometry as the NIfTI image), and a
+manifest (MONAI datalist: ``training``, ``validation``, ``test``) whose paths are relative to
+``out_dir``. Each case's seed is ``seed + index``: the data set is the same on every machine.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import FileDataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+from pipelines.demo.synthetic import LABELS, load_template, make_case
+
+__all__ = ["DEFAULT_SPLIT", "write_demo_data", "write_dicom_series"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SPLIT = {"training": 24, "validation": 8, "test": 8}
+_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def _uid(*parts: object) -> str:
+    """A UID derived from ``parts``: the same inputs give the same UID on every run."""
+    return generate_uid(entropy_srcs=["unet-pipelines demo", *map(str, parts)])
+
+
+def write_dicom_series(
+    stored: np.ndarray,
+    affine: np.ndarray,
+    folder: str | os.PathLike,
+    patient_id: str,
+    study_key: str,
+    series_description: str = "T1 3D synthetic",
+) -> list[Path]:
+    """Write an unsigned 12-bit volume ``(X, Y, Z)`` with RAS ``affine`` as one axial MR series.
+
+    Axis 0 must point to the patient's left or right, axis 1 to anterior or posterior and axis 2
+    along the body axis (the demo's grids): each slice is flipped as needed so the files carry the
+    usual axial ImageOrientationPatient ``1\\0\\0\\0\\1\\0``. UIDs derive from ``study_key``.
+
+    Returns:
+        The files, one per slice, ``IM00001.dcm`` upwards.
+    """
+    stored = np.asarray(stored)
+    if stored.ndim != 3 or stored.min() < 0 or stored.max() > 4095:
+        raise ValueError(f"stored must be a 3D array of 12-bit values, got shape {stored.shape}")
+    lps = _LPS @ np.asarray(affine, dtype=float)
+    # flip axes 0 and 1 where they run against LPS, so rows run left and columns posterior
+    for axis in (0, 1):
+        if lps[axis, axis] < 0:
+            stored = np.flip(stored, axis)
+            flip = np.eye(4)
+            flip[axis, axis], flip[axis, 3] = -1.0, stored.shape[axis] - 1
+            lps = lps @ flip
+    if not np.allclose(lps[:3, :3], np.diag(np.diag(lps[:3, :3]))) or (np.diag(lps)[:3] <= 0).any():
+        raise ValueError("affine must be axis-aligned with axis 2 towards the head (an axial grid)")
+    spacing = np.diag(lps)[:3]
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    study_uid, series_uid = _uid(study_key, "study"), _uid(study_key, "series")
+    frame_uid = _uid(study_key, "frame")
+    paths = []
+    for k in range(stored.shape[2]):
+        position = lps[:3, :3] @ np.array([0.0, 0.0, k]) + lps[:3, 3]
+        sop_uid = _uid(study_key, "slice", k)
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = MRImageStorage, sop_uid
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
+        ds.SpecificCharacterSet = "ISO_IR 100"
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "ND"]
+        ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, sop_uid
+        ds.StudyDate = ds.SeriesDate = ds.ContentDate = "20260101"
+        ds.StudyTime = ds.SeriesTime = ds.ContentTime = "080000"
+        ds.AccessionNumber = f"ACC{study_key[-6:]}"
+        ds.Modality = "MR"
+        ds.Manufacturer = "unet-pipelines synthetic (MNI152 2009c anatomy)"
+        ds.InstitutionName = "unet-pipelines demo"
+        ds.StudyDescription = "MR brain, synthetic tumor demo"
+        ds.SeriesDescription = series_description
+        ds.PatientName = f"Demo^{patient_id}"
+        ds.PatientID = patient_id
+        ds.PatientBirthDate = "19700101"
+        ds.PatientSex = "O"
+        ds.BodyPartExamined = "HEAD"
+        ds.ScanningSequence, ds.SequenceVariant, ds.MRAcquisitionType = "GR", "SP", "3D"
+        ds.SliceThickness = f"{spacing[2]:.6g}"
+        ds.SpacingBetweenSlices = f"{spacing[2]:.6g}"
+        ds.RepetitionTime, ds.EchoTime, ds.MagneticFieldStrength = "2300", "2.98", "3"
+        ds.PatientPosition = "HFS"
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+        ds.StudyID, ds.SeriesNumber, ds.AcquisitionNumber, ds.InstanceNumber = "1", 3, 1, k + 1
+        ds.ImagePositionPatient = [f"{v:.6f}" for v in position]
+        ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
+        ds.FrameOfReferenceUID, ds.PositionReferenceIndicator = frame_uid, ""
+        ds.SliceLocation = f"{position[2]:.6f}"
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.Rows, ds.Columns = stored.shape[1], stored.shape[0]
+        ds.PixelSpacing = [f"{spacing[1]:.6g}", f"{spacing[0]:.6g}"]  # between rows, between columns
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        ds.WindowCenter, ds.WindowWidth = "1200", "2400"
+        ds.PixelData = np.ascontiguousarray(stored[:, :, k].T, dtype="<u2").tobytes()
+        path = folder / f"IM{k + 1:05d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def write_demo_data(
+    out_dir: str | os.PathLike,
+    manifest_path: str | os.PathLike | None = None,
+    split: dict[str, int] | None = None,
+    seed: int = 0,
+    dicom: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> dict:
+    """Write the demo data set to ``out_dir`` (replacing it) and its manifest; returns the manifest.
+
+    The data are written to a temporary folder beside ``out_dir`` and renamed into place, so an
+    interrupted run leaves the previous data set intact.
+
+    Args:
+        out_dir: the data set folder (``demo_data``).
+        manifest_path: where to write the manifest; None writes none.
+        split: number of cases per section; default 24 training, 8 validation, 8 test.
+        seed: case ``i`` (counted over the sections in order) uses seed ``seed + i``.
+        dicom: also write every case as a DICOM study.
+        progress: called with a line per case.
+    """
+    import nibabel as nib
+
+    from pipelines.data import write_manifest
+    from pipelines.data.manifest import content_hash
+
+    split = dict(DEFAULT_SPLIT if split is None else split)
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    template = load_template()
+    manifest: dict = {
+        "description": (
+            "Synthetic brain-tumor MR cases written by `make demo-data` (pipelines.demo): MNI152 2009c "
+            "anatomy from nilearn, deformed, with inserted lesions. Labels: "
+            + ", ".join(f"{v} {k}" for k, v in LABELS.items())
+            + ". Paths are relative to demo_data/; `dicom` is the same case as a DICOM MR study."
+        )
+    }
+    try:
+        index = 0
+        for section, count in split.items():
+            manifest[section] = []
+            for _ in range(count):
+                case_id = f"case_{index:03d}"
+                case = make_case(template, seed + index)
+                stored = np.rint(case.image).astype(np.uint16)
+                image_path = staging / "nifti" / f"{case_id}_image.nii.gz"
+                label_path = staging / "nifti" / f"{case_id}_label.nii.gz"
+                image_path.parent.mkdir(parents=True, exist_ok=True)
+                _save(nib, stored.astype(np.int16), case.affine, image_path)
+                _save(nib, case.label, case.affine, label_path)
+                entry = {
+                    "image": f"nifti/{image_path.name}",
+                    "label": f"nifti/{label_path.name}",
+                    "case_id": case_id,
+                    "patient": f"DEMO-{seed + index:03d}",
+                    "modality": "MR",
+                    "shape": [int(s) for s in stored.shape],
+                    "spacing": [round(float(s), 6) for s in np.abs(np.diag(case.affine))[:3]],
+                    "sha256": content_hash(image_path),
+                }
+                if dicom:
+                    study = staging / "dicom" / case_id
+                    write_dicom_series(stored, case.affine, study, entry["patient"], f"{seed}-{case_id}")
+                    entry["dicom"] = f"dicom/{case_id}"
+                manifest[section].append(entry)
+                if progress is not None:
+                    progress(f"{section} {case_id}: {stored.shape}, {case.lesions} lesion(s)")
+                index += 1
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        staging.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if manifest_path is not None:
+        write_manifest(manifest, manifest_path)
+    return manifest
+
+
+def _save(nib, data: np.ndarray, affine: np.ndarray, path: Path) -> None:
+    """NIfTI with both sform and qform; gzip without a timestamp so the bytes are reproducible."""
+    import gzip
+
+    image = nib.Nifti1Image(data, affine)
+    image.header.set_xyzt_units("mm")
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    raw = image.to_bytes()
+    with open(path, "wb") as handle, gzip.GzipFile(fileobj=handle, mode="wb", mtime=0, filename="") as archive:
+        archive.write(raw)
+
