@@ -2,8 +2,22 @@
 
 from __future__ import annotations
 
+from .checkpoints import ResumeTraining, latest_checkpoint
+from .overlays import ValidationOverlays, overlay_slice
 from .prepare_batch import PrepareBatchWithWeights
+from .tracking import flatten_params, tracked_handlers
 from .tuning import tune_membrane_watershed
 from .weights import load_weights, save_weights
 
-__all__ = ["PrepareBatchWithWeights", "load_weights", "save_weights", "tune_membrane_watershed"]
+__all__ = [
+    "PrepareBatchWithWeights",
+    "ResumeTraining",
+    "ValidationOverlays",
+    "flatten_params",
+    "latest_checkpoint",
+    "load_weights",
+    "overlay_slice",
+    "save_weights",
+    "tracked_handlers",
+    "tune_membrane_watershed",
+]

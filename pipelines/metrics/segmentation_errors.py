@@ -5,6 +5,8 @@ Maps hold class indices ``(B, 1, *spatial)``: ``foreground`` (cells, 1) and back
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 from monai.metrics import CumulativeIterationMetric
@@ -101,11 +103,17 @@ class AdaptedRandErrorMetric(_PerImageMetric):
 
 
 class ClassDiceMetric(_PerImageMetric):
-    """Mean over images of :func:`class_dice` of ``class_index`` (0: membrane, the class ISBI scores)."""
+    """Mean over images of :func:`class_dice` of ``class_index`` (0: membrane, the class ISBI scores).
 
-    def __init__(self, class_index: int = 0) -> None:
+    A sequence of classes scores each image by the mean of their Dice coefficients (the mean lesion
+    Dice of a tumor bundle: ``class_index=[1, 2]``).
+    """
+
+    def __init__(self, class_index: int | Sequence[int] = 0) -> None:
         super().__init__()
-        self.class_index = class_index
+        self.classes = (class_index,) if isinstance(class_index, int) else tuple(int(c) for c in class_index)
+        if not self.classes:
+            raise ValueError("class_index must name at least one class, got an empty sequence")
 
     def _score(self, pred, target) -> float:
-        return class_dice(pred, target, self.class_index)
+        return float(np.mean([class_dice(pred, target, c) for c in self.classes]))

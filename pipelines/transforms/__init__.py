@@ -4,6 +4,7 @@ and membrane post-processing."""
 from __future__ import annotations
 
 from .elastic import RandCoarseElastic, RandCoarseElasticd
+from .intensity import ModalityNormalize, ModalityNormalized
 from .io import LoadVolume, LoadVolumed, check_same_grid
 from .membrane import MembraneWatershed, MembraneWatershedd, membrane_watershed
 from .weight_map import UNetWeightMap, UNetWeightMapd, unet_weight_map
@@ -12,6 +13,8 @@ __all__ = [
     "LoadVolume",
     "LoadVolumed",
     "MembraneWatershed",
+    "ModalityNormalize",
+    "ModalityNormalized",
     "MembraneWatershedd",
     "RandCoarseElastic",
     "RandCoarseElasticd",

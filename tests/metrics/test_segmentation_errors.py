@@ -82,3 +82,20 @@ def test_metric_input_checks():
         PixelErrorMetric()(y_pred=torch.zeros(1, 2, 4, 4), y=torch.zeros(1, 2, 4, 4))
     with pytest.raises(ValueError, match="no values to aggregate"):
         PixelErrorMetric().aggregate()
+
+
+def test_class_dice_over_several_classes_is_their_mean():
+    import torch
+
+    from pipelines.metrics import ClassDiceMetric
+
+    target = torch.zeros(1, 1, 4, 4, 2, dtype=torch.long)
+    target[0, 0, :2] = 1
+    target[0, 0, 2:, :2] = 2
+    pred = target.clone()
+    pred[0, 0, 2:, :2] = 0  # class 2 missed entirely, class 1 perfect
+    metric = ClassDiceMetric(class_index=[1, 2])
+    metric(pred, target)
+    assert metric.aggregate().item() == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="at least one class"):
+        ClassDiceMetric(class_index=[])
