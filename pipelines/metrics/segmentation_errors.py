@@ -80,7 +80,7 @@ class _PerImageMetric(CumulativeIterationMetric):
         data = self.get_buffer()
         if not isinstance(data, torch.Tensor) or data.numel() == 0:
             raise ValueError(f"{type(self).__name__} has no values to aggregate")
-        return data.float().mean()
+        return data.float().nanmean()  # images a metric does not apply to score NaN (ignore_empty)
 
 
 class PixelErrorMetric(_PerImageMetric):
@@ -107,13 +107,23 @@ class ClassDiceMetric(_PerImageMetric):
 
     A sequence of classes scores each image by the mean of their Dice coefficients (the mean lesion
     Dice of a tumor bundle: ``class_index=[1, 2]``).
+
+    ``ignore_empty=True`` follows MONAI's ``DiceMetric``: an image whose reference lacks a class
+    does not count for that class (its Dice is undefined: 1 or 0 depending only on whether anything
+    was predicted), and images lacking all the classes are left out of the mean. With the default
+    ``False`` such an image scores 1 for the class when nothing is predicted and 0 otherwise.
     """
 
-    def __init__(self, class_index: int | Sequence[int] = 0) -> None:
+    def __init__(self, class_index: int | Sequence[int] = 0, ignore_empty: bool = False) -> None:
         super().__init__()
         self.classes = (class_index,) if isinstance(class_index, int) else tuple(int(c) for c in class_index)
         if not self.classes:
             raise ValueError("class_index must name at least one class, got an empty sequence")
+        self.ignore_empty = ignore_empty
 
     def _score(self, pred, target) -> float:
-        return float(np.mean([class_dice(pred, target, c) for c in self.classes]))
+        scores = [
+            float("nan") if self.ignore_empty and not (np.asarray(target) == c).any() else class_dice(pred, target, c)
+            for c in self.classes
+        ]
+        return float("nan") if np.isnan(scores).all() else float(np.nanmean(scores))

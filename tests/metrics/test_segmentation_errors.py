@@ -99,3 +99,25 @@ def test_class_dice_over_several_classes_is_their_mean():
     assert metric.aggregate().item() == pytest.approx(0.5)
     with pytest.raises(ValueError, match="at least one class"):
         ClassDiceMetric(class_index=[])
+
+
+def test_ignore_empty_leaves_out_images_without_the_class():
+    import torch
+
+    from pipelines.metrics import ClassDiceMetric
+
+    target = torch.zeros(2, 1, 4, 4, dtype=torch.long)
+    target[0, 0, :2] = 2
+    pred = target.clone()
+    pred[1, 0, 0, 0] = 2  # one false-positive voxel where the reference has no class 2
+    strict, lenient = ClassDiceMetric(2), ClassDiceMetric(2, ignore_empty=True)
+    strict(pred, target)
+    lenient(pred, target)
+    assert strict.aggregate().item() == pytest.approx(0.5)  # 1 and 0
+    assert lenient.aggregate().item() == pytest.approx(1.0)  # the second image does not count
+    both = ClassDiceMetric([1, 2], ignore_empty=True)
+    both(pred, target)
+    assert both.aggregate().item() == pytest.approx(1.0)  # class 1 is absent everywhere: left out
+    none = ClassDiceMetric(1, ignore_empty=True)
+    none(pred, target)
+    assert torch.isnan(none.aggregate())
