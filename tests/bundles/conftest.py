@@ -37,3 +37,39 @@ def read_metrics(path: Path) -> dict[str, float]:
         name, value = line.split(",")
         values[name] = float(value)
     return values
+
+
+# ids that MONAI Label's bundle apps and users override or run (see the issues' bundle contracts)
+TRAIN_IDS = (
+    "bundle_root", "device", "dataset_dir", "network_def", "network", "training", "run", "train#trainer",
+    "train#trainer#max_epochs", "train#dataset#data", "train#handlers", "validate#dataset#data",
+    "validate#evaluator", "validate#handlers",
+)
+INFERENCE_IDS = ("bundle_root", "device", "dataset_dir", "network_def", "preprocessing", "inferer", "postprocessing", "run")
+
+
+def assert_bundle_ids(train, inference) -> None:
+    """Both parsers define the ids, and the train and inference networks are the same network."""
+    for key in TRAIN_IDS:
+        assert key in train, f"train: {key}"
+    for key in INFERENCE_IDS:
+        assert key in inference, f"inference: {key}"
+    assert train.get("network_def") == inference.get("network_def")
+
+
+def bundle_metadata(bundle: str) -> dict:
+    import json
+
+    return json.loads((BUNDLES / bundle / "configs" / "metadata.json").read_text())
+
+
+def bundle_parser(bundle: str, *files: str):
+    """A ConfigParser over ``bundles/<bundle>/configs/<files>`` with its metadata and ``bundle_root``."""
+    from monai.bundle import ConfigParser
+
+    configs = BUNDLES / bundle / "configs"
+    p = ConfigParser()
+    p.read_config([str(configs / f) for f in files])
+    p.read_meta(str(configs / "metadata.json"))
+    p["bundle_root"] = str(BUNDLES / bundle)
+    return p
