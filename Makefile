@@ -12,12 +12,19 @@ export UNET_SHARED_DATA ?= $(abspath $(CURDIR)/../shared/data)
 DEBIAN_PACKAGES := dcm2niix dicom3tools
 DEMO := $(CURDIR)/demo_output
 ISBI_BUNDLE := bundles/unet2d_isbi2012
+TUMOR_BUNDLE := bundles/unet3d_tumor
+DEMO_DATA := $(CURDIR)/demo_data
+DEMO_MANIFEST := $(CURDIR)/data_manifests/demo_tumor.json
+# minutes of demo training: epochs of 24 iterations (about 45 s each on 2 cores)
+DEMO_EPOCHS ?= 3
 PYTEST_ARGS ?=
 
-.PHONY: help venv system-deps test demo demo-isbi bench clean
+.PHONY: help venv system-deps test demo demo-data demo-isbi bench clean
 
 help:
-	@echo "make demo   - create .venv, install, train and run the U-Net ISBI 2012 bundle"
+	@echo "make demo   - create .venv, install, generate the demo data, train and run the 3D tumor bundle"
+	@echo "make demo-data - write the synthetic tumor data set to demo_data/ (and its manifest)"
+	@echo "make demo-isbi - train and run the U-Net ISBI 2012 bundle on ../shared/data/isbi2012"
 	@echo "make test   - create/refresh .venv and run the test suite (all but GPU tests)"
 	@echo "make bench  - benchmarks, with ratios against the peer measured in the same run"
 
@@ -40,10 +47,39 @@ system-deps:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 
-test: $(STAMP) system-deps
+test: $(STAMP) system-deps demo-data
 	$(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
 
-demo: $(STAMP) demo-isbi
+demo: $(STAMP) demo-data
+	@echo "== 2/4 train the 3D tumor bundle for $(DEMO_EPOCHS) epochs (from scratch, tracked in MLflow) =="
+	rm -rf $(DEMO)/tumor/models
+	cd $(TUMOR_BUNDLE) && $(PY) -m monai.bundle run training --meta_file configs/metadata.json \
+		--config_file configs/train.json --logging_file configs/logging.conf --tracking mlflow \
+		--max_epochs $(DEMO_EPOCHS) --val_interval $(DEMO_EPOCHS) \
+		--ckpt_dir $(DEMO)/tumor/models --output_dir $(DEMO)/tumor/mlflow
+	@echo "== 3/4 segment the 8 test DICOM studies with the shipped weights =="
+	cd $(TUMOR_BUNDLE) && $(PY) -m monai.bundle run --meta_file configs/metadata.json \
+		--config_file configs/inference.json --logging_file configs/logging.conf \
+		--output_dir $(DEMO)/tumor/segmentations
+	@echo "== 4/4 evaluate the shipped weights on the 8 validation cases =="
+	cd $(TUMOR_BUNDLE) && $(PY) -m monai.bundle run --meta_file configs/metadata.json \
+		--config_file "['configs/train.json','configs/evaluate.json']" --logging_file configs/logging.conf \
+		--output_dir $(DEMO)/tumor/evaluation
+	@echo
+	@echo "Validation Dice of the shipped weights ($(DEMO)/tumor/evaluation/metrics.csv):"
+	@cat $(DEMO)/tumor/evaluation/metrics.csv
+	@echo "Segmentations of the test DICOM studies (NIfTI on each study's grid): $(DEMO)/tumor/segmentations/"
+	@echo "Validation overlays (reference | prediction): $(DEMO)/tumor/evaluation/overlays/"
+	@echo "Demo training: weights $(DEMO)/tumor/models/model.pt, resumable state $(DEMO)/tumor/models/last_checkpoint_*.pt"
+	@echo "MLflow UI: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(DEMO)/tumor/mlflow/mlruns.db --host 127.0.0.1"
+
+# regenerated only when the generator changes (or the folder is gone)
+demo-data: $(DEMO_DATA)/.written
+
+$(DEMO_DATA)/.written: $(STAMP) pipelines/demo/synthetic.py pipelines/demo/dataset.py
+	@echo "== 1/4 write the synthetic demo data set to $(DEMO_DATA) =="
+	$(PY) -m pipelines demo-data --out $(DEMO_DATA) --manifest $(DEMO_MANIFEST)
+	touch $@
 
 demo-isbi: $(STAMP)
 	@if [ ! -f "$(UNET_SHARED_DATA)/isbi2012/train/image/0.png" ]; then \
@@ -73,10 +109,11 @@ demo-isbi: $(STAMP)
 	@echo "Demo training weights: $(DEMO)/isbi2012/models/model.pt"
 	@echo "MLflow UI: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(DEMO)/isbi2012/mlflow/mlruns.db --host 127.0.0.1"
 
-bench: $(STAMP)
+bench: $(STAMP) demo-data
 	$(PY) benchmarks/bench_unet.py
 	$(PY) benchmarks/bench_io.py
 	$(PY) benchmarks/bench_inference.py
+	$(PY) benchmarks/bench_training.py --data $(DEMO_DATA)
 
 clean:
 	rm -rf $(DEMO) bench_output .pytest_cache

@@ -121,8 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to check the script runs")
     parser.add_argument("--streaming-dir", default="bench_output")
-    parser.add_argument("--sections", nargs="+", default=["sweep", "speed", "memory", "limit"],
-                        choices=["sweep", "speed", "memory", "limit"])
+    parser.add_argument("--sections", nargs="+", default=["sweep", "speed", "memory", "limit", "strategy"],
+                        choices=["sweep", "speed", "memory", "limit", "strategy"])
+    parser.add_argument("--strategy-cases", type=int, default=8, help="validation cases of the tumor bundle")
     args = parser.parse_args(argv)
     import os
 
@@ -150,7 +151,67 @@ def main(argv: list[str] | None = None) -> int:
         peak = matmul_gflops()
         print(f"network: {gflop:.1f} GFLOP per batch of {batch} windows, {achieved:.1f} GFLOP/s; float32 matmul "
               f"{peak:.1f} GFLOP/s; achieved fraction {achieved / peak:.2f} (goal >= 0.5)")
+    if "strategy" in args.sections:
+        strategy_table(2 if args.quick else args.strategy_cases, quick=args.quick)
     return 0
+
+
+STRATEGIES = {
+    "overlap-tile (no overlap: same net)": {"_target_": "pipelines.inference.OverlapTileInferer", "tile_size": "@patch_size"},
+    "gaussian overlap 0.25": {"_target_": "pipelines.inference.BlendedSlidingWindowInferer", "roi_size": "@patch_size",
+                              "overlap": 0.25},
+    "gaussian overlap 0.5": {"_target_": "pipelines.inference.BlendedSlidingWindowInferer", "roi_size": "@patch_size",
+                             "overlap": 0.5},
+}
+
+
+def strategy_table(cases: int, quick: bool = False) -> None:
+    """Dice and speed of each tiling strategy, TTA off and on, with the tumor bundle's shipped weights
+    on its validation cases (the demo data; `make bench` writes it first)."""
+    import time
+    from pathlib import Path
+
+    from ignite.engine import Events
+    from monai.bundle import ConfigParser
+
+    repo = Path(__file__).resolve().parents[1]
+    bundle = repo / "bundles" / "unet3d_tumor"
+    if not (repo / "demo_data" / "nifti").is_dir():
+        print("\n## strategy: skipped (no demo_data/: run make demo-data)")
+        return
+    print(f"\n## strategy: tumor bundle, shipped weights, {cases} validation cases; voxels per second of the "
+          "inferred (2.5 mm) volumes")
+    print(f"{'strategy':<38}{'TTA':>6}{'mean Dice':>11}{'Mvoxel/s':>10}{'equal Dice':>12}")
+    rows = []
+    for name, inferer in STRATEGIES.items():
+        for tta in (False,) if quick else (False, True):
+            parser = ConfigParser()
+            parser.read_config([str(bundle / "configs" / f) for f in ("train.json", "evaluate.json")])
+            parser["bundle_root"] = str(bundle)
+            parser["cache_workers"] = 0
+            parser["validate#dataset#data"] = f"$@val_datalist[:{cases}]"
+            parser["validate#handlers"] = parser["validate#handlers"][:1]  # the checkpoint loader only
+            parser["validate#inferer"] = (
+                {"_target_": "pipelines.inference.TTAInferer", "inferer": inferer, "mode": "mirror"} if tta else inferer
+            )
+            evaluator = parser.get_parsed_content("validate#evaluator")
+            voxels, seconds = [0], [0.0]
+
+            @evaluator.on(Events.ITERATION_STARTED)
+            def started(engine):
+                seconds.append(-time.perf_counter())
+
+            @evaluator.on(Events.ITERATION_COMPLETED)
+            def completed(engine):
+                seconds[-1] += time.perf_counter()
+                voxels[0] += sum(item["pred"][0].numel() for item in engine.state.output)
+
+            evaluator.run()
+            dice = evaluator.state.metrics["val_mean_dice"]
+            rows.append((name, tta, dice, voxels[0] / sum(seconds) / 1e6))
+    best = max(r[2] for r in rows)
+    for name, tta, dice, speed in rows:
+        print(f"{name:<38}{'on' if tta else 'off':>6}{dice:>11.4f}{speed:>10.3f}{'yes' if best - dice <= 0.01 else 'no':>12}")
 
 
 def sweep(features, shape, roi) -> tuple[int, bool]:

@@ -28,7 +28,7 @@ def test_inference_bench_runs(tmp_path):
          "--streaming-dir", str(tmp_path)],
         capture_output=True, text=True, timeout=900, check=True,
     )
-    for heading in ("## sw_batch_size", "## speed", "## memory", "## physical limit"):
+    for heading in ("## sw_batch_size", "## speed", "## memory", "## physical limit", "## strategy"):
         assert heading in result.stdout
     assert "speed-up vs MONAI default:" in result.stdout and "achieved fraction" in result.stdout
 
@@ -41,3 +41,14 @@ def test_io_bench_runs(tmp_path):
         capture_output=True, text=True, timeout=600, check=True,
     )
     assert "time ratio ours/SimpleITK:" in result.stdout
+
+
+@pytest.mark.slow
+def test_training_bench_runs():
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_training.py"), "--quick"],
+        capture_output=True, text=True, timeout=600, check=True,
+    )
+    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines() if line.startswith(("ours", "monai"))}
+    assert set(rows) == {"ours", "monai-spleen"} and all(float(r[1]) > 0 for r in rows.values())
+    assert "speed ratio ours/MONAI recipe:" in result.stdout and "data wait ours" in result.stdout

@@ -62,3 +62,26 @@ def test_blended_windows_on_gpu_stitched_on_cpu():
     assert split.device.type == "cpu" and torch.allclose(split, cpu, atol=1e-4)
     half = BlendedSlidingWindowInferer(24, sw_device="cuda", device="cpu", autocast=True, accumulate_dtype="float16")(x, net)
     assert half.dtype == torch.float16 and torch.allclose(half.float(), cpu, atol=0.05, rtol=0.05)
+
+
+def test_tumor_bundle_trains_with_amp_on_cuda(tmp_path):
+    """The 3D bundle on CUDA: AMP on (its config enables it with CUDA), one epoch with validation."""
+    import subprocess
+    import sys
+
+    from pipelines.demo import write_demo_data
+    from tests.conftest import REPO
+
+    write_demo_data(tmp_path / "data", tmp_path / "m.json", split={"training": 2, "validation": 1}, dicom=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", "training", "--meta_file", "configs/metadata.json",
+         "--config_file", "configs/train.json", "--logging_file", "configs/logging.conf",
+         "--dataset_dir", str(tmp_path / "data"), "--manifest", str(tmp_path / "m.json"),
+         "--ckpt_dir", str(tmp_path / "models"), "--output_dir", str(tmp_path / "eval"),
+         "--max_epochs", "1", "--val_interval", "1", "--cache_workers", "0"],
+        cwd=REPO / "bundles" / "unet3d_tumor", capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert (tmp_path / "models" / "model.pt").is_file()
+    checkpoint = torch.load(next((tmp_path / "models").glob("last_checkpoint_*.pt")), weights_only=False)
+    assert all(t.device.type == "cuda" for t in checkpoint["model"].values())

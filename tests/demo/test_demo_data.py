@@ -115,3 +115,19 @@ def test_cli_writes_the_data_set(tmp_path, capsys):
     assert not (tmp_path / "d" / "dicom").exists()
     assert main(["demo-data", "--out", str(tmp_path / "e"), "--cases", "1", "-1", "0"]) == 2
     assert "--cases" in capsys.readouterr().err
+
+
+def test_generated_data_set_matches_the_committed_manifest():
+    """`make test` runs `make demo-data` first: the files must hash to what the committed manifest
+    records, i.e. the data set is the same on this machine as on the one that trained the weights."""
+    from pipelines.data.manifest import content_hash
+    from tests.conftest import REPO
+
+    data = REPO / "demo_data"
+    if not (data / "nifti").is_dir():
+        pytest.skip("demo_data/ not generated (make demo-data)")
+    manifest = read_manifest(REPO / "data_manifests" / "demo_tumor.json")
+    cases = [c for section in ("training", "validation", "test") for c in manifest[section]]
+    assert len(cases) == 40
+    for case in cases:
+        assert content_hash(data / case["image"]) == case["sha256"], case["case_id"]
