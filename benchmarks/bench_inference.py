@@ -157,7 +157,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 STRATEGIES = {
-    "overlap-tile (no overlap: same net)": {"_target_": "pipelines.inference.OverlapTileInferer", "tile_size": "@patch_size"},
+    # the bundle's network is same-padded; OverlapTileInferer takes valid networks only, so the
+    # tiling row is its same-padding counterpart: abutting tiles, no overlap, no blending
+    "tiles, no overlap (constant)": {"_target_": "pipelines.inference.BlendedSlidingWindowInferer", "roi_size": "@patch_size",
+                                     "overlap": 0.0, "mode": "constant"},
     "gaussian overlap 0.25": {"_target_": "pipelines.inference.BlendedSlidingWindowInferer", "roi_size": "@patch_size",
                               "overlap": 0.25},
     "gaussian overlap 0.5": {"_target_": "pipelines.inference.BlendedSlidingWindowInferer", "roi_size": "@patch_size",
