@@ -7,8 +7,9 @@ is written: MONAI's residual ``UNet`` (channels 16-256, strides 2, two residual 
 ``CacheDataset``. Ours: ``pipelines.networks.UNet`` (same padding, instance norm), ``LoadVolumed``,
 ``ThreadDataLoader``.
 
-Reported per recipe, after ``--warmup`` iterations: iterations per second, and the fraction of the
-iteration time spent waiting for the next batch (Ignite's GET_BATCH_STARTED -> GET_BATCH_COMPLETED;
+Reported per recipe, after ``--warmup`` iterations: iterations per second, the FLOPs of one step
+(forward and backward, ``torch.utils.flop_counter``: the two networks differ in cost, so speed per
+FLOP is printed too), and the fraction of the iteration time spent waiting for the next batch (Ignite's GET_BATCH_STARTED -> GET_BATCH_COMPLETED;
 goal: at most 10%). With CUDA (``--device cuda``) the training runs with AMP and the peak GPU memory
 is printed.
 """
@@ -26,6 +27,7 @@ from pathlib import Path
 import torch
 from ignite.engine import Events
 from monai.bundle import ConfigParser
+from torch.utils.flop_counter import FlopCounterMode
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "unet3d_tumor"
@@ -94,6 +96,7 @@ def measure(name: str, overrides: dict, args, data_dir: Path, manifest: Path) ->
     parser["cache_workers"] = 0
     parser["resume"] = False
     parser["max_epochs"] = 1
+    parser["num_samples"] = args.num_samples
     parser["train#trainer#amp"] = args.device.startswith("cuda")
     parser["train#handlers"] = []  # no validation, checkpoints or logs: the loop itself
     parser["train#dataset#data"] = f"$@train_datalist[:{args.cases}]"
@@ -106,12 +109,17 @@ def measure(name: str, overrides: dict, args, data_dir: Path, manifest: Path) ->
         torch.cuda.reset_peak_memory_stats()
     trainer.run()
     total, fetch = sum(timer.iteration), sum(timer.fetch)
+    network = parser.get_parsed_content("network")
+    sample = torch.zeros(args.num_samples, 1, *args.patch, device=args.device)
+    with FlopCounterMode(display=False) as counter:
+        network(sample).sum().backward()  # forward and backward of one step's patches
     result = {
         "recipe": name,
         "it_per_s": len(timer.iteration) / total,
         "median_s": statistics.median(timer.iteration),
         "data_wait": fetch / total,
-        "params_M": sum(p.numel() for p in parser.get_parsed_content("network").parameters()) / 1e6,
+        "params_M": sum(p.numel() for p in network.parameters()) / 1e6,
+        "gflop_step": counter.get_total_flops() / 1e9,
     }
     if args.device.startswith("cuda"):
         result["peak_gpu_MiB"] = torch.cuda.max_memory_allocated() / 2**20
@@ -125,6 +133,7 @@ def main(argv=None) -> int:
     parser.add_argument("--iterations", type=int, default=20)
     parser.add_argument("--patch", type=int, nargs=3, default=[64, 64, 64])
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--num-samples", type=int, default=2, help="patches per step (the bundle's num_samples)")
     parser.add_argument("--peer-workers", type=int, default=2, help="DataLoader workers of the MONAI recipe")
     parser.add_argument("--data", type=Path, default=None, help="demo data folder (default: a fresh one in a temp dir)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the script, not the speed")
@@ -146,17 +155,19 @@ def main(argv=None) -> int:
               f"patch {'x'.join(map(str, args.patch))}, {args.cases} cases, {args.iterations} timed iterations "
               f"(batch 1 x 2 patches)")
         rows = [measure("ours", {}, args, data, manifest), measure("monai-spleen", PEER, args, data, manifest)]
-    header = f"{'recipe':<14}{'it/s':>8}{'median s':>10}{'data wait':>11}{'params M':>10}"
+    header = f"{'recipe':<14}{'it/s':>8}{'median s':>10}{'data wait':>11}{'params M':>10}{'GFLOP/step':>12}"
     if args.device.startswith("cuda"):
         header += f"{'peak GPU MiB':>14}"
     print(header)
     for row in rows:
-        line = f"{row['recipe']:<14}{row['it_per_s']:>8.3f}{row['median_s']:>10.3f}{row['data_wait']:>10.1%}{row['params_M']:>10.2f}"
+        line = (f"{row['recipe']:<14}{row['it_per_s']:>8.3f}{row['median_s']:>10.3f}{row['data_wait']:>10.1%}"
+                f"{row['params_M']:>10.2f}{row['gflop_step']:>12.1f}")
         if "peak_gpu_MiB" in row:
             line += f"{row['peak_gpu_MiB']:>14.0f}"
         print(line)
     ours, peer = rows
     print(f"speed ratio ours/MONAI recipe: {ours['it_per_s'] / peer['it_per_s']:.2f}; "
+          f"GFLOP/s ours {ours['gflop_step'] * ours['it_per_s']:.1f}, MONAI recipe {peer['gflop_step'] * peer['it_per_s']:.1f}; "
           f"data wait ours {ours['data_wait']:.1%} (goal <= 10%)")
     print(json.dumps({r["recipe"]: {k: round(v, 4) for k, v in r.items() if k != "recipe"} for r in rows}), file=sys.stderr)
     return 0
