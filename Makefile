@@ -76,7 +76,7 @@ demo: $(STAMP) demo-data
 # regenerated only when the generator changes (or the folder is gone)
 demo-data: $(DEMO_DATA)/.written
 
-$(DEMO_DATA)/.written: $(STAMP) pipelines/demo/synthetic.py pipelines/demo/dataset.py
+$(DEMO_DATA)/.written: $(STAMP) pipelines/demo/synthetic.py pipelines/demo/dataset.py pipelines/io/writers.py
 	@echo "== 1/4 write the synthetic demo data set to $(DEMO_DATA) =="
 	$(PY) -m pipelines demo-data --out $(DEMO_DATA) --manifest $(DEMO_MANIFEST)
 	touch $@

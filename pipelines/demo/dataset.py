@@ -9,7 +9,6 @@ manifest (MONAI datalist: ``training``, ``validation``, ``test``) whose paths ar
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import tempfile
@@ -24,8 +23,6 @@ from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 from pipelines.demo.synthetic import LABELS, load_template, make_case
 
 __all__ = ["DEFAULT_SPLIT", "write_demo_data", "write_dicom_series"]
-
-logger = logging.getLogger(__name__)
 
 DEFAULT_SPLIT = {"training": 24, "validation": 8, "test": 8}
 _LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -139,10 +136,9 @@ def write_demo_data(
         dicom: also write every case as a DICOM study.
         progress: called with a line per case.
     """
-    import nibabel as nib
-
     from pipelines.data import write_manifest
     from pipelines.data.manifest import content_hash
+    from pipelines.io.writers import save_nifti
 
     split = dict(DEFAULT_SPLIT if split is None else split)
     out_dir = Path(out_dir)
@@ -167,9 +163,8 @@ def write_demo_data(
                 stored = np.rint(case.image).astype(np.uint16)
                 image_path = staging / "nifti" / f"{case_id}_image.nii.gz"
                 label_path = staging / "nifti" / f"{case_id}_label.nii.gz"
-                image_path.parent.mkdir(parents=True, exist_ok=True)
-                _save(nib, stored.astype(np.int16), case.affine, image_path)
-                _save(nib, case.label, case.affine, label_path)
+                save_nifti(stored, case.affine, image_path, dtype=np.int16)
+                save_nifti(case.label, case.affine, label_path)
                 entry = {
                     "image": f"nifti/{image_path.name}",
                     "label": f"nifti/{label_path.name}",
@@ -197,17 +192,4 @@ def write_demo_data(
     if manifest_path is not None:
         write_manifest(manifest, manifest_path)
     return manifest
-
-
-def _save(nib, data: np.ndarray, affine: np.ndarray, path: Path) -> None:
-    """NIfTI with both sform and qform; gzip without a timestamp so the bytes are reproducible."""
-    import gzip
-
-    image = nib.Nifti1Image(data, affine)
-    image.header.set_xyzt_units("mm")
-    image.set_qform(affine, code=1)
-    image.set_sform(affine, code=1)
-    raw = image.to_bytes()
-    with open(path, "wb") as handle, gzip.GzipFile(fileobj=handle, mode="wb", mtime=0, filename="") as archive:
-        archive.write(raw)
 

@@ -48,7 +48,8 @@ def save_nifti(data, affine, path: str | os.PathLike, dtype: np.dtype | str | No
     """Write ``data`` ``(X, Y, Z)`` or ``(C, X, Y, Z)`` with an RAS ``affine`` to a NIfTI file, atomically.
 
     Channels go to the fifth NIfTI axis ``(X, Y, Z, 1, C)``. The affine is stored as both sform and
-    qform (code 1, scanner anatomical).
+    qform (code 1, scanner anatomical), in millimetres. A ``.gz`` file carries no timestamp: the
+    same data give the same bytes.
     """
     import nibabel as nib
 
@@ -60,6 +61,7 @@ def save_nifti(data, affine, path: str | os.PathLike, dtype: np.dtype | str | No
     if array.ndim not in (3, 5):
         raise ValueError(f"`data` must have shape (X, Y, Z) or (C, X, Y, Z), got {np.asarray(data).shape}")
     image = nib.Nifti1Image(array, np.asarray(affine, dtype=np.float64))
+    image.header.set_xyzt_units("mm")
     image.set_sform(np.asarray(affine, dtype=np.float64), code=1)
     image.set_qform(np.asarray(affine, dtype=np.float64), code=1)
     path = Path(path)

@@ -130,3 +130,14 @@ def test_prediction_on_a_resampled_grid_returns_to_the_source_grid(tmp_path):
     path = save_nifti(back, source.affine.numpy(), tmp_path / "mask.nii.gz", dtype=np.uint8)
     written = load_volume(path)
     assert written.shape == source.shape and np.allclose(written.affine.numpy(), source.affine.numpy(), atol=1e-5)
+
+
+def test_nifti_units_are_mm_and_bytes_reproducible(tmp_path):
+    import nibabel as nib
+
+    data = np.arange(60, dtype=np.int16).reshape(3, 4, 5)
+    first, second = tmp_path / "a.nii.gz", tmp_path / "b.nii.gz"
+    save_nifti(data, np.diag([0.8, 0.8, 2.5, 1.0]), first)
+    save_nifti(data, np.diag([0.8, 0.8, 2.5, 1.0]), second)
+    assert nib.load(first).header.get_xyzt_units()[0] == "mm"
+    assert first.read_bytes() == second.read_bytes()  # no timestamp or temporary name inside
