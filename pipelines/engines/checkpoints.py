@@ -18,19 +18,19 @@ __all__ = ["ResumeTraining", "latest_checkpoint"]
 logger = logging.getLogger(__name__)
 
 
-def latest_checkpoint_step(path: Path, prefix: str = "last") -> int | None:
+def _checkpoint_step(path: Path, prefix: str = "last") -> int | None:
     """The step in a ``<prefix>_checkpoint_<step>.pt`` file name, or None for other names."""
     match = re.match(rf"^{re.escape(prefix)}_checkpoint_(?:[a-z]+=)?(\d+)\.pt$", Path(path).name)
     return int(match.group(1)) if match else None
 
 
 def latest_checkpoint(ckpt_dir: str | os.PathLike, prefix: str = "last") -> Path | None:
-    """The newest ``<prefix>_checkpoint_<step>.pt`` that MONAI's ``CheckpointSaver`` wrote in ``ckpt_dir``
+    """The newest ``<prefix>_checkpoint_<step>.pt`` that :class:`ResumeTraining` wrote in ``ckpt_dir``
     (highest step), or None. Temporary files of an interrupted save are never matched."""
     folder = Path(ckpt_dir)
     if not folder.is_dir():
         return None
-    found = [(step, p) for p in folder.iterdir() if (step := latest_checkpoint_step(p, prefix)) is not None and p.is_file()]
+    found = [(step, p) for p in folder.iterdir() if (step := _checkpoint_step(p, prefix)) is not None and p.is_file()]
     return max(found)[1] if found else None
 
 
@@ -103,7 +103,7 @@ class ResumeTraining:
         with atomic_path(path) as tmp:
             torch.save(state, tmp)
         for old in self.ckpt_dir.glob(f"{self.prefix}_checkpoint_*.pt"):
-            if old != path and latest_checkpoint_step(old, self.prefix) is not None:
+            if old != path and _checkpoint_step(old, self.prefix) is not None:
                 old.unlink(missing_ok=True)
         logger.info("saved checkpoint %s", path)
         return path

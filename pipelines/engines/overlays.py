@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
 import numpy as np
 from ignite.engine import Engine, Events
+from monai.utils import convert_to_numpy
 from PIL import Image
 
 from pipelines.io.writers import atomic_path
 
 __all__ = ["ValidationOverlays", "overlay_slice"]
-
-logger = logging.getLogger(__name__)
 
 # label colours (RGB) for labels 1, 2, ...; further labels cycle
 _COLOURS = np.array([[230, 60, 40], [250, 200, 40], [60, 160, 240], [90, 220, 120]], dtype=np.float32)
@@ -78,7 +76,7 @@ class ValidationOverlays:
             self._written += 1
 
     def _write(self, item: dict, epoch: int) -> Path:
-        image, label, pred = (np.asarray(_numpy(item[key])) for key in self.keys)
+        image, label, pred = (convert_to_numpy(item[key]) for key in self.keys)
         image, label, pred = image[0], label[0], pred[0]
         if image.ndim == 3:
             weight = (label > 0).sum(axis=(0, 1)) + (pred > 0).sum(axis=(0, 1))
@@ -95,7 +93,3 @@ class ValidationOverlays:
         with atomic_path(path) as tmp:
             Image.fromarray(picture).save(tmp, format="PNG")
         return path
-
-
-def _numpy(value):
-    return value.detach().cpu().numpy() if hasattr(value, "detach") else value
