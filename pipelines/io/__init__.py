@@ -15,7 +15,7 @@ from .errors import (
     MissingDecoderError,
     NoImageDataError,
 )
-from .load import load_volume, volume_format
+from .load import load_series, load_volume, volume_format
 from .metadata import dicom_references, geometry_corrections
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "NoImageDataError",
     "dicom_references",
     "geometry_corrections",
+    "load_series",
     "load_volume",
     "volume_format",
 ]

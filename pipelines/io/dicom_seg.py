@@ -65,6 +65,7 @@ def write_dicom_seg(
     series_number: int = 900,
     manufacturer: str = "unet-pipelines",
     software_version: str | None = None,
+    omit_empty_frames: bool = False,
 ) -> Path:
     """Write ``labels`` as a BINARY DICOM SEG referencing the source series described by ``meta``.
 
@@ -75,9 +76,12 @@ def write_dicom_seg(
         segments: which label values to encode, with names and codes; other values are ignored.
         path: output file, written atomically.
         algorithm_name, algorithm_version: the algorithm identification (e.g. bundle name and version).
+        omit_empty_frames: leave out frames where a segment is absent (smaller, faster to write;
+            viewers place frames by their positions). By default every source slice has a frame
+            per segment.
 
     Returns:
-        ``path``. Empty frames are kept, so the SEG has one frame per source slice and segment.
+        ``path``.
     """
     import highdicom as hd
     from pydicom.sr.codedict import codes
@@ -129,7 +133,7 @@ def write_dicom_seg(
         software_versions=software_version or __version__,
         device_serial_number="0",
         plane_positions=plane_positions,
-        omit_empty_frames=False,
+        omit_empty_frames=omit_empty_frames and bool(label_map.any()),  # a SEG needs at least one frame
     )
     path = Path(path)
     with atomic_path(path) as tmp:

@@ -15,7 +15,7 @@ from monai.utils import SpaceKeys
 from pipelines.io.metadata import uniform_metadata
 from pipelines.io.errors import CorruptFileError, InputNotFoundError, InputPermissionError, InvalidValuesError
 
-__all__ = ["load_volume", "volume_format"]
+__all__ = ["load_series", "load_volume", "volume_format"]
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +100,27 @@ def load_volume(
         )
         volume, affine, meta = load_dicom(path, rules, strict=strict)
         array = volume[None]
+    return _as_metatensor(array, affine, meta, path, dtype, allow_nonfinite)
+
+
+def load_series(
+    chosen,
+    path: str | os.PathLike,
+    *,
+    strict: bool = False,
+    allow_nonfinite: bool = False,
+    dtype: np.dtype | str | None = None,
+) -> MetaTensor:
+    """Like :func:`load_volume` for a DICOM series already found and selected
+    (a :class:`pipelines.io.dicom.SeriesCandidate`, e.g. from a scan of a whole folder tree);
+    ``path`` is recorded as ``filename_or_obj`` and names the source in errors."""
+    from pipelines.io.dicom import load_series_records
+
+    volume, affine, meta = load_series_records(chosen, path, strict=strict)
+    return _as_metatensor(volume[None], affine, meta, Path(path), dtype, allow_nonfinite)
+
+
+def _as_metatensor(array, affine, meta: dict, path: Path, dtype, allow_nonfinite: bool) -> MetaTensor:
     if dtype is not None:
         array = array.astype(dtype, copy=False)
     if not array.dtype.isnative:  # big-endian files (old NIfTI, ANALYZE heritage): torch needs native order

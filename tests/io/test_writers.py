@@ -101,6 +101,20 @@ def test_dicom_seg_references_the_source_and_validates(tmp_path, spec):
     assert not errors, "\n".join(errors)
 
 
+def test_dicom_seg_without_empty_frames(tmp_path):
+    spec = SeriesSpec(rows=24, columns=20)
+    write_series(tmp_path / "ct", spec)
+    volume = load_volume(tmp_path / "ct")
+    labels = sphere_labels(volume)
+    out = write_dicom_seg(labels, volume.meta, [TUMOR, EDEMA], tmp_path / "seg.dcm", "u", "1", omit_empty_frames=True)
+    frames = labels_on_source_slices(labels, volume.affine.numpy(), dicom_references(volume.meta)["source_geometry"])
+    present = sum(int((frames == s.label).any(axis=(1, 2)).sum()) for s in (TUMOR, EDEMA))
+    assert 0 < hd.seg.segread(out).NumberOfFrames == present < 2 * len(frames)
+    # nothing segmented: still a valid SEG (empty frames kept, as one frame at least is required)
+    empty = write_dicom_seg(np.zeros_like(labels), volume.meta, [TUMOR], tmp_path / "e.dcm", "u", "1", omit_empty_frames=True)
+    assert hd.seg.segread(empty).NumberOfFrames == len(frames)
+
+
 def test_dicom_seg_needs_a_dicom_source(tmp_path):
     path = save_nifti(np.zeros((4, 4, 4), np.uint8), np.eye(4), tmp_path / "image.nii.gz")
     volume = load_volume(path)

@@ -19,6 +19,7 @@ __all__ = [
     "StackGeometry",
     "group_series",
     "load_dicom",
+    "load_series_records",
     "orientation_label",
     "plan_stack",
     "scan_dicom",
@@ -30,6 +31,14 @@ def load_dicom(path: str | os.PathLike, rules: SeriesRules, strict: bool = False
     """The chosen series under ``path`` as ``(volume (X, Y, Z) float32, RAS affine, metadata)``."""
     scan = scan_dicom(path)
     chosen = select_series(group_series(scan.records), rules, path)
+    return load_series_records(chosen, path, strict=strict, scan=scan)
+
+
+def load_series_records(
+    chosen: SeriesCandidate, path: str | os.PathLike, strict: bool = False, scan: ScanResult | None = None
+) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Assemble an already selected series (e.g. found by a scan of a whole folder tree) like
+    :func:`load_dicom`; ``path`` names the source in messages and metadata."""
     geometry = plan_stack(chosen.records, strict=strict, source=f"{path}: {chosen.describe()}")
     volume, affine = assemble_volume(geometry)
     first = geometry.records[0]
@@ -47,7 +56,10 @@ def load_dicom(path: str | os.PathLike, rules: SeriesRules, strict: bool = False
             "source_files": [str(r.path) for r in geometry.records],
             "source_geometry": source_geometry(geometry),
             "transfer_syntax": first.transfer_syntax,
-            "skipped_files": {"non_dicom": scan.skipped_non_dicom, "non_image": scan.skipped_non_image},
+            "skipped_files": {
+                "non_dicom": scan.skipped_non_dicom if scan else 0,
+                "non_image": scan.skipped_non_image if scan else 0,
+            },
         },
         "identifiers": dict(first.identifiers),
     }

@@ -71,8 +71,14 @@ class ScanResult:
     files: int = 0
 
 
-def scan_dicom(path: str | os.PathLike) -> ScanResult:
+def scan_dicom(path: str | os.PathLike, errors: list[CorruptFileError] | None = None) -> ScanResult:
     """Image slices under ``path``: a DICOM file, a folder (any nesting) or a DICOMDIR.
+
+    Args:
+        path: what to scan.
+        errors: when given, a DICOM file that cannot be read is appended here (a
+            :class:`CorruptFileError` with its ``path`` attribute set) and the scan goes on; the
+            batch job uses this to fail only the study that holds the file.
 
     Raises:
         NoImageDataError: no DICOM image is found; the message says what was skipped.
@@ -83,15 +89,16 @@ def scan_dicom(path: str | os.PathLike) -> ScanResult:
     for file in _candidate_files(path):
         result.files += 1
         try:
-            ds = pydicom.dcmread(file, defer_size=_DEFER)
-        except PermissionError as exc:
-            raise InputPermissionError(f"{file}: not readable (permission denied)") from exc
+            records = _read_records(file)
         except InvalidDicomError:
             result.skipped_non_dicom += 1
             continue
-        except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise CorruptFileError(f"{file}: unreadable DICOM file ({type(exc).__name__}: {exc})") from exc
-        records = _records(file, ds)
+        except (CorruptFileError, NoImageDataError, InputPermissionError) as exc:
+            if errors is None:
+                raise
+            exc.path = file  # type: ignore[attr-defined]
+            errors.append(exc)
+            continue
         if records is None:
             result.skipped_non_image += 1
         else:
@@ -109,6 +116,18 @@ def scan_dicom(path: str | os.PathLike) -> ScanResult:
             result.skipped_non_image,
         )
     return result
+
+
+def _read_records(file: Path) -> list[SliceRecord] | None:
+    try:
+        ds = pydicom.dcmread(file, defer_size=_DEFER)
+    except PermissionError as exc:
+        raise InputPermissionError(f"{file}: not readable (permission denied)") from exc
+    except InvalidDicomError:
+        raise
+    except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CorruptFileError(f"{file}: unreadable DICOM file ({type(exc).__name__}: {exc})") from exc
+    return _records(file, ds)
 
 
 def _candidate_files(path: Path) -> Iterator[Path]:
