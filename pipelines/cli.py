@@ -132,6 +132,67 @@ def _demo_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _batch(args: argparse.Namespace) -> int:
+    import logging
+
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from pipelines.batch import BatchAbortedError, run_batch
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("pipelines").setLevel(logging.WARNING if args.quiet else logging.INFO)
+    rules = _series_rules(args)
+    with logging_redirect_tqdm():
+        try:
+            summary = run_batch(
+                args.bundle, args.input, args.output, workers=args.workers, device=args.device, tta=args.tta,
+                probabilities=args.probabilities, rules=rules, section=args.section, dataset_dir=args.dataset_dir,
+                image_key=args.image_key, push=args.push, fail_on_error=args.fail_on_error,
+                min_free_mb=args.min_free_mb, progress=not args.quiet,
+            )
+        except BatchAbortedError as exc:
+            print(f"unet-pipelines batch: stopped: {exc.strerror}", file=sys.stderr)
+            return 3
+    print(f"{summary.cases} cases: {summary.done} segmented, {summary.skipped} already complete, "
+          f"{len(summary.failed)} failed" + (f" ({', '.join(summary.failed)})" if summary.failed else ""))
+    for report in summary.reports:
+        print(f"report: {report}")
+    return summary.exit_code
+
+
+def _add_batch_command(commands) -> None:
+    batch = commands.add_parser(
+        "batch",
+        help="segment many studies with a bundle: masks, DICOM SEG, volumes, QC pictures, reports",
+        description="Run a bundle over a folder tree of DICOM studies and/or NIfTI files, a manifest, or a "
+        "DICOMweb server. Writes <output>/<case_id>/{mask.nii.gz,seg.dcm,qc.png,record.json} and "
+        "<output>/report.{csv,html}. Rerunning skips complete cases. Exit code 0 unless every case "
+        "failed (or any, with --fail-on-error); 2 for unusable input or output, 3 when the output "
+        "disk filled up. A bundle's configs run Python code: use bundles you trust.",
+    )
+    batch.add_argument("--bundle", required=True, help="bundle folder (configs/inference.json, models/model.pt)")
+    batch.add_argument("--input", required=True, help="folder, manifest .json, or DICOMweb URL (http://.../dicom-web)")
+    batch.add_argument("--output", required=True, help="output folder")
+    batch.add_argument("--workers", type=int, default=1, help="processes loading the next cases (0: none)")
+    batch.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    batch.add_argument("--tta", action="store_true", help="mirroring test-time augmentation")
+    batch.add_argument("--probabilities", action="store_true", help="also write prob.nii.gz")
+    batch.add_argument("--push", action="store_true", help="store each DICOM SEG back to the DICOMweb input (STOW-RS)")
+    batch.add_argument("--fail-on-error", action="store_true", help="exit code 1 when any case failed")
+    batch.add_argument("--section", default="test", help="manifest section (default: test)")
+    batch.add_argument("--dataset-dir", help="folder the manifest's paths are relative to (default: the manifest's)")
+    batch.add_argument("--image-key", help="manifest key of the image (default: dicom when every case has it)")
+    batch.add_argument("--min-free-mb", type=float, default=100.0, help="refuse to start with less free space")
+    batch.add_argument("--modality", nargs="+", help="DICOM series rule: modality")
+    batch.add_argument("--description", help="DICOM series rule: SeriesDescription regular expression")
+    batch.add_argument("--image-type-include", nargs="+", help="DICOM series rule: ImageType values required")
+    batch.add_argument("--image-type-exclude", nargs="+", help="DICOM series rule: ImageType values refused")
+    batch.add_argument("--min-slices", type=int, help="DICOM series rule: fewest slices")
+    batch.add_argument("--orientation", choices=("axial", "coronal", "sagittal", "oblique"), help="DICOM series rule")
+    batch.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
+    batch.set_defaults(func=_batch)
+
+
 def _parser() -> argparse.ArgumentParser:
     from pipelines import __version__
 
@@ -152,6 +213,7 @@ def _parser() -> argparse.ArgumentParser:
     shapes.add_argument("--input-size", type=int, nargs="+", help="input size to check (1 value or one per axis)")
     shapes.set_defaults(func=_shapes)
     _add_manifest_commands(commands)
+    _add_batch_command(commands)
     demo = commands.add_parser(
         "demo-data",
         help="write the synthetic tumor data set (NIfTI, DICOM studies, manifest)",

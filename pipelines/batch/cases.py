@@ -1,0 +1,262 @@
+"""The cases of a batch run: found in a folder tree, a manifest or a DICOMweb server.
+
+A case is one study (its series chosen by the selection rules) or one image file. Case ids are
+pseudonymous (a hash of the StudyInstanceUID or of the file's relative path; a manifest's own
+``case_id``), so no patient name or ID reaches a file name or a log line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["BatchInputError", "Case", "discover_cases", "pseudonym"]
+
+_IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+class BatchInputError(ValueError):
+    """The run cannot start: its input or output is unusable as a whole (not one bad case)."""
+
+
+@dataclass
+class Case:
+    """One unit of work.
+
+    Attributes:
+        case_id: pseudonymous id; the output folder's name.
+        kind: ``"dicom"`` (``series`` holds the chosen series), ``"file"`` (``path`` is an image
+            file), ``"dicomweb"`` (``study_uid`` on the server ``url``) or ``"error"`` (``error``
+            says why it cannot be read; recorded as failed without loading).
+        path: the source file or folder (study folder for DICOM).
+        input_hash: identifies the input's content; a rerun with the same hash and model skips the case.
+        label: optional reference label file (from a manifest): the record then holds the Dice.
+    """
+
+    case_id: str
+    kind: str
+    path: str = ""
+    input_hash: str = ""
+    series: object | None = None
+    series_instance_uid: str = ""
+    study_uid: str = ""
+    url: str = ""
+    label: str | None = None
+    error: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def source(self) -> dict:
+        """What ``record.json`` says about where the case came from."""
+        out = {"kind": self.kind, "path": self.path}
+        if self.series_instance_uid:
+            out["series_instance_uid"] = self.series_instance_uid
+        if self.study_uid:
+            out["study_instance_uid"] = self.study_uid
+        if self.url:
+            out["url"] = self.url
+        return out
+
+
+def pseudonym(key: str, prefix: str = "case") -> str:
+    """``<prefix>-<12 hex digits>``: a stable id that does not reveal ``key``."""
+    return f"{prefix}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def _stat_hash(paths, extra: str = "") -> str:
+    """Hash of the files' names, sizes and modification times: changes when a file is replaced."""
+    digest = hashlib.sha256(extra.encode())
+    for path in sorted(str(p) for p in paths):
+        stat = os.stat(path)
+        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def _is_image_file(path: Path) -> bool:
+    return path.name.lower().endswith(_IMAGE_SUFFIXES) and not path.name.lower().endswith(".raw")
+
+
+def discover_cases(source: str | os.PathLike, rules: Mapping | None = None, section: str = "test",
+                   dataset_dir: str | os.PathLike | None = None, image_key: str | None = None) -> list[Case]:
+    """The cases under ``source``: a folder, a manifest (``.json``) or a DICOMweb URL.
+
+    Args:
+        source: a folder tree of DICOM studies (any nesting, series mixed) and/or image files
+            (NIfTI, NRRD, MHA); a manifest file; or an ``http(s)://`` DICOMweb service root.
+        rules: DICOM series selection rules (:class:`pipelines.io.dicom.SeriesRules` fields).
+        section, dataset_dir, image_key: manifest section, base folder (default: the manifest's)
+            and the key of each entry's image (default: ``dicom`` when the entries have it, else
+            ``image``).
+
+    Returns:
+        Cases sorted by id. Studies that cannot be used (ambiguous series, unreadable files) come
+        back as ``kind="error"`` cases, so they are recorded as failed and the rest proceed.
+
+    Raises:
+        BatchInputError: nothing to do, or two inputs map to one case id.
+    """
+    rules = dict(rules or {})
+    text = str(source)
+    if text.startswith(("http://", "https://")):
+        from pipelines.batch.dicomweb import discover_dicomweb
+
+        cases = discover_dicomweb(text, rules)
+    else:
+        path = Path(source)
+        if not path.exists():
+            raise BatchInputError(f"{path}: no such file or folder")
+        if path.is_file() and path.suffix.lower() == ".json":
+            cases = _from_manifest(path, section, dataset_dir, image_key, rules)
+        elif path.is_dir():
+            cases = _from_folder(path, rules)
+        elif _is_image_file(path):
+            cases = [_file_case(path, path.parent)]
+        else:
+            cases = _from_folder(path, rules)  # a single DICOM file or a DICOMDIR
+    if not cases:
+        raise BatchInputError(f"{source}: no studies or image files found")
+    _check_unique(cases)
+    return sorted(cases, key=lambda case: case.case_id)
+
+
+def _check_unique(cases: list[Case]) -> None:
+    seen: dict[str, Case] = {}
+    for case in cases:
+        if case.case_id in seen:
+            raise BatchInputError(
+                f"two inputs map to case id {case.case_id}: {seen[case.case_id].path or seen[case.case_id].study_uid} "
+                f"and {case.path or case.study_uid}; give them distinct case ids (or remove the duplicate)"
+            )
+        seen[case.case_id] = case
+
+
+def _file_case(path: Path, root: Path, case_id: str | None = None, label: str | None = None) -> Case:
+    relative = os.path.relpath(path, root)
+    return Case(
+        case_id=case_id or pseudonym(relative),
+        kind="file",
+        path=str(path),
+        input_hash=_stat_hash([path]),
+        label=label,
+    )
+
+
+def _from_folder(root: Path, rules: Mapping) -> list[Case]:
+    """Image files are cases; DICOM files are grouped by study, one case per study."""
+    from pipelines.io.dicom import scan_dicom
+    from pipelines.io.errors import InputDataError, NoImageDataError
+
+    cases = []
+    if root.is_dir():
+        for folder, dirs, files in os.walk(root):
+            dirs.sort()
+            cases.extend(_file_case(Path(folder) / name, root) for name in sorted(files) if _is_image_file(Path(name)))
+    errors: list[InputDataError] = []
+    try:
+        scan = scan_dicom(root, errors=errors)
+    except NoImageDataError:
+        if not errors:
+            return cases
+        scan = None
+    records = scan.records if scan else []
+    return cases + _study_cases(root, records, errors, rules)
+
+
+def _study_cases(root: Path, records: list, errors: list, rules: Mapping) -> list[Case]:
+    """One case per StudyInstanceUID; a study with an unreadable file in one of its folders fails."""
+    from pipelines.io.dicom import SeriesRules, group_series, select_series
+    from pipelines.io.errors import InputDataError
+
+    studies: dict[str, list] = defaultdict(list)
+    for record in records:
+        studies[record.study_instance_uid].append(record)
+    folder_study: dict[Path, str] = {}
+    for uid, study_records in studies.items():
+        for record in study_records:
+            folder_study.setdefault(record.path.parent, uid)
+    broken: dict[str, list[str]] = defaultdict(list)
+    cases = []
+    for error in errors:
+        path = Path(getattr(error, "path", root))
+        uid = folder_study.get(path.parent)
+        if uid is None:  # nothing readable beside it: a case of its own
+            cases.append(Case(case_id=pseudonym(os.path.relpath(path, root)), kind="error", path=str(path),
+                              error=str(error)))
+        else:
+            broken[uid].append(str(error))
+    selection = SeriesRules(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in rules.items()})
+    for uid, study_records in studies.items():
+        case_id = pseudonym(uid)
+        folder = Path(os.path.commonpath([str(r.path.parent) for r in study_records]))
+        _check_no_copies(case_id, study_records)
+        if broken[uid]:
+            cases.append(Case(case_id=case_id, kind="error", path=str(folder), study_uid=uid,
+                              error="study has unreadable DICOM files: " + "; ".join(broken[uid])))
+            continue
+        try:
+            chosen = select_series(group_series(study_records), selection, f"study {case_id} ({folder})")
+        except InputDataError as exc:
+            cases.append(Case(case_id=case_id, kind="error", path=str(folder), study_uid=uid, error=str(exc)))
+            continue
+        cases.append(Case(
+            case_id=case_id,
+            kind="dicom",
+            path=str(folder),
+            series=chosen,
+            series_instance_uid=chosen.first.series_instance_uid,
+            study_uid=uid,
+            input_hash=_stat_hash({r.path for r in chosen.records}, extra=chosen.first.series_instance_uid),
+        ))
+    return cases
+
+
+def _check_no_copies(case_id: str, records: list) -> None:
+    """Two files holding the same instance: the study was copied twice into the input."""
+    seen: dict[tuple, Path] = {}
+    for record in records:
+        key = (record.sop_instance_uid, record.frame)
+        if key in seen and seen[key] != record.path:
+            raise BatchInputError(
+                f"two copies of study {case_id} in the input: {seen[key]} and {record.path} hold the same "
+                f"SOPInstanceUID; remove one copy"
+            )
+        seen[key] = record.path
+
+
+def _from_manifest(path: Path, section: str, dataset_dir, image_key: str | None, rules: Mapping) -> list[Case]:
+    import json
+
+    from pipelines.data import load_manifest
+
+    with open(path) as handle:
+        raw = json.load(handle)
+    entries = raw.get(section) if isinstance(raw, dict) else None
+    if not entries:
+        raise BatchInputError(f"{path}: manifest has no entries in section {section!r}")
+    key = image_key or ("dicom" if all("dicom" in e for e in entries) else "image")
+    base = Path(dataset_dir) if dataset_dir is not None else path.parent
+    cases = []
+    for entry in load_manifest(path, section, base, image_key=key):
+        image = Path(entry["image"])
+        label = entry.get("label")
+        case_id = str(entry.get("case_id") or pseudonym(os.path.relpath(image, base)))
+        if not image.exists():
+            cases.append(Case(case_id=case_id, kind="error", path=str(image), error=f"{image}: no such file or folder"))
+            continue
+        if image.is_dir() or not _is_image_file(image):
+            found = _from_folder(image, rules)
+            studies = [c for c in found if c.kind in ("dicom", "error")]
+            if len(found) != 1:
+                cases.append(Case(case_id=case_id, kind="error", path=str(image),
+                                  error=f"{image}: manifest entry holds {len(studies)} studies and "
+                                        f"{len(found) - len(studies)} image files; expected one study"))
+                continue
+            case = found[0]
+            case.case_id, case.label = case_id, label
+            cases.append(case)
+        else:
+            cases.append(_file_case(image, base, case_id=case_id, label=label))
+    return cases

@@ -1,0 +1,104 @@
+"""DICOMweb input and output for the batch job: QIDO-RS to find studies, WADO-RS to fetch their
+image series, STOW-RS to store DICOM SEGs back (``dicomweb-client``)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from collections import defaultdict
+from collections.abc import Mapping
+from pathlib import Path
+
+__all__ = ["discover_dicomweb", "download_study", "push_instance"]
+
+# series that hold no image volume: our own SEGs (after --push), reports, presentation states...
+_NON_IMAGE_MODALITIES = {"SEG", "SR", "PR", "KO", "RTSTRUCT", "RTPLAN", "RTDOSE", "RTRECORD", "DOC", "REG", "OT"}
+_STUDY, _SERIES, _MODALITY, _COUNT = "0020000D", "0020000E", "00080060", "00201209"
+
+
+def _client(url: str):
+    from dicomweb_client.api import DICOMwebClient
+
+    return DICOMwebClient(url=url.rstrip("/"))
+
+
+def _value(entry: Mapping, tag: str, default=""):
+    values = entry.get(tag, {}).get("Value") or [default]
+    return values[0]
+
+
+def _modalities(rules: Mapping) -> set[str] | None:
+    wanted = rules.get("modality")
+    if not wanted:
+        return None
+    return {wanted.upper()} if isinstance(wanted, str) else {m.upper() for m in wanted}
+
+
+def _image_series(entries, rules: Mapping) -> list[Mapping]:
+    wanted = _modalities(rules)
+    return [
+        e for e in entries
+        if str(_value(e, _MODALITY)).upper() not in _NON_IMAGE_MODALITIES
+        and (wanted is None or str(_value(e, _MODALITY)).upper() in wanted)
+    ]
+
+
+def discover_dicomweb(url: str, rules: Mapping) -> list:
+    """One case per study on the server that has an image series (passing the modality rule)."""
+    from pipelines.batch.cases import BatchInputError, Case, pseudonym
+
+    try:
+        entries = _client(url).search_for_series(fields=["NumberOfSeriesRelatedInstances"])
+    except Exception as exc:  # requests raises connection and HTTP errors of many types
+        raise BatchInputError(f"{url}: DICOMweb query (QIDO-RS) failed: {type(exc).__name__}: {exc}") from exc
+    studies: dict[str, list[Mapping]] = defaultdict(list)
+    for entry in _image_series(entries, rules):
+        studies[str(_value(entry, _STUDY))].append(entry)
+    cases = []
+    for uid, series in studies.items():
+        listing = sorted(f"{_value(e, _SERIES)}:{_value(e, _COUNT, '?')}" for e in series)
+        cases.append(Case(
+            case_id=pseudonym(uid),
+            kind="dicomweb",
+            path=f"{url.rstrip('/')}/studies/{uid}",
+            study_uid=uid,
+            url=url,
+            input_hash=hashlib.sha256("\n".join(listing).encode()).hexdigest(),
+            series_instance_uid=str(_value(series[0], _SERIES)) if len(series) == 1 else "",
+        ))
+    return cases
+
+
+def download_study(url: str, study_uid: str, folder: str | os.PathLike, rules: Mapping | None = None) -> Path:
+    """Fetch the study's image series (WADO-RS) into ``folder`` (replaced), one file per instance."""
+    folder = Path(folder)
+    shutil.rmtree(folder, ignore_errors=True)
+    client = _client(url)
+    try:
+        series = _image_series(client.search_for_series(study_instance_uid=study_uid), rules or {})
+        for entry in series:
+            series_uid = str(_value(entry, _SERIES))
+            target = folder / hashlib.sha256(series_uid.encode()).hexdigest()[:16]
+            target.mkdir(parents=True, exist_ok=True)
+            for index, dataset in enumerate(client.retrieve_series(study_uid, series_uid)):
+                dataset.save_as(target / f"{index:05d}.dcm", enforce_file_format=True)
+    except OSError:
+        raise
+    except Exception as exc:  # HTTP and decoding errors: this study fails, the run goes on
+        raise ValueError(f"study {study_uid} could not be fetched (WADO-RS): {type(exc).__name__}: {exc}") from exc
+    if not series:
+        raise ValueError(f"study {study_uid} has no image series on {url}")
+    return folder
+
+
+def push_instance(url: str, path: str | os.PathLike) -> dict:
+    """Store one DICOM file on the server (STOW-RS); returns where and what was stored."""
+    import pydicom
+
+    dataset = pydicom.dcmread(path)
+    try:
+        _client(url).store_instances([dataset])
+    except Exception as exc:
+        raise ValueError(f"storing {Path(path).name} on {url} (STOW-RS) failed: {type(exc).__name__}: {exc}") from exc
+    return {"url": url, "series_instance_uid": str(dataset.SeriesInstanceUID), "sop_instance_uid": str(dataset.SOPInstanceUID)}

@@ -1,0 +1,76 @@
+"""What a report needs from a label map: volumes in mL, lesions, the largest lesion's diameter."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+__all__ = ["dice_scores", "lesion_measurements", "max_diameter_mm"]
+
+
+def _voxel_ml(affine) -> float:
+    return abs(float(np.linalg.det(np.asarray(affine, float)[:3, :3]))) / 1000.0
+
+
+def max_diameter_mm(mask: np.ndarray, affine) -> float:
+    """Largest distance in mm between the centres of two voxels of ``mask`` ``(X, Y, Z)`` (its
+    maximum Feret diameter, measured between voxel centres: 0 for a single voxel)."""
+    from scipy import ndimage
+    from scipy.spatial import ConvexHull, QhullError
+    from scipy.spatial.distance import pdist
+
+    surface = mask & ~ndimage.binary_erosion(mask)  # the farthest pair lies on the surface
+    voxels = np.argwhere(surface)
+    if len(voxels) < 2:
+        return 0.0
+    affine = np.asarray(affine, float)
+    points = voxels @ affine[:3, :3].T + affine[:3, 3]
+    if len(points) > 64:
+        try:
+            points = points[ConvexHull(points).vertices]  # the farthest pair are hull vertices
+        except QhullError:  # flat (one slice thick) or degenerate: all surface points
+            pass
+    return float(pdist(points).max())
+
+
+def lesion_measurements(labels: np.ndarray, affine, names: Mapping[int, str]) -> dict:
+    """Volumes and lesions of a label map ``(X, Y, Z)`` with an RAS ``affine`` in mm.
+
+    A lesion is a connected component (26-connectivity) of all foreground labels together, so a
+    tumor with its surrounding edema is one lesion.
+
+    Returns:
+        ``volumes_ml`` per label name, ``lesion_count``, and for the largest lesion by volume
+        ``largest_lesion`` with ``volume_ml``, ``diameter_mm`` (maximum Feret diameter) and
+        ``centre_voxel`` (index of its centre of mass, used to place the QC slices); ``None``
+        without lesions.
+    """
+    from scipy import ndimage
+
+    labels = np.asarray(labels)
+    voxel_ml = _voxel_ml(affine)
+    counts = np.bincount(labels.ravel().astype(np.int64), minlength=max(names, default=0) + 1)
+    volumes = {name: round(float(counts[value]) * voxel_ml, 3) for value, name in sorted(names.items())}
+    components, count = ndimage.label(labels > 0, structure=np.ones((3, 3, 3), bool))
+    result = {"volumes_ml": volumes, "lesion_count": int(count), "largest_lesion": None}
+    if count:
+        sizes = np.bincount(components.ravel())[1:]
+        largest = int(np.argmax(sizes)) + 1
+        mask = components == largest
+        result["largest_lesion"] = {
+            "volume_ml": round(float(sizes[largest - 1]) * voxel_ml, 3),
+            "diameter_mm": round(max_diameter_mm(mask, affine), 2),
+            "centre_voxel": [int(round(c)) for c in ndimage.center_of_mass(mask)],
+        }
+    return result
+
+
+def dice_scores(prediction: np.ndarray, reference: np.ndarray, names: Mapping[int, str]) -> dict[str, float | None]:
+    """Dice per label name on one grid; ``None`` where both are empty (undefined)."""
+    scores: dict[str, float | None] = {}
+    for value, name in sorted(names.items()):
+        p, r = prediction == value, reference == value
+        total = int(p.sum()) + int(r.sum())
+        scores[name] = None if total == 0 else round(2.0 * float((p & r).sum()) / total, 4)
+    return scores

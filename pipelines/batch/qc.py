@@ -1,0 +1,90 @@
+"""QC picture of one case: axial, coronal and sagittal slices through the largest lesion."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from pipelines.engines.overlays import overlay_slice
+from pipelines.io.writers import atomic_path
+
+__all__ = ["qc_picture", "save_qc_picture"]
+
+_PANEL_PX = 320  # the largest field of view is drawn this many pixels wide or high
+_CAPTION_PX = 16
+
+
+def _canonical(image: np.ndarray, labels: np.ndarray, affine, point: Sequence[int]):
+    """Both volumes flipped/permuted to the closest RAS axes, with the point and spacing moved along."""
+    import nibabel as nib
+
+    affine = np.asarray(affine, float)
+    orientation = nib.orientations.io_orientation(affine)
+    image = nib.orientations.apply_orientation(image, orientation)
+    labels = nib.orientations.apply_orientation(labels, orientation)
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    new_point, new_spacing = [0, 0, 0], [1.0, 1.0, 1.0]
+    for old_axis, (new_axis, flip) in enumerate(orientation):
+        size = labels.shape[int(new_axis)]
+        new_point[int(new_axis)] = size - 1 - point[old_axis] if flip < 0 else point[old_axis]
+        new_spacing[int(new_axis)] = spacing[old_axis]
+    return image, labels, new_point, new_spacing
+
+
+def _panel(image2d: np.ndarray, labels2d: np.ndarray, spacing2d: Sequence[float], mm_per_px: float) -> Image.Image:
+    """A slice ``(horizontal, vertical)`` in RAS order drawn radiologically: patient's right on the
+    left (axial, coronal), anterior on the left (sagittal), superior or anterior at the top."""
+    image2d = image2d.T[::-1, ::-1]
+    labels2d = labels2d.T[::-1, ::-1]
+    height = max(1, round(image2d.shape[0] * spacing2d[1] / mm_per_px))
+    width = max(1, round(image2d.shape[1] * spacing2d[0] / mm_per_px))
+    grey = np.asarray(Image.fromarray(np.ascontiguousarray(image2d, np.float32)).resize((width, height), Image.BILINEAR))
+    lab = np.asarray(Image.fromarray(np.ascontiguousarray(labels2d, np.uint8)).resize((width, height), Image.NEAREST))
+    return Image.fromarray(overlay_slice(grey, lab))
+
+
+def qc_picture(image: np.ndarray, labels: np.ndarray, affine, point: Sequence[int] | None = None,
+               caption: str = "") -> Image.Image:
+    """RGB picture: axial | coronal | sagittal slices through ``point`` (voxel index; default the
+    volume's centre) of ``image`` ``(X, Y, Z)`` with ``labels`` blended on top, at true aspect ratio.
+
+    The display follows radiological convention whatever the storage order of the volume.
+    """
+    image = np.asarray(image, np.float32)
+    labels = np.asarray(labels).astype(np.uint8)
+    if image.shape != labels.shape or image.ndim != 3:
+        raise ValueError(f"`image` and `labels` must be 3D volumes of one shape, got {image.shape} and {labels.shape}")
+    if point is None:
+        point = [s // 2 for s in labels.shape]
+    image, labels, (i, j, k), spacing = _canonical(image, labels, affine, point)
+    fov = max(n * s for n, s in zip(labels.shape, spacing))
+    mm_per_px = fov / _PANEL_PX
+    panels = [
+        ("axial", _panel(image[:, :, k], labels[:, :, k], (spacing[0], spacing[1]), mm_per_px)),
+        ("coronal", _panel(image[:, j, :], labels[:, j, :], (spacing[0], spacing[2]), mm_per_px)),
+        ("sagittal", _panel(image[i, :, :], labels[i, :, :], (spacing[1], spacing[2]), mm_per_px)),
+    ]
+    width = sum(p.width for _, p in panels) + 4 * (len(panels) - 1)
+    height = max(p.height for _, p in panels) + 2 * _CAPTION_PX
+    canvas = Image.new("RGB", (width, height), (0, 0, 0))
+    draw = ImageDraw.Draw(canvas)
+    x = 0
+    for name, panel in panels:
+        canvas.paste(panel, (x, _CAPTION_PX))
+        draw.text((x + 4, 2), name, fill=(255, 255, 255))
+        x += panel.width + 4
+    if caption:
+        draw.text((4, height - _CAPTION_PX + 2), caption, fill=(255, 255, 255))
+    return canvas
+
+
+def save_qc_picture(path: str | os.PathLike, *args, **kwargs) -> Path:
+    """:func:`qc_picture` written as PNG, atomically."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        qc_picture(*args, **kwargs).save(tmp, format="PNG")
+    return path

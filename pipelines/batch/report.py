@@ -1,0 +1,122 @@
+"""Run-level reports from the cases' ``record.json`` files: ``report.csv`` and ``report.html``."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import os
+from pathlib import Path
+
+from PIL import Image
+
+from pipelines.io.writers import atomic_path
+
+__all__ = ["read_records", "write_reports"]
+
+_THUMBNAIL_WIDTH = 420
+
+
+def read_records(output_dir: str | os.PathLike) -> list[dict]:
+    """Every ``<output_dir>/<case>/record.json``, sorted by case id (unreadable ones are skipped)."""
+    records = []
+    for path in sorted(Path(output_dir).glob("*/record.json")):
+        try:
+            records.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue  # a record is written atomically; an unreadable one is not ours
+    return sorted(records, key=lambda r: str(r.get("case_id")))
+
+
+def _label_names(records: list[dict]) -> list[str]:
+    names: list[str] = []
+    for record in records:
+        for name in record.get("volumes_ml") or {}:
+            if name not in names:
+                names.append(name)
+    return names
+
+
+def _row(record: dict, names: list[str]) -> dict:
+    largest = record.get("largest_lesion") or {}
+    row = {
+        "case_id": record.get("case_id", ""),
+        "status": record.get("status", ""),
+        "error": record.get("error") or "",
+        "study_instance_uid": (record.get("source") or {}).get("study_instance_uid", ""),
+        "series_instance_uid": (record.get("source") or {}).get("series_instance_uid", ""),
+    }
+    for name in names:
+        value = (record.get("volumes_ml") or {}).get(name)
+        row[f"{name}_ml"] = "" if value is None else value
+    row["lesion_count"] = record.get("lesion_count", "")
+    row["largest_lesion_ml"] = largest.get("volume_ml", "")
+    row["largest_lesion_diameter_mm"] = largest.get("diameter_mm", "")
+    for name, value in (record.get("dice") or {}).items():
+        row[f"dice_{name}"] = "" if value is None else value
+    row["seconds"] = (record.get("timings") or {}).get("total_s", "")
+    return row
+
+
+def write_reports(output_dir: str | os.PathLike, title: str = "Segmentation batch report") -> tuple[Path, Path]:
+    """Write ``report.csv`` and a self-contained ``report.html`` (QC thumbnails inlined) for every
+    case recorded under ``output_dir``; both atomically. Returns their paths."""
+    output_dir = Path(output_dir)
+    records = read_records(output_dir)
+    names = _label_names(records)
+    rows = [_row(r, names) for r in records]
+    columns: list[str] = []
+    for row in rows:
+        columns.extend(k for k in row if k not in columns)
+    csv_path, html_path = output_dir / "report.csv", output_dir / "report.html"
+    with atomic_path(csv_path) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns or ["case_id", "status"], restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    with atomic_path(html_path) as tmp:
+        tmp.write_text(_html(output_dir, records, rows, columns, title), encoding="utf-8")
+    return csv_path, html_path
+
+
+def _thumbnail(path: Path) -> str | None:
+    if not path.is_file():
+        return None
+    try:
+        with Image.open(path) as picture:
+            picture = picture.convert("RGB")
+            if picture.width > _THUMBNAIL_WIDTH:
+                picture = picture.resize((_THUMBNAIL_WIDTH, max(1, picture.height * _THUMBNAIL_WIDTH // picture.width)))
+            buffer = io.BytesIO()
+            picture.save(buffer, format="PNG")
+    except OSError:
+        return None
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _html(output_dir: Path, records: list[dict], rows: list[dict], columns: list[str], title: str) -> str:
+    failed = sum(r.get("status") != "ok" for r in records)
+    shown = [c for c in columns if c not in ("case_id", "status", "error", "study_instance_uid", "series_instance_uid")]
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in ["case", "status", *shown, "QC"])
+    body = []
+    for record, row in zip(records, rows):
+        case = str(record.get("case_id", ""))
+        status = str(record.get("status", ""))
+        thumb = _thumbnail(output_dir / case / "qc.png") if status == "ok" else None
+        qc = f'<img alt="QC of {html.escape(case)}" src="{thumb}">' if thumb else html.escape(row["error"])
+        cells = "".join(f"<td>{html.escape(str(row.get(c, '')))}</td>" for c in shown)
+        body.append(f'<tr class="{html.escape(status)}" id="{html.escape(case)}"><td>{html.escape(case)}</td>'
+                    f"<td>{html.escape(status)}</td>{cells}<td>{qc}</td></tr>")
+    style = (
+        "body{font-family:sans-serif;margin:1em}table{border-collapse:collapse}"
+        "td,th{border:1px solid #bbb;padding:4px 6px;vertical-align:top;text-align:right}"
+        "tr.failed{background:#fde2e2}tr.failed td:last-child{text-align:left;max-width:40em}img{display:block}"
+    )
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>"
+        f"<p>{len(records)} cases: {len(records) - failed} ok, {failed} failed. Volumes in mL; QC pictures are "
+        f"axial | coronal | sagittal through the largest lesion (radiological view).</p>"
+        f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></body></html>\n"
+    )

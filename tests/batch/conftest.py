@@ -1,0 +1,29 @@
+"""Batch job fixtures: the demo data set written by `make demo-data`, copied where a test changes it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+DEMO = REPO / "demo_data"
+MANIFEST = REPO / "data_manifests" / "demo_tumor.json"
+BUNDLE = REPO / "bundles" / "unet3d_tumor"
+
+
+def demo_case(section: str, index: int) -> dict:
+    """A demo manifest entry (``case_id``, ``image``, ``label``, ``dicom`` relative to demo_data/)."""
+    if not (DEMO / ".written").is_file():
+        pytest.skip(f"demo data not written (run `make demo-data`): {DEMO}")
+    return json.loads(MANIFEST.read_text())[section][index]
+
+
+def copy_study(section: str, index: int, target: Path) -> dict:
+    """Copy one demo DICOM study to ``target`` (created); returns its manifest entry."""
+    entry = demo_case(section, index)
+    shutil.copytree(DEMO / entry["dicom"], target)
+    return entry

@@ -1,0 +1,114 @@
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+
+from pipelines.batch import BatchInputError, discover_cases, pseudonym
+from tests.batch.conftest import DEMO, MANIFEST, copy_study, demo_case
+
+
+def _study_uid(folder: Path) -> str:
+    return str(pydicom.dcmread(next(folder.rglob("*.dcm")), stop_before_pixels=True).StudyInstanceUID)
+
+
+def _add_series(study: Path, description: str, slices: int = 5) -> None:
+    """A second series in the same study (same folder): a few slices with new UIDs."""
+    series = generate_uid()
+    for index, file in enumerate(sorted(study.glob("*.dcm"))[:slices]):
+        ds = pydicom.dcmread(file)
+        ds.SeriesInstanceUID, ds.SOPInstanceUID, ds.SeriesDescription = series, generate_uid(), description
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.SeriesNumber = 7
+        ds.save_as(study / f"extra_{index}.dcm")
+
+
+@pytest.fixture
+def tree(tmp_path):
+    """site_a/p1: study A; site_b/x/y: study B; extra/scan.nii.gz; a text file."""
+    root = tmp_path / "in"
+    copy_study("test", 0, root / "site_a" / "p1")
+    copy_study("test", 1, root / "site_b" / "x" / "y")
+    (root / "extra").mkdir()
+    shutil.copy(DEMO / demo_case("test", 2)["image"], root / "extra" / "scan.nii.gz")
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+def test_folder_tree_gives_one_case_per_study_and_file(tree):
+    cases = discover_cases(tree)
+    kinds = sorted(c.kind for c in cases)
+    assert kinds == ["dicom", "dicom", "file"]
+    uid_a = _study_uid(tree / "site_a" / "p1")
+    by_id = {c.case_id: c for c in cases}
+    assert by_id[pseudonym(uid_a)].path == str(tree / "site_a" / "p1")
+    assert by_id[pseudonym("extra/scan.nii.gz")].path == str(tree / "extra" / "scan.nii.gz")
+    for case in cases:  # pseudonymous and stable: no patient id, no file name
+        assert "DEMO" not in case.case_id and "scan" not in case.case_id and case.input_hash
+    assert [c.case_id for c in cases] == [c.case_id for c in discover_cases(tree)] == sorted(by_id)
+
+
+def test_mixed_series_need_a_rule(tree):
+    _add_series(tree / "site_a" / "p1", "localizer")
+    cases = {c.case_id: c for c in discover_cases(tree)}
+    study = cases[pseudonym(_study_uid(tree / "site_a" / "p1"))]
+    assert study.kind == "error" and "2 DICOM series qualify" in study.error
+    chosen = {c.case_id: c for c in discover_cases(tree, {"description": "T1"})}[study.case_id]
+    assert chosen.kind == "dicom" and chosen.series.first.series_description == "T1 3D synthetic"
+    assert len(chosen.series.records) == len(list((tree / "site_a" / "p1").glob("IM*.dcm")))
+
+
+def test_unreadable_file_fails_its_study_only(tree):
+    study_b = tree / "site_b" / "x" / "y"
+    first = sorted(study_b.glob("*.dcm"))[0]
+    first.write_bytes(first.read_bytes()[:1200])  # truncated inside the header or pixel data
+    lone = tree / "lost" / "broken.dcm"
+    lone.parent.mkdir()
+    lone.write_bytes(first.read_bytes())
+    cases = {c.case_id: c for c in discover_cases(tree)}
+    healthy = cases[pseudonym(_study_uid(tree / "site_a" / "p1"))]
+    assert healthy.kind == "dicom"
+    errors = [c for c in cases.values() if c.kind == "error"]
+    assert len(errors) == 2
+    assert any(str(first) in c.error and c.path == str(study_b) for c in errors)
+    assert any(c.path == str(lone) for c in errors)
+
+
+def test_two_copies_of_a_study_are_refused_before_work(tree):
+    shutil.copytree(tree / "site_a" / "p1", tree / "site_c" / "copy")
+    with pytest.raises(BatchInputError, match="two copies of study .* hold the same SOPInstanceUID"):
+        discover_cases(tree)
+
+
+def test_manifest_cases_keep_their_ids_and_labels(tmp_path):
+    cases = discover_cases(MANIFEST, section="test", dataset_dir=DEMO)
+    entries = json.loads(MANIFEST.read_text())["test"]
+    assert [c.case_id for c in cases] == sorted(e["case_id"] for e in entries)
+    assert all(c.kind == "dicom" and c.label and Path(c.label).is_file() for c in cases)
+    nifti = discover_cases(MANIFEST, section="test", dataset_dir=DEMO, image_key="image")
+    assert {c.kind for c in nifti} == {"file"}
+
+
+def test_manifest_problems(tmp_path):
+    entries = json.loads(MANIFEST.read_text())["test"][:2]
+    manifest = tmp_path / "m.json"
+    manifest.write_text(json.dumps({"test": [dict(entries[0]), dict(entries[1], case_id=entries[0]["case_id"])]}))
+    with pytest.raises(BatchInputError, match=f"two inputs map to case id {entries[0]['case_id']}"):
+        discover_cases(manifest, dataset_dir=DEMO)
+    manifest.write_text(json.dumps({"test": [dict(entries[0], dicom="dicom/nowhere")]}))
+    (case,) = discover_cases(manifest, dataset_dir=DEMO)
+    assert case.kind == "error" and "no such file or folder" in case.error
+    with pytest.raises(BatchInputError, match="no entries in section 'validation'"):
+        discover_cases(manifest, section="validation", dataset_dir=DEMO)
+
+
+def test_nothing_to_do(tmp_path):
+    (tmp_path / "a.txt").write_text("x")
+    with pytest.raises(BatchInputError, match="no studies or image files"):
+        discover_cases(tmp_path)
+    with pytest.raises(BatchInputError, match="no such file"):
+        discover_cases(tmp_path / "missing")

@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+from html.parser import HTMLParser
+
+import numpy as np
+from PIL import Image
+
+from pipelines.batch import read_records, write_reports
+
+
+class _Page(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[tuple[str, dict]] = []
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def _records(tmp_path):
+    ok = {"case_id": "case-aaa", "status": "ok", "error": None, "volumes_ml": {"tumor": 12.5, "edema": 3.0},
+          "lesion_count": 1, "largest_lesion": {"volume_ml": 15.5, "diameter_mm": 40.2, "centre_voxel": [1, 2, 3]},
+          "source": {"series_instance_uid": "1.2.3"}, "timings": {"total_s": 2.0}, "dice": {"tumor": 0.9, "edema": None}}
+    failed = {"case_id": "case-bbb", "status": "failed", "error": "study x: 2 DICOM series qualify <b>", "source": {}}
+    for record in (ok, failed):
+        (tmp_path / record["case_id"]).mkdir()
+        (tmp_path / record["case_id"] / "record.json").write_text(json.dumps(record))
+    Image.fromarray(np.full((300, 900, 3), 200, np.uint8)).save(tmp_path / "case-aaa" / "qc.png")
+    (tmp_path / "case-ccc").mkdir()
+    (tmp_path / "case-ccc" / "record.json").write_text("{ half writ")  # not a record: ignored
+
+
+def test_csv_has_one_row_per_case_with_volumes(tmp_path):
+    _records(tmp_path)
+    csv_path, _ = write_reports(tmp_path)
+    rows = list(csv.DictReader(csv_path.open()))
+    assert [r["case_id"] for r in rows] == ["case-aaa", "case-bbb"]
+    assert rows[0]["tumor_ml"] == "12.5" and rows[0]["largest_lesion_diameter_mm"] == "40.2"
+    assert rows[0]["dice_tumor"] == "0.9" and rows[0]["dice_edema"] == ""
+    assert rows[1]["status"] == "failed" and "2 DICOM series qualify" in rows[1]["error"]
+    assert [r["case_id"] for r in read_records(tmp_path)] == ["case-aaa", "case-bbb"]
+
+
+def test_html_is_self_contained_and_shows_every_case(tmp_path):
+    _records(tmp_path)
+    _, html_path = write_reports(tmp_path, title="Night run")
+    page = _Page()
+    page.feed(html_path.read_text())
+    tags = [t for t, _ in page.tags]
+    assert "script" not in tags and "link" not in tags  # nothing to load, nothing to run
+    rows = [a for t, a in page.tags if t == "tr" and "id" in a]
+    assert [(r["id"], r["class"]) for r in rows] == [("case-aaa", "ok"), ("case-bbb", "failed")]
+    images = [a["src"] for t, a in page.tags if t == "img"]
+    assert len(images) == 1 and images[0].startswith("data:image/png;base64,")
+    with Image.open(io.BytesIO(base64.b64decode(images[0].split(",", 1)[1]))) as thumbnail:
+        assert thumbnail.size == (420, 140)
+    text = "".join(page.text)
+    assert "Night run" in text and "1 ok, 1 failed" in text
+    assert "2 DICOM series qualify <b>" in text  # escaped: shown as text, not markup
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temporary files left
