@@ -52,3 +52,15 @@ def test_training_bench_runs():
     rows = {line.split()[0]: line.split() for line in result.stdout.splitlines() if line.startswith(("ours", "monai"))}
     assert set(rows) == {"ours", "monai-spleen"} and all(float(r[1]) > 0 for r in rows.values())
     assert "speed ratio ours/MONAI recipe:" in result.stdout and "data wait ours" in result.stdout
+
+
+@pytest.mark.slow
+def test_batch_bench_runs():
+    if not (REPO / "demo_data" / ".written").is_file():
+        pytest.skip("demo data not written (make demo-data)")
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_batch.py"), "--cases", "2", "--repeats", "1"],
+        capture_output=True, text=True, timeout=600, check=True,
+    )
+    ratio = [line for line in result.stdout.splitlines() if line.startswith("ratio wall / inference")]
+    assert len(ratio) == 1 and float(ratio[0].split()[4]) > 1.0  # the job includes the inference
