@@ -85,3 +85,21 @@ def test_tumor_bundle_trains_with_amp_on_cuda(tmp_path):
     assert (tmp_path / "models" / "model.pt").is_file()
     checkpoint = torch.load(next((tmp_path / "models").glob("last_checkpoint_*.pt")), weights_only=False)
     assert all(t.device.type == "cuda" for t in checkpoint["model"].values())
+
+
+def test_batch_job_on_cuda_matches_cpu(tmp_path):
+    import json
+
+    from pipelines.batch import run_batch
+    from tests.batch.conftest import BUNDLE, DEMO, demo_case
+
+    study = DEMO / demo_case("test", 0)["dicom"]
+    records = {}
+    for device in ("cpu", "cuda"):
+        summary = run_batch(BUNDLE, study, tmp_path / device, device=device, workers=1)
+        assert summary.done == 1
+        (record,) = [json.loads(p.read_text()) for p in (tmp_path / device).glob("*/record.json")]
+        records[device] = record
+    assert records["cuda"]["settings"]["device"].startswith("cuda")
+    for name, volume in records["cpu"]["volumes_ml"].items():
+        assert abs(records["cuda"]["volumes_ml"][name] - volume) <= 0.01 * max(volume, 1.0)

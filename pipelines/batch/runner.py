@@ -83,8 +83,9 @@ def _software() -> dict:
     }
 
 
-def _distributed() -> tuple[int, int]:
-    """``(rank, world_size)``; joins the torchrun process group when there is one."""
+def _distributed(device: str) -> tuple[int, int]:
+    """``(rank, world_size)``; joins the torchrun process group when there is one (NCCL for CUDA
+    devices, gloo otherwise: it only synchronises the ranks)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1
@@ -93,7 +94,7 @@ def _distributed() -> tuple[int, int]:
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and os.environ.get("BATCH_BACKEND") != "gloo" else "gloo"
+        backend = "nccl" if device.startswith("cuda") else "gloo"
         dist.init_process_group(backend, timeout=dt.timedelta(hours=24))  # ranks finish at different times
     return dist.get_rank(), dist.get_world_size()
 
@@ -103,9 +104,10 @@ def _check_output(output: Path, min_free_mb: float) -> None:
         raise BatchInputError(f"output {output} is a file, not a folder")
     try:
         output.mkdir(parents=True, exist_ok=True)
-        with atomic_path(output / ".write-test") as tmp:
+        probe = output / f".write-test-{os.getpid()}"  # one per process: torchrun ranks check at once
+        with atomic_path(probe) as tmp:
             tmp.write_bytes(b"ok")
-        (output / ".write-test").unlink()
+        probe.unlink()
     except OSError as exc:
         raise BatchInputError(f"output folder {output} is not writable: {exc.strerror or exc}") from exc
     free_mb = shutil.disk_usage(output).free / 2**20
@@ -343,9 +345,10 @@ def run_batch(
     from tqdm.auto import tqdm
 
     output = Path(output)
-    rank, world = _distributed()
-    if device == "cuda" and world > 1:
+    if device == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(torch.device(device))  # before NCCL joins: one GPU per rank
+    rank, world = _distributed(device)
     if push and not str(source).startswith(("http://", "https://")):
         raise BatchInputError("--push stores DICOM SEGs back to a DICOMweb input; the input is not a URL")
     _check_output(output, min_free_mb)
