@@ -54,6 +54,16 @@ def _series_rules(args: argparse.Namespace) -> dict:
     return rules
 
 
+def _add_series_rule_arguments(parser: argparse.ArgumentParser) -> None:
+    """The DICOM series selection flags read by :func:`_series_rules`."""
+    parser.add_argument("--modality", nargs="+", help="DICOM series rule: modality")
+    parser.add_argument("--description", help="DICOM series rule: SeriesDescription regular expression")
+    parser.add_argument("--image-type-include", nargs="+", help="DICOM series rule: ImageType values required")
+    parser.add_argument("--image-type-exclude", nargs="+", help="DICOM series rule: ImageType values refused")
+    parser.add_argument("--min-slices", type=int, help="DICOM series rule: fewest slices")
+    parser.add_argument("--orientation", choices=("axial", "coronal", "sagittal", "oblique"), help="DICOM series rule")
+
+
 def _manifest_build(args: argparse.Namespace) -> int:
     from pipelines.data import build_manifest, write_manifest
 
@@ -96,12 +106,7 @@ def _add_manifest_commands(commands) -> None:
     build.add_argument("--output", required=True, help="manifest file to write")
     build.add_argument("--images", default=".", help="sub-folder of cases: image files or one folder per DICOM study")
     build.add_argument("--labels", help="sub-folder of label files named after the cases")
-    build.add_argument("--modality", nargs="+", help="DICOM series rule: modality")
-    build.add_argument("--description", help="DICOM series rule: SeriesDescription regular expression")
-    build.add_argument("--image-type-include", nargs="+", help="DICOM series rule: ImageType values required")
-    build.add_argument("--image-type-exclude", nargs="+", help="DICOM series rule: ImageType values refused")
-    build.add_argument("--min-slices", type=int, help="DICOM series rule: fewest slices")
-    build.add_argument("--orientation", choices=("axial", "coronal", "sagittal", "oblique"), help="DICOM series rule")
+    _add_series_rule_arguments(build)
     build.add_argument("--quiet", action="store_true", help="no progress bar")
     build.set_defaults(func=_manifest_build)
 
@@ -183,12 +188,7 @@ def _add_batch_command(commands) -> None:
     batch.add_argument("--dataset-dir", help="folder the manifest's paths are relative to (default: the manifest's)")
     batch.add_argument("--image-key", help="manifest key of the image (default: dicom when every case has it)")
     batch.add_argument("--min-free-mb", type=float, default=100.0, help="refuse to start with less free space")
-    batch.add_argument("--modality", nargs="+", help="DICOM series rule: modality")
-    batch.add_argument("--description", help="DICOM series rule: SeriesDescription regular expression")
-    batch.add_argument("--image-type-include", nargs="+", help="DICOM series rule: ImageType values required")
-    batch.add_argument("--image-type-exclude", nargs="+", help="DICOM series rule: ImageType values refused")
-    batch.add_argument("--min-slices", type=int, help="DICOM series rule: fewest slices")
-    batch.add_argument("--orientation", choices=("axial", "coronal", "sagittal", "oblique"), help="DICOM series rule")
+    _add_series_rule_arguments(batch)
     batch.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
     batch.set_defaults(func=_batch)
 

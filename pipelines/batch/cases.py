@@ -11,7 +11,7 @@ import hashlib
 import os
 from collections import defaultdict
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["BatchInputError", "Case", "discover_cases", "pseudonym"]
@@ -47,7 +47,6 @@ class Case:
     url: str = ""
     label: str | None = None
     error: str | None = None
-    extra: dict = field(default_factory=dict)
 
     def source(self) -> dict:
         """What ``record.json`` says about where the case came from."""

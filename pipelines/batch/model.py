@@ -18,23 +18,12 @@ __all__ = ["BundleModel", "bundle_hash"]
 
 
 def bundle_hash(bundle_dir: str | os.PathLike) -> str:
-    """SHA-256 over the bundle's configs and weights (relative paths and contents, sorted)."""
+    """SHA-256 of the bundle's ``configs`` and ``models`` folders (their relative names and contents)."""
+    from pipelines.data.manifest import content_hash
+
     root = Path(bundle_dir)
-    digest = hashlib.sha256()
-    for path in sorted(p for sub in ("configs", "models") for p in (root / sub).rglob("*") if p.is_file()):
-        digest.update(str(path.relative_to(root)).encode() + b"\0")
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
-
-
-def _file_hash(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    parts = [content_hash(root / sub) if (root / sub).exists() else "" for sub in ("configs", "models")]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
 class BundleModel:
@@ -57,6 +46,7 @@ class BundleModel:
         from monai.bundle import ConfigParser
         from monai.transforms import Compose
 
+        from pipelines.data.manifest import content_hash
         from pipelines.transforms import LoadVolumed
 
         self.root = Path(bundle_dir).resolve()
@@ -86,7 +76,7 @@ class BundleModel:
         if isinstance(state, Mapping) and "model" in state and isinstance(state["model"], Mapping):
             state = state["model"]
         self.network.load_state_dict(state)
-        self.weights_sha256 = _file_hash(self.weights_path)
+        self.weights_sha256 = content_hash(self.weights_path)
         self.bundle_sha256 = bundle_hash(self.root)
         preprocessing = parser.get_parsed_content("preprocessing")
         self.preprocessing = Compose([t for t in preprocessing.transforms if not isinstance(t, LoadVolumed)])

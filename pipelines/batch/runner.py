@@ -419,19 +419,11 @@ def run_batch(
 
 def _write_safely(writer: _Writer, case: Case, source, labels, probs, timings) -> dict:
     try:
-        try:
-            return writer.ok(case, source, labels, probs, timings)
-        except Exception as exc:
-            if _fatal(exc):
-                raise
-            return writer.failed(case, _describe(exc), timings)
-    except OSError as exc:
-        if not _fatal(exc):
-            raise
-        raise BatchAbortedError(
-            exc.errno, f"cannot write case {case.case_id} to {writer.output}: {exc.strerror}; the cases finished "
-            f"so far are complete; make room (or fix the disk) and rerun to resume", getattr(exc, "filename", None)
-        ) from exc
+        return writer.ok(case, source, labels, probs, timings)
+    except Exception as exc:
+        if _fatal(exc):
+            raise _aborted(writer, case, exc) from exc
+        return _record_failure(writer, case, _describe(exc), timings)
 
 
 def _record_failure(writer: _Writer, case: Case, error: str, timings: Mapping | None = None) -> dict:
@@ -440,8 +432,15 @@ def _record_failure(writer: _Writer, case: Case, error: str, timings: Mapping | 
     except OSError as exc:
         if not _fatal(exc):
             raise
-        raise BatchAbortedError(exc.errno, f"cannot write case {case.case_id} to {writer.output}: {exc.strerror}; "
-                                "make room (or fix the disk) and rerun to resume") from exc
+        raise _aborted(writer, case, exc) from exc
+
+
+def _aborted(writer: _Writer, case: Case, exc: OSError) -> BatchAbortedError:
+    """The error that stops the run: the output disk cannot take more (``exc`` is fatal)."""
+    return BatchAbortedError(
+        exc.errno, f"cannot write case {case.case_id} to {writer.output}: {exc.strerror}; the cases finished "
+        f"so far are complete; make room (or fix the disk) and rerun to resume", getattr(exc, "filename", None)
+    )
 
 
 def _collect(record: dict, summary: BatchSummary) -> None:
