@@ -61,7 +61,9 @@ def load_volume(
         allow_nonfinite: accept NaN or infinite voxels (refused by default).
         dtype: cast the voxels; by default they keep their type: DICOM gives int16 (int32 if
             needed) when the rescaled values are integers, as in CT, and float32 otherwise or when
-            resampled; scaled NIfTI gives float32; other files keep their stored type.
+            resampled; scaled NIfTI gives float32; other files keep their stored type, except
+            unsigned 16-, 32- and 64-bit voxels, which torch cannot flip or resample: they widen to
+            int32 or int64.
 
     Returns:
         The volume; ``.affine`` maps voxel indices to RAS millimetres. ``.meta`` holds, for every
@@ -120,11 +122,19 @@ def load_series(
     return _as_metatensor(volume[None], affine, meta, Path(path), dtype, allow_nonfinite)
 
 
+_WIDENED = {np.dtype(np.uint16): np.int32, np.dtype(np.uint32): np.int64, np.dtype(np.uint64): np.int64}
+
+
 def _as_metatensor(array, affine, meta: dict, path: Path, dtype, allow_nonfinite: bool) -> MetaTensor:
     if dtype is not None:
         array = array.astype(dtype, copy=False)
     if not array.dtype.isnative:  # big-endian files (old NIfTI, ANALYZE heritage): torch needs native order
         array = array.astype(array.dtype.newbyteorder("="))
+    if array.dtype in _WIDENED:  # torch cannot flip or resample these (dcm2niix and ITK write uint16)
+        wider = _WIDENED[array.dtype]
+        if array.dtype == np.uint64 and array.size and array.max() > np.iinfo(np.int64).max:
+            raise InvalidValuesError(f"{path}: uint64 voxel values above {np.iinfo(np.int64).max} do not fit int64")
+        array = array.astype(wider)
     if not allow_nonfinite and np.issubdtype(array.dtype, np.floating):
         _check_finite(array, path)
     spacing = np.linalg.norm(affine[:3, :3], axis=0)

@@ -37,6 +37,26 @@ def test_nifti_round_trip_is_exact(tmp_path, dtype, suffix):
     assert volume.meta["source_format"] == "nifti" and volume.meta["dicom"] == "{}"
 
 
+@pytest.mark.parametrize("stored, loaded", [(np.uint16, np.int32), (np.uint32, np.int64), (np.uint64, np.int64)])
+def test_wide_unsigned_voxels_widen_to_what_torch_can_reorient(tmp_path, stored, loaded):
+    """dcm2niix and ITK write uint16 NIfTI; torch cannot flip uint16, so Orientation would fail."""
+    from monai.transforms import Orientation
+
+    data = np.arange(4 * 5 * 6, dtype=stored).reshape(4, 5, 6) * 1000
+    affine = np.diag([-1.0, 1.0, 1.0, 1.0])  # LAS: reorienting to RAS flips the first axis
+    nib.save(nib.Nifti1Image(data, affine, dtype=stored), tmp_path / "u.nii.gz")
+    volume = load_volume(tmp_path / "u.nii.gz")
+    assert volume.numpy().dtype == loaded and np.array_equal(volume[0].numpy(), data)
+    assert np.array_equal(Orientation("RAS")(volume)[0].numpy(), data[::-1])
+
+
+def test_uint64_beyond_int64_is_refused(tmp_path):
+    data = np.full((2, 2, 2), np.iinfo(np.uint64).max, dtype=np.uint64)
+    nib.save(nib.Nifti1Image(data, np.eye(4), dtype=np.uint64), tmp_path / "huge.nii.gz")
+    with pytest.raises(InvalidValuesError, match=r"huge.nii.gz: uint64 voxel values above"):
+        load_volume(tmp_path / "huge.nii.gz")
+
+
 def test_nifti_channels_and_scaling(tmp_path):
     data = np.arange(2 * 3 * 4 * 3, dtype=np.int16).reshape(2, 3, 4, 3)
     image = nib.Nifti1Image(data, np.eye(4))

@@ -189,6 +189,8 @@ def _records(file: Path, ds: pydicom.Dataset) -> list[SliceRecord] | None:
 
 _RAW_SYNTAXES = (pydicom.uid.ExplicitVRLittleEndian, pydicom.uid.ImplicitVRLittleEndian)
 _ASCII_VRS = ("AS", "CS", "DA", "DS", "IS", "SH", "TM", "UI")
+# pydicom 3 hands back a deferred element unread; pydicom 2 (the MONAI Label environment) reads it
+_KEEP_DEFERRED = {"keep_deferred": True} if int(pydicom.__version__.split(".")[0]) >= 3 else {}
 
 
 def _raw(ds: pydicom.Dataset, keyword: str):
@@ -203,7 +205,7 @@ def _raw(ds: pydicom.Dataset, keyword: str):
     tag = pydicom.datadict.tag_for_keyword(keyword)
     if tag is None or tag not in ds:
         return None
-    element = ds.get_item(tag, keep_deferred=True)
+    element = ds.get_item(tag, **_KEEP_DEFERRED)
     if isinstance(element, pydicom.dataelem.RawDataElement) and element.value is not None:
         vr = element.VR or pydicom.datadict.dictionary_VR(tag)
         if vr in _ASCII_VRS:
@@ -242,7 +244,7 @@ def _raw_pixels(ds: pydicom.Dataset) -> dict:
         bits, stored = int(_raw(ds, "BitsAllocated")), int(_raw(ds, "BitsStored"))
         if bits not in (8, 16, 32) or stored != bits:
             return {}
-        element = ds.get_item(0x7FE00010, keep_deferred=True)
+        element = ds.get_item(0x7FE00010, **_KEEP_DEFERRED)
         offset = getattr(element, "value_tell", None)
         if offset is None or element.length < int(_raw(ds, "Rows")) * int(_raw(ds, "Columns")) * bits // 8:
             return {}

@@ -17,9 +17,13 @@ import mmap
 
 import numpy as np
 import pydicom
-from pydicom.pixels import get_decoder
 from pydicom.uid import UID
 from scipy import ndimage
+
+try:
+    from pydicom.pixels import get_decoder
+except ImportError:  # pydicom 2, as in the MONAI Label environment: its pixel data handlers are asked instead
+    get_decoder = None
 
 from pipelines.io.dicom.geometry import StackGeometry
 from pipelines.io.dicom.scan import SliceRecord
@@ -35,13 +39,19 @@ def _check_decoder(record: SliceRecord) -> None:
     uid = UID(record.transfer_syntax)
     if not uid.is_compressed:
         return
-    try:
-        decoder = get_decoder(uid)
-    except NotImplementedError as exc:
-        raise MissingDecoderError(
-            f"{record.path}: no decoder exists for transfer syntax {uid.name} ({uid})"
-        ) from exc
-    if not decoder.is_available:
+    if get_decoder is None:
+        handlers = [h for h in pydicom.config.pixel_data_handlers if h.supports_transfer_syntax(uid)]
+        if not handlers:
+            raise MissingDecoderError(f"{record.path}: no decoder exists for transfer syntax {uid.name} ({uid})")
+        available = any(h.is_available() for h in handlers)
+    else:
+        try:
+            available = get_decoder(uid).is_available
+        except NotImplementedError as exc:
+            raise MissingDecoderError(
+                f"{record.path}: no decoder exists for transfer syntax {uid.name} ({uid})"
+            ) from exc
+    if not available:
         raise MissingDecoderError(
             f"{record.path}: pixel data in transfer syntax {uid.name} ({uid}) needs a decoder: "
             f"install {_DECODER_PACKAGES}"
