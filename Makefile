@@ -19,8 +19,17 @@ DEMO_MANIFEST := $(CURDIR)/data_manifests/demo_tumor.json
 # minutes of demo training: epochs of 24 iterations (about 45 s each on 2 cores)
 DEMO_EPOCHS ?= 3
 PYTEST_ARGS ?=
+# MONAI Label lives in its own environment: 0.8.5 needs pydicom 2 (the project uses pydicom 3)
+LABEL_VENV := .venv-label
+LABEL_PY := $(CURDIR)/$(LABEL_VENV)/bin/python
+LABEL_STAMP := $(LABEL_VENV)/.installed
+LABEL_APP ?= $(CURDIR)/label_app
+STUDIES ?=
+PORT ?= 8000
+LABEL_ARGS ?=
+export UNET_LABEL_PYTHON := $(LABEL_PY)
 
-.PHONY: help venv system-deps test demo demo-data demo-isbi bench clean
+.PHONY: help venv label-venv label-server system-deps test demo demo-data demo-isbi bench clean
 
 help:
 	@echo "make demo   - create .venv, install, generate the demo data, train the 3D tumor bundle, run the batch job"
@@ -28,6 +37,7 @@ help:
 	@echo "make demo-isbi - train and run the U-Net ISBI 2012 bundle on ../shared/data/isbi2012"
 	@echo "make test   - create/refresh .venv and run the test suite (all but GPU tests)"
 	@echo "make bench  - benchmarks, with ratios against the peer measured in the same run"
+	@echo "make label-server STUDIES=<folder | DICOMweb URL> [PORT=8000] - serve the bundles from MONAI Label on 127.0.0.1"
 
 # torch==2.13.0 first: that exact version is the local CPU build; anything that asks for torch later
 # finds it satisfied instead of pulling a CUDA build.
@@ -38,6 +48,23 @@ $(STAMP): pyproject.toml
 	touch $@
 
 venv: $(STAMP)
+
+# the order and the reasons are in pipelines/label/requirements.txt
+$(LABEL_STAMP): pyproject.toml pipelines/label/requirements.txt
+	test -x $(LABEL_PY) || $(PYTHON) -m venv $(LABEL_VENV)
+	$(LABEL_PY) -m pip install --quiet torch==2.13.0
+	$(LABEL_PY) -m pip install --quiet --no-deps monailabel==0.8.5 pydicom-seg==0.4.1
+	$(LABEL_PY) -m pip install --quiet -r pipelines/label/requirements.txt
+	$(LABEL_PY) -m pip install --quiet --no-deps -e .
+	touch $@
+
+label-venv: $(LABEL_STAMP)
+
+label-server: $(LABEL_STAMP)
+	@if [ -z "$(STUDIES)" ]; then \
+		echo "usage: make label-server STUDIES=<folder of NIfTI images | DICOMweb URL> [PORT=8000]"; exit 2; fi
+	$(LABEL_PY) -m pipelines label-server --studies "$(STUDIES)" --port $(PORT) --app-dir $(LABEL_APP) \
+		--bundles-dir $(CURDIR)/bundles $(LABEL_ARGS)
 
 system-deps:
 	@missing=""; for pkg in $(DEBIAN_PACKAGES); do \
@@ -52,7 +79,7 @@ system-deps:
 		exit $$status; \
 	fi
 
-test: $(STAMP) system-deps demo-data
+test: $(STAMP) $(LABEL_STAMP) system-deps demo-data
 	$(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
 
 demo: $(STAMP) demo-data

@@ -193,6 +193,49 @@ def _add_batch_command(commands) -> None:
     batch.set_defaults(func=_batch)
 
 
+def _label_server(args: argparse.Namespace) -> int:
+    import importlib.util
+    import json
+    import os
+
+    from pipelines.label import prepare_app, server_command
+
+    remote = args.studies.startswith(("http://", "https://"))
+    if not remote and not os.path.isdir(args.studies):
+        raise ValueError(f"--studies must be a folder of images or a DICOMweb URL, got {args.studies}")
+    if importlib.util.find_spec("monailabel") is None:
+        raise ValueError(
+            "MONAI Label is not installed in this Python environment: `make label-server` creates and uses "
+            ".venv-label (MONAI Label 0.8.5 needs pydicom 2, so it cannot share the project's .venv)"
+        )
+    served = prepare_app(args.app_dir, args.bundles_dir, args.bundle, refresh=args.refresh_bundles)
+    if remote and args.dicomweb_modality:
+        os.environ.setdefault("MONAI_LABEL_DICOMWEB_SEARCH_FILTER", json.dumps({"Modality": args.dicomweb_modality}))
+    command = server_command(args.app_dir, args.studies, args.port, [p.name for p in served], host=args.host)
+    print(f"MONAI Label on http://{args.host}:{args.port}: {', '.join(p.name for p in served)} "
+          f"(copies in {os.path.join(args.app_dir, 'model')})", flush=True)
+    os.execv(command[0], command)  # the server runs in the foreground, in this process
+
+
+def _add_label_command(commands) -> None:
+    label = commands.add_parser(
+        "label-server",
+        help="serve the bundles from a MONAI Label server (run in .venv-label: make label-server)",
+        description="Copy the bundles into a MONAI Label app folder (once: weights retrained from annotations "
+        "stay there, the repository's are never changed) and start MONAI Label on 127.0.0.1 in the foreground. "
+        "Point 3D Slicer's MONAI Label module or OHIF at http://127.0.0.1:PORT.",
+    )
+    label.add_argument("--studies", required=True, help="folder of images (NIfTI) or a DICOMweb URL")
+    label.add_argument("--port", type=int, default=8000)
+    label.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    label.add_argument("--app-dir", default="label_app", help="app folder: main.py, bundle copies, logs")
+    label.add_argument("--bundles-dir", default="bundles", help="folder of the bundles to serve")
+    label.add_argument("--bundle", nargs="+", help="bundle folder names to serve (default: all)")
+    label.add_argument("--refresh-bundles", action="store_true", help="copy the bundles again (drops retrained weights)")
+    label.add_argument("--dicomweb-modality", default="MR", help="modality the DICOMweb study list shows ('' for all)")
+    label.set_defaults(func=_label_server)
+
+
 def _parser() -> argparse.ArgumentParser:
     from pipelines import __version__
 
@@ -214,6 +257,7 @@ def _parser() -> argparse.ArgumentParser:
     shapes.set_defaults(func=_shapes)
     _add_manifest_commands(commands)
     _add_batch_command(commands)
+    _add_label_command(commands)
     demo = commands.add_parser(
         "demo-data",
         help="write the synthetic tumor data set (NIfTI, DICOM studies, manifest)",

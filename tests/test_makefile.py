@@ -17,3 +17,12 @@ def test_demo_without_data_explains_where_it_comes_from(tmp_path):
     assert result.returncode != 0
     assert "ISBI 2012" in result.stdout and str(tmp_path / "nowhere") in result.stdout
     assert "UNET_SHARED_DATA" in result.stdout
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_label_server_without_studies_shows_its_usage():
+    result = subprocess.run(
+        ["make", "-s", "-o", ".venv-label/.installed", "label-server"], cwd=REPO, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode != 0
+    assert "usage: make label-server STUDIES=<folder of NIfTI images | DICOMweb URL> [PORT=8000]" in result.stdout

@@ -3,76 +3,24 @@
 from __future__ import annotations
 
 import json
-import shutil
-import socket
-import subprocess
-import time
 import urllib.request
-from pathlib import Path
 
 import highdicom as hd
 import pytest
 
 from pipelines.batch import BatchInputError, discover_cases, pseudonym, run_batch
+from tests import servers
 from tests.batch.conftest import BUNDLE, DEMO, demo_case
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-_ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
-_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory):
-    """Orthanc with DICOMweb, HTTP only, refusing remote clients; two demo studies uploaded."""
-    if not Path(_ORTHANC).exists() or not _PLUGIN.exists():
-        pytest.skip("Orthanc and its DICOMweb plugin are not installed (Debian orthanc, orthanc-dicomweb: make system-deps)")
-    root = tmp_path_factory.mktemp("orthanc")
-    port = _free_port()
-    config = {
-        "Name": "unet-pipelines-test",
-        "StorageDirectory": str(root / "storage"),
-        "IndexDirectory": str(root / "storage"),
-        "HttpPort": port,
-        "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False,
-        "DicomServerEnabled": False,
-        "Plugins": [str(_PLUGIN)],
-        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
-    }
-    (root / "orthanc.json").write_text(json.dumps(config))
-    log = open(root / "orthanc.log", "w")
-    process = subprocess.Popen([_ORTHANC, str(root / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"{base}/system", timeout=2).read()
-                break
-            except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"Orthanc did not start:\n{(root / 'orthanc.log').read_text()[-3000:]}")
-                time.sleep(0.2)
-        entries = [demo_case("test", 0), demo_case("test", 1)]
-        for entry in entries:
-            for file in sorted((DEMO / entry["dicom"]).glob("*.dcm")):
-                request = urllib.request.Request(f"{base}/instances", data=file.read_bytes(), method="POST")
-                urllib.request.urlopen(request, timeout=30).read()
-        yield f"{base}/dicom-web", entries
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
+    """Orthanc with DICOMweb on 127.0.0.1, two demo studies uploaded; yields (DICOMweb URL, their entries)."""
+    entries = [demo_case("test", 0), demo_case("test", 1)]
+    with servers.orthanc(tmp_path_factory.mktemp("orthanc"), [DEMO / e["dicom"] for e in entries]) as url:
+        yield url, entries
 
 
 def _qido(url: str, path: str) -> list[dict]:
@@ -118,6 +66,6 @@ def test_same_result_as_the_folder_input(orthanc, tmp_path):
 
 def test_unreachable_server_is_a_clear_error(tmp_path):
     with pytest.raises(BatchInputError, match="DICOMweb query .QIDO-RS. failed"):
-        run_batch(BUNDLE, f"http://127.0.0.1:{_free_port()}/dicom-web", tmp_path / "out")
+        run_batch(BUNDLE, f"http://127.0.0.1:{servers.free_port()}/dicom-web", tmp_path / "out")
     with pytest.raises(BatchInputError, match="--push stores DICOM SEGs back to a DICOMweb input"):
         run_batch(BUNDLE, DEMO, tmp_path / "out", push=True)

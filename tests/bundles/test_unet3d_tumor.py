@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -25,6 +23,7 @@ from pipelines.io.dicom_seg import segments_from_metadata
 from pipelines.networks import UNet
 from tests.bundles.conftest import BUNDLES, assert_bundle_ids, bundle_metadata, bundle_parser, read_metrics, run_bundle
 from tests.conftest import REPO
+from tests.servers import free_port, stop_server, wait_for
 
 BUNDLE = BUNDLES / "unet3d_tumor"
 CONFIGS = BUNDLE / "configs"
@@ -166,18 +165,6 @@ def bundle_process(args: list[str], log: Path, **env: str) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1", **env))
 
 
-def wait_for(condition, timeout: float, what: str, process: subprocess.Popen | None = None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        if process is not None and process.poll() is not None:
-            pytest.fail(f"the process ended ({process.returncode}) before {what}")
-        time.sleep(0.2)
-    pytest.fail(f"timed out after {timeout} s waiting for {what}")
-
-
 @pytest.mark.slow
 @pytest.mark.integration
 def test_kill_9_mid_epoch_then_rerun_resumes(demo, tmp_path):
@@ -218,12 +205,6 @@ def test_resume_log_names_the_checkpoint(demo, tmp_path):
     assert "resumed from" in result.stdout + result.stderr and "last_checkpoint_4.pt: epoch 1, iteration 4" in result.stdout + result.stderr
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def mlflow_server(tmp_path):
     """A real ``mlflow server`` on 127.0.0.1 with a SQLite backend; yields (uri, process)."""
@@ -246,16 +227,6 @@ def mlflow_server(tmp_path):
         yield uri, process
     finally:
         stop_server(process)
-
-
-def stop_server(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
 
 
 @pytest.mark.slow

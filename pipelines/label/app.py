@@ -1,0 +1,145 @@
+"""The MONAI Label app: the project's bundles, served under their folder names.
+
+Imported by the ``main.py`` that :func:`pipelines.label.server.prepare_app` writes into the app
+folder, in the MONAI Label environment (``make label-server``; pydicom 2, so this package's
+pydicom-3-only code stays unimported). Each bundle under ``<app>/model/`` becomes one infer task
+(MONAI Label's ``BundleInferTask``: the bundle's ``network_def``, ``preprocessing``, ``inferer``
+and ``postprocessing``, minus ``SaveImaged``) and one train task (``BundleTrainTask``).
+
+What this app changes in MONAI Label's bundle tasks:
+
+- checkpoints load strictly: a ``model.pt`` that does not fit ``network_def`` is an error, where
+  MONAI Label only warns and runs the unfitted layers;
+- the image's path is set aside while the bundle's preprocessing runs (MONAI 1.6's ``Spacingd``
+  would treat MONAI Label's ``image_path`` string as a metadata dict);
+- a result whose image has no file extension (a DICOM series folder) is written as ``.nii.gz``,
+  results are uint8 label maps unless the request asks for another ``result_dtype``, and a 2D
+  bundle's ``(1, H, W)`` result is written as an ``(H, W)`` picture;
+- training from annotations validates every epoch (so the best model, ``models/model.pt``, is
+  written after the first epoch and the next inference uses it), validates on the training
+  images when too few labels leave the validation split empty, and never resumes the bundle's
+  own interrupted-run checkpoint (each MONAI Label training is a fresh fine-tuning run);
+- no dcmqi download at start: nothing may be fetched at run time. Saving labels to a DICOMweb
+  store as DICOM SEG needs dcmqi's ``itkimage2segimage`` on ``PATH`` (MONAI Label's converter);
+  inference from DICOMweb does not.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+from pipelines.label.compat import provide_torchvision_utils
+
+provide_torchvision_utils()  # before monailabel.tasks.infer.bundle imports torchvision.utils
+
+from monailabel.interfaces.app import MONAILabelApp  # noqa: E402
+from monailabel.tasks.infer.bundle import BundleInferTask  # noqa: E402
+from monailabel.tasks.train.bundle import BundleTrainTask  # noqa: E402
+
+import pipelines  # noqa: E402
+
+__all__ = ["UNetBundleInferTask", "UNetBundleTrainTask", "UNetPipelinesApp"]
+
+logger = logging.getLogger(__name__)
+
+_DCMQI_TOOL = "itkimage2segimage"
+
+
+class UNetBundleInferTask(BundleInferTask):
+    """MONAI Label's bundle inference with strict weight loading and NIfTI results for DICOM folders."""
+
+    def __init__(self, path: str, conf: dict, **kwargs) -> None:
+        super().__init__(path, conf, load_strict=True, **kwargs)
+
+    def run_pre_transforms(self, data: dict, transforms):
+        # MONAI 1.6's Spacingd updates every "image_*" key of a NIfTI case with the image's metadata,
+        # taking it for a meta dict; MONAI Label keeps the image's path, a str, in "image_path"
+        path = data.pop("image_path", None)
+        try:
+            data = super().run_pre_transforms(data, transforms)
+        finally:
+            if path is not None:
+                data["image_path"] = path
+        return data
+
+    def writer(self, data: dict, extension=None, dtype=None):
+        image = str(data.get("image_path") or "")
+        if extension is None and not data.get("result_extension") and Path(image).is_dir():
+            extension = ".nii.gz"  # the series UID folder name would otherwise be taken for an extension
+        pred = data.get(self.output_label_key)
+        if self.dimension == 2 and pred is not None and pred.ndim == 3 and pred.shape[0] == 1:
+            data[self.output_label_key] = pred[0]  # a 2D label map, not a one-pixel-thick volume
+        if dtype is None and not data.get("result_dtype"):
+            dtype = "uint8"  # label values, not MONAI Label's default float32 (4x the download)
+        return super().writer(data, extension=extension, dtype=dtype)
+
+
+class UNetBundleTrainTask(BundleTrainTask):
+    """MONAI Label's bundle training, fitted to the project's ``train.json`` (see the module docstring)."""
+
+    def __init__(self, path: str, conf: dict, **kwargs) -> None:
+        super().__init__(path, conf, load_strict=True, **kwargs)
+
+    def _update_overrides(self, overrides: dict) -> dict:
+        overrides["val_interval"] = 1
+        overrides["resume"] = False
+        key = self.const.key_validate_dataset_data()
+        if key in overrides and not overrides[key]:  # absent: val_split < 0 asks for the bundle's own list
+            train = overrides[self.const.key_train_dataset_data()]
+            logger.warning(
+                "%s: the validation split of %d labelled images is empty: validating on the training images",
+                Path(self.bundle_path).name, len(train),
+            )
+            overrides[key] = list(train)
+        return overrides
+
+
+class UNetPipelinesApp(MONAILabelApp):
+    """Serves every bundle folder under ``<app_dir>/model`` (``--conf models a,b`` picks some)."""
+
+    def __init__(self, app_dir: str, studies: str, conf: dict) -> None:
+        model_dir = Path(app_dir) / "model"
+        found = sorted(p.name for p in model_dir.iterdir() if (p / "configs" / "metadata.json").is_file())
+        wanted = [m.strip() for m in conf.get("models", "all").split(",") if m.strip()]
+        if wanted != ["all"]:
+            unknown = sorted(set(wanted) - set(found))
+            if unknown:
+                raise ValueError(f"--conf models names bundles not in {model_dir}: {unknown} (there: {found})")
+            found = [name for name in found if name in wanted]
+        if not found:
+            raise ValueError(f"no bundle (configs/metadata.json) under {model_dir}")
+        self.bundles = {name: model_dir / name for name in found}
+        super().__init__(
+            app_dir=app_dir,
+            studies=studies,
+            conf=conf,
+            name="unet-pipelines",
+            description="U-Net bundles of unet-pipelines: " + ", ".join(found),
+            version=pipelines.__version__,
+        )
+
+    def init_infers(self) -> dict:
+        tasks = {name: UNetBundleInferTask(str(path), self.conf) for name, path in self.bundles.items()}
+        return self._valid(tasks, "inference")
+
+    def init_trainers(self) -> dict:
+        tasks = {name: UNetBundleTrainTask(str(path), self.conf) for name, path in self.bundles.items()}
+        return self._valid(tasks, "training")
+
+    @staticmethod
+    def _valid(tasks: dict, kind: str) -> dict:
+        for name, task in tasks.items():
+            if not task.is_valid():
+                raise ValueError(f"bundle {name} cannot serve {kind} (see the warnings above)")
+        return tasks
+
+    def _download_dcmqi_tools(self) -> None:
+        if shutil.which(_DCMQI_TOOL) or (Path(self.app_dir) / "bin" / _DCMQI_TOOL).exists():
+            return
+        logger.warning(
+            "dcmqi's %s is not on PATH: inference from the DICOMweb store works, but saving labels back "
+            "to it as DICOM SEG (MONAI Label's converter) needs it; nothing is downloaded at run time",
+            _DCMQI_TOOL,
+        )

@@ -1,0 +1,156 @@
+"""The bundles served by a real MONAI Label server (run from .venv-label), on 127.0.0.1."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+
+import nibabel as nib
+import numpy as np
+import psutil
+import pydicom
+import pytest
+import requests
+from PIL import Image
+
+from pipelines.batch import run_batch
+from tests import servers
+from tests.batch.conftest import BUNDLE, DEMO, demo_case
+from tests.label.conftest import label_server
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+TEST_CASES = (0, 1, 2)
+
+
+def _sha256(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _dice(prediction: np.ndarray, reference: np.ndarray, label: int) -> float:
+    a, b = prediction == label, reference == label
+    return 2.0 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
+
+
+def _infer(base: str, model: str, image: str, target) -> nib.Nifti1Image:
+    response = requests.post(f"{base}/infer/{model}", params={"image": image, "output": "image"}, timeout=300)
+    assert response.status_code == 200, response.text[-2000:]
+    target.write_bytes(response.content)
+    return nib.load(target)
+
+
+def _batch_mask(bundle, entry: dict, out) -> tuple[np.ndarray, dict]:
+    """The batch job's mask and record for one demo case (a one-case manifest, so it also scores Dice)."""
+    manifest = out.parent / f"{out.name}.json"
+    manifest.write_text(json.dumps({"test": [entry]}))
+    summary = run_batch(bundle, manifest, out, workers=0, dataset_dir=DEMO, image_key="image")
+    assert summary.done == 1, summary
+    (case_dir,) = [p for p in out.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    record = json.loads((case_dir / "record.json").read_text())
+    return np.asarray(nib.load(case_dir / "mask.nii.gz").dataobj), record
+
+
+@pytest.fixture(scope="module")
+def local_server(tmp_path_factory):
+    """The server over a folder of three demo test images (``<case_id>.nii.gz``)."""
+    root = tmp_path_factory.mktemp("label")
+    studies = root / "studies"
+    studies.mkdir()
+    entries = [demo_case("test", i) for i in TEST_CASES]
+    for entry in entries:
+        shutil.copy(DEMO / entry["image"], studies / f"{entry['case_id']}.nii.gz")
+    with label_server(root, str(studies)) as (base, app, log):
+        yield base, app, log, entries
+
+
+def test_info_lists_both_bundles_with_their_labels(local_server):
+    base, app, log, entries = local_server
+    info = requests.get(f"{base}/info/", timeout=30).json()
+    assert info["models"]["unet3d_tumor"]["labels"] == {"tumor": 1, "edema": 2}
+    assert info["models"]["unet3d_tumor"]["dimension"] == 3
+    assert info["models"]["unet2d_isbi2012"]["labels"] == {"membrane": 0, "cell": 1}
+    assert info["models"]["unet2d_isbi2012"]["dimension"] == 2
+    assert set(info["trainers"]) == {"unet3d_tumor", "unet2d_isbi2012"}
+    listed = set(requests.get(f"{base}/datastore/?output=all", timeout=30).json()["objects"])
+    assert listed == {e["case_id"] for e in entries}
+    # served from copies: training never touches the repository's bundles
+    for name in ("unet3d_tumor", "unet2d_isbi2012"):
+        assert (app / "model" / name / "models" / "model.pt").is_file()
+    # listening on loopback only
+    port = int(base.rsplit(":", 1)[1])
+    listening = [c for c in psutil.net_connections("inet") if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
+    assert listening and {c.laddr.ip for c in listening} == {"127.0.0.1"}
+    assert "dcmqi" not in log.read_text() or "nothing is downloaded" in log.read_text()
+
+
+def test_infer_matches_the_batch_job(local_server, tmp_path):
+    base, app, log, entries = local_server
+    entry = entries[0]
+    result = _infer(base, "unet3d_tumor", entry["case_id"], tmp_path / "served.nii.gz")
+    image = nib.load(DEMO / entry["image"])
+    reference = np.asarray(nib.load(DEMO / entry["label"]).dataobj)
+    assert result.shape == image.shape and np.allclose(result.affine, image.affine, atol=1e-4)
+    assert result.get_data_dtype() == np.uint8
+    served = np.asarray(result.dataobj)
+    batch, record = _batch_mask(BUNDLE, entry, tmp_path / "batch")
+    assert np.mean(served == batch) > 0.999
+    for name, label in (("tumor", 1), ("edema", 2)):
+        assert _dice(served, reference, label) == pytest.approx(record["dice"][name], abs=0.005)
+        assert _dice(served, reference, label) > 0.85
+
+
+def test_2d_bundle_segments_an_uploaded_em_section(local_server, isbi_dir, tmp_path):
+    """The ISBI bundle (valid U-Net, overlap-tile, watershed) on validation section 20, sent with the request."""
+    base = local_server[0]
+    with open(isbi_dir / "train" / "image" / "20.png", "rb") as image:
+        response = requests.post(f"{base}/infer/unet2d_isbi2012", params={"output": "image"},
+                                 files={"file": ("20.png", image)}, timeout=300)
+    assert response.status_code == 200, response.text[-2000:]
+    (tmp_path / "cells.png").write_bytes(response.content)
+    cells = np.asarray(Image.open(tmp_path / "cells.png"))
+    reference = np.asarray(Image.open(isbi_dir / "train" / "label" / "20.png")) > 127
+    assert cells.shape == reference.shape == (512, 512) and set(np.unique(cells)) == {0, 1}
+    assert np.mean((cells == 1) == reference) > 0.88  # 0.911 measured
+
+
+def test_saved_labels_train_and_the_next_inference_uses_the_new_weights(local_server, tmp_path):
+    base, app, log, entries = local_server
+    shipped = _sha256(BUNDLE / "models" / "model.pt")
+    served_weights = app / "model" / "unet3d_tumor" / "models" / "model.pt"
+    before = np.asarray(_infer(base, "unet3d_tumor", entries[1]["case_id"], tmp_path / "before.nii.gz").dataobj)
+    for entry in entries:
+        with open(DEMO / entry["label"], "rb") as label:
+            response = requests.put(f"{base}/datastore/label", params={"image": entry["case_id"], "tag": "final"},
+                                    files={"label": (f"{entry['case_id']}.nii.gz", label)}, timeout=60)
+        assert response.status_code == 200, response.text
+    old = _sha256(served_weights)
+    response = requests.post(f"{base}/train/unet3d_tumor", params={"run_sync": "true"},
+                             json={"max_epochs": 1, "device": "cpu", "multi_gpu": False}, timeout=600)
+    assert response.status_code == 200, response.text
+    text = log.read_text()
+    assert "Epoch[1] Metrics" in text and "Restored all variables from" in text  # fine-tuned from the served weights
+    assert _sha256(served_weights) != old
+    assert _sha256(BUNDLE / "models" / "model.pt") == shipped
+    after = np.asarray(_infer(base, "unet3d_tumor", entries[1]["case_id"], tmp_path / "after.nii.gz").dataobj)
+    assert np.any(after != before)
+    # exactly what the batch job gives with the retrained weights
+    batch, _ = _batch_mask(app / "model" / "unet3d_tumor", entries[1], tmp_path / "batch")
+    assert np.mean(after == batch) > 0.999
+
+
+def test_dicomweb_store_infers_a_series_by_its_uid(tmp_path):
+    entry = demo_case("test", 0)
+    study = DEMO / entry["dicom"]
+    series_uid = pydicom.dcmread(sorted(study.glob("*.dcm"))[0], stop_before_pixels=True).SeriesInstanceUID
+    (tmp_path / "orthanc").mkdir()
+    with servers.orthanc(tmp_path / "orthanc", [study]) as url:
+        with label_server(tmp_path, url, "--bundle", "unet3d_tumor") as (base, app, log):
+            assert set(requests.get(f"{base}/info/", timeout=30).json()["models"]) == {"unet3d_tumor"}
+            result = _infer(base, "unet3d_tumor", series_uid, tmp_path / "served.nii.gz")
+    summary = run_batch(BUNDLE, study, tmp_path / "batch", workers=0)
+    assert summary.done == 1
+    (case_dir,) = [p for p in (tmp_path / "batch").iterdir() if p.is_dir() and not p.name.startswith(".")]
+    batch = nib.load(case_dir / "mask.nii.gz")
+    assert result.shape == batch.shape and np.allclose(result.affine, batch.affine, atol=1e-3)
+    assert np.mean(np.asarray(result.dataobj) == np.asarray(batch.dataobj)) > 0.999

@@ -1,0 +1,98 @@
+"""Real servers for integration tests, on 127.0.0.1: ports, waiting, stopping, and Orthanc with DICOMweb."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import pytest
+
+ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
+ORTHANC_DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(condition, timeout: float, what: str, process: subprocess.Popen | None = None, log: Path | None = None):
+    """Poll ``condition`` until it returns a true value; fail the test on timeout or if ``process`` ends."""
+    deadline = time.monotonic() + timeout
+    tail = lambda: f":\n{log.read_text()[-4000:]}" if log is not None and log.exists() else ""  # noqa: E731
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        if process is not None and process.poll() is not None:
+            pytest.fail(f"the process ended ({process.returncode}) before {what}{tail()}")
+        time.sleep(0.2)
+    pytest.fail(f"timed out after {timeout} s waiting for {what}{tail()}")
+
+
+def http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def stop_server(process: subprocess.Popen) -> None:
+    """SIGTERM the process group (started with ``start_new_session=True``), SIGKILL after 20 s."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+@contextlib.contextmanager
+def orthanc(root: Path, studies: Iterable[Path] = ()) -> Iterator[str]:
+    """Orthanc with its DICOMweb plugin, HTTP only, refusing remote clients; yields the DICOMweb root URL.
+
+    Every ``*.dcm`` file of each folder in ``studies`` is uploaded first. Skips the test when the
+    Debian packages ``orthanc`` and ``orthanc-dicomweb`` are missing (``make system-deps``).
+    """
+    if not Path(ORTHANC).exists() or not ORTHANC_DICOMWEB_PLUGIN.exists():
+        pytest.skip("Orthanc and its DICOMweb plugin are not installed (Debian orthanc, orthanc-dicomweb: make system-deps)")
+    port = free_port()
+    config = {
+        "Name": "unet-pipelines-test",
+        "StorageDirectory": str(root / "storage"),
+        "IndexDirectory": str(root / "storage"),
+        "HttpPort": port,
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "DicomServerEnabled": False,
+        "Plugins": [str(ORTHANC_DICOMWEB_PLUGIN)],
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+    }
+    (root / "orthanc.json").write_text(json.dumps(config))
+    log_path = root / "orthanc.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [ORTHANC, str(root / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        base = f"http://127.0.0.1:{port}"
+        try:
+            wait_for(lambda: http_ok(f"{base}/system"), 60, "Orthanc", process, log_path)
+            for study in studies:
+                for file in sorted(Path(study).glob("*.dcm")):
+                    request = urllib.request.Request(f"{base}/instances", data=file.read_bytes(), method="POST")
+                    urllib.request.urlopen(request, timeout=30).read()
+            yield f"{base}/dicom-web"
+        finally:
+            stop_server(process)
