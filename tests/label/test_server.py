@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import subprocess
 
 import nibabel as nib
 import numpy as np
@@ -17,7 +18,8 @@ from PIL import Image
 from pipelines.batch import run_batch
 from tests import servers
 from tests.batch.conftest import BUNDLE, DEMO, demo_case
-from tests.label.conftest import label_server
+from tests.conftest import REPO
+from tests.label.conftest import label_python, label_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -154,3 +156,26 @@ def test_dicomweb_store_infers_a_series_by_its_uid(tmp_path):
     batch = nib.load(case_dir / "mask.nii.gz")
     assert result.shape == batch.shape and np.allclose(result.affine, batch.affine, atol=1e-3)
     assert np.mean(np.asarray(result.dataobj) == np.asarray(batch.dataobj)) > 0.999
+
+
+def test_make_label_server_starts_it_in_the_foreground(tmp_path):
+    """The README's command: the Makefile target runs the same launcher from .venv-label."""
+    label_python()  # skips without the environment
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    port = servers.free_port()
+    log_path = tmp_path / "make.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            ["make", "-s", "-o", ".venv-label/.installed", "label-server", f"STUDIES={studies}", f"PORT={port}",
+             f"LABEL_APP={tmp_path / 'app'}", "LABEL_ARGS=--bundle unet2d_isbi2012"],
+            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        try:
+            servers.wait_for(lambda: servers.http_ok(f"http://127.0.0.1:{port}/info/"), 180, "make label-server",
+                             process, log_path)
+            assert set(requests.get(f"http://127.0.0.1:{port}/info/", timeout=30).json()["models"]) == {"unet2d_isbi2012"}
+            assert process.poll() is None  # still serving, in the foreground
+        finally:
+            servers.stop_server(process)
+    assert (tmp_path / "app" / "model" / "unet2d_isbi2012" / "models" / "model.pt").is_file()
