@@ -19,9 +19,10 @@ What this app changes in MONAI Label's bundle tasks:
   written after the first epoch and the next inference uses it), validates on the training
   images when too few labels leave the validation split empty, and never resumes the bundle's
   own interrupted-run checkpoint (each MONAI Label training is a fresh fine-tuning run);
-- no dcmqi download at start: nothing may be fetched at run time. Saving labels to a DICOMweb
-  store as DICOM SEG needs dcmqi's ``itkimage2segimage`` on ``PATH`` (MONAI Label's converter);
-  inference from DICOMweb does not.
+- no dcmqi download at start (nothing may be fetched at run time): unless dcmqi's
+  ``itkimage2segimage`` is on ``PATH``, labels saved to a DICOMweb store, and ``/infer`` results
+  asked for as ``dicom_seg``, are written as DICOM SEG with pydicom-seg, the converter's other
+  writer (:func:`use_pydicom_seg_for_dicom_seg`).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from monailabel.tasks.train.bundle import BundleTrainTask  # noqa: E402
 
 import pipelines  # noqa: E402
 
-__all__ = ["UNetBundleInferTask", "UNetBundleTrainTask", "UNetPipelinesApp"]
+__all__ = ["UNetBundleInferTask", "UNetBundleTrainTask", "UNetPipelinesApp", "use_pydicom_seg_for_dicom_seg"]
 
 logger = logging.getLogger(__name__)
 
@@ -136,10 +137,29 @@ class UNetPipelinesApp(MONAILabelApp):
         return tasks
 
     def _download_dcmqi_tools(self) -> None:
+        """Called when the datastore is a DICOMweb store: never download; without dcmqi, use pydicom-seg."""
         if shutil.which(_DCMQI_TOOL) or (Path(self.app_dir) / "bin" / _DCMQI_TOOL).exists():
             return
-        logger.warning(
-            "dcmqi's %s is not on PATH: inference from the DICOMweb store works, but saving labels back "
-            "to it as DICOM SEG (MONAI Label's converter) needs it; nothing is downloaded at run time",
-            _DCMQI_TOOL,
-        )
+        use_pydicom_seg_for_dicom_seg()
+        logger.info("dcmqi's %s is not on PATH: DICOM SEGs are written with pydicom-seg", _DCMQI_TOOL)
+
+
+def use_pydicom_seg_for_dicom_seg() -> None:
+    """Make MONAI Label write DICOM SEGs with pydicom-seg instead of dcmqi's ``itkimage2segimage``.
+
+    MONAI Label's converter (``nifti_to_dicom_seg``) has both writers but its DICOMweb datastore
+    (saving a final label) and its ``/infer?output=dicom_seg`` always ask for dcmqi, a binary it
+    downloads at start-up. The two modules' references to the converter are replaced by one that
+    always takes the pydicom-seg branch.
+    """
+    import functools
+
+    import monailabel.datastore.dicom as datastore
+    import monailabel.endpoints.infer as infer_endpoint
+    from monailabel.datastore.utils import convert
+
+    @functools.wraps(convert.nifti_to_dicom_seg)
+    def nifti_to_dicom_seg(series_dir, label, label_info, file_ext="*", use_itk=True) -> str:
+        return convert.nifti_to_dicom_seg(series_dir, label, label_info, file_ext=file_ext, use_itk=False)
+
+    datastore.nifti_to_dicom_seg = infer_endpoint.nifti_to_dicom_seg = nifti_to_dicom_seg

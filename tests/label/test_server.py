@@ -141,15 +141,35 @@ def test_saved_labels_train_and_the_next_inference_uses_the_new_weights(local_se
     assert np.mean(after == batch) > 0.999
 
 
-def test_dicomweb_store_infers_a_series_by_its_uid(tmp_path):
+def test_dicomweb_store_infers_saves_seg_and_trains(tmp_path):
+    """Orthanc as the datastore: inference on a series by its UID, the corrected label stored back as a
+    DICOM SEG (pydicom-seg, no dcmqi), and a training epoch that reads that SEG back."""
     entry = demo_case("test", 0)
     study = DEMO / entry["dicom"]
-    series_uid = pydicom.dcmread(sorted(study.glob("*.dcm"))[0], stop_before_pixels=True).SeriesInstanceUID
+    first = pydicom.dcmread(sorted(study.glob("*.dcm"))[0], stop_before_pixels=True)
+    series_uid, study_uid = first.SeriesInstanceUID, first.StudyInstanceUID
     (tmp_path / "orthanc").mkdir()
     with servers.orthanc(tmp_path / "orthanc", [study]) as url:
         with label_server(tmp_path, url, "--bundle", "unet3d_tumor") as (base, app, log):
             assert set(requests.get(f"{base}/info/", timeout=30).json()["models"]) == {"unet3d_tumor"}
             result = _infer(base, "unet3d_tumor", series_uid, tmp_path / "served.nii.gz")
+            label_info = {"label_info": [{"name": "tumor", "idx": 1}, {"name": "edema", "idx": 2}]}
+            with open(tmp_path / "served.nii.gz", "rb") as label:
+                response = requests.put(f"{base}/datastore/label", params={"image": series_uid, "tag": "final"},
+                                        data={"params": json.dumps(label_info)},
+                                        files={"label": ("served.nii.gz", label)}, timeout=120)
+            assert response.status_code == 200, response.text[-2000:]
+            with requests.get(f"{url}/studies/{study_uid}/series", timeout=30) as listing:
+                modalities = sorted(s["00080060"]["Value"][0] for s in listing.json())
+            assert modalities == ["MR", "SEG"]  # the SEG sits in the study beside its source
+            weights = app / "model" / "unet3d_tumor" / "models" / "model.pt"
+            old = _sha256(weights)
+            response = requests.post(f"{base}/train/unet3d_tumor", params={"run_sync": "true"},
+                                     json={"max_epochs": 1, "device": "cpu", "multi_gpu": False}, timeout=600)
+            assert response.status_code == 200, response.text
+            text = log.read_text()
+            assert "validating on the training images" in text  # one label: the 20% validation split is empty
+            assert "Epoch[1] Metrics" in text and _sha256(weights) != old
     summary = run_batch(BUNDLE, study, tmp_path / "batch", workers=0)
     assert summary.done == 1
     (case_dir,) = [p for p in (tmp_path / "batch").iterdir() if p.is_dir() and not p.name.startswith(".")]
