@@ -5,6 +5,6 @@
 created by ``make label-server``: MONAI Label 0.8.5 needs pydicom 2).
 """
 
-from pipelines.label.server import MAIN_PY, prepare_app, server_command
+from pipelines.label.server import MAIN_PY, bundle_names, prepare_app, server_command
 
-__all__ = ["MAIN_PY", "prepare_app", "server_command"]
+__all__ = ["MAIN_PY", "bundle_names", "prepare_app", "server_command"]

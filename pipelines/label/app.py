@@ -32,6 +32,7 @@ import shutil
 from pathlib import Path
 
 from pipelines.label.compat import provide_torchvision_utils
+from pipelines.label.server import bundle_names
 
 provide_torchvision_utils()  # before monailabel.tasks.infer.bundle imports torchvision.utils
 
@@ -102,7 +103,7 @@ class UNetPipelinesApp(MONAILabelApp):
 
     def __init__(self, app_dir: str, studies: str, conf: dict) -> None:
         model_dir = Path(app_dir) / "model"
-        found = sorted(p.name for p in model_dir.iterdir() if (p / "configs" / "metadata.json").is_file())
+        found = bundle_names(model_dir)
         wanted = [m.strip() for m in conf.get("models", "all").split(",") if m.strip()]
         if wanted != ["all"]:
             unknown = sorted(set(wanted) - set(found))

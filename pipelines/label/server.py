@@ -17,7 +17,9 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["MAIN_PY", "prepare_app", "server_command"]
+from pipelines.io.writers import atomic_path
+
+__all__ = ["MAIN_PY", "bundle_names", "prepare_app", "server_command"]
 
 logger = logging.getLogger(__name__)
 
@@ -29,10 +31,9 @@ from pipelines.label.app import UNetPipelinesApp  # noqa: F401
 _NOT_COPIED = shutil.ignore_patterns("eval", "last_checkpoint_*.pt", ".*.tmp", "__pycache__")
 
 
-def _write_text(path: Path, text: str) -> None:
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as f:
-        f.write(text)
-    os.replace(f.name, path)
+def bundle_names(folder: str | os.PathLike) -> list[str]:
+    """Sorted names of the bundles (sub-folders with ``configs/metadata.json``) in ``folder``."""
+    return sorted(p.name for p in Path(folder).iterdir() if (p / "configs" / "metadata.json").is_file())
 
 
 def prepare_app(
@@ -52,7 +53,7 @@ def prepare_app(
     app_dir, bundles_dir = Path(app_dir), Path(bundles_dir)
     if not bundles_dir.is_dir():
         raise ValueError(f"bundles folder {bundles_dir} does not exist")
-    available = sorted(p.name for p in bundles_dir.iterdir() if (p / "configs" / "metadata.json").is_file())
+    available = bundle_names(bundles_dir)
     names = list(names) if names else available
     for name in names:
         source = bundles_dir / name
@@ -62,7 +63,8 @@ def prepare_app(
             raise ValueError(f"{source / 'models' / 'model.pt'}: the bundle has no weights to serve")
     model_dir = app_dir / "model"
     model_dir.mkdir(parents=True, exist_ok=True)
-    _write_text(app_dir / "main.py", MAIN_PY)
+    with atomic_path(app_dir / "main.py") as tmp:
+        tmp.write_text(MAIN_PY)
     served = []
     for name in names:
         target = model_dir / name
