@@ -36,6 +36,7 @@ from pipelines.batch.measures import dice_scores, lesion_measurements
 from pipelines.batch.model import BundleModel
 from pipelines.batch.qc import save_qc_picture
 from pipelines.batch.report import read_records, write_reports
+from pipelines.engines.distributed import end_process_group
 from pipelines.io.writers import atomic_path, save_nifti
 
 __all__ = ["BatchAbortedError", "BatchSummary", "run_batch"]
@@ -83,20 +84,22 @@ def _software() -> dict:
     }
 
 
-def _distributed(device: str) -> tuple[int, int]:
-    """``(rank, world_size)``; joins the torchrun process group when there is one (NCCL for CUDA
-    devices, gloo otherwise: it only synchronises the ranks)."""
+def _distributed(device: str) -> tuple[int, int, bool]:
+    """``(rank, world_size, joined)``; joins the torchrun process group when there is one (NCCL for
+    CUDA devices, gloo otherwise: it only synchronises the ranks). ``joined``: this call created the
+    group, so the run ends it."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return 0, 1
+        return 0, 1, False
     import datetime as dt
 
     import torch.distributed as dist
 
-    if not dist.is_initialized():
+    joined = not dist.is_initialized()
+    if joined:
         backend = "nccl" if device.startswith("cuda") else "gloo"
         dist.init_process_group(backend, timeout=dt.timedelta(hours=24))  # ranks finish at different times
-    return dist.get_rank(), dist.get_world_size()
+    return dist.get_rank(), dist.get_world_size(), joined
 
 
 def _check_output(output: Path, min_free_mb: float) -> None:
@@ -348,7 +351,7 @@ def run_batch(
     if device == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(torch.device(device))  # before NCCL joins: one GPU per rank
-    rank, world = _distributed(device)
+    rank, world, joined = _distributed(device)
     if push and not str(source).startswith(("http://", "https://")):
         raise BatchInputError("--push stores DICOM SEGs back to a DICOMweb input; the input is not a URL")
     _check_output(output, min_free_mb)
@@ -402,7 +405,9 @@ def run_batch(
         finally:
             bar.close()
             _clear_cache(output / ".cache", todo)
-    if world > 1:
+    if joined:
+        end_process_group()  # waits for every rank
+    elif world > 1:
         import torch.distributed as dist
 
         dist.barrier()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .checkpoints import ResumeTraining, latest_checkpoint
+from .distributed import end_process_group
 from .overlays import ValidationOverlays, overlay_slice
 from .prepare_batch import PrepareBatchWithWeights
 from .tracking import flatten_params, tracked_handlers
@@ -13,6 +14,7 @@ __all__ = [
     "PrepareBatchWithWeights",
     "ResumeTraining",
     "ValidationOverlays",
+    "end_process_group",
     "flatten_params",
     "latest_checkpoint",
     "load_weights",
