@@ -70,14 +70,23 @@ def save_nifti(data, affine, path: str | os.PathLike, dtype: np.dtype | str | No
     return path
 
 
-def _labels_at(labels: np.ndarray, affine, points_ras: np.ndarray) -> np.ndarray:
-    """Nearest-neighbour labels at RAS points ``(..., 3)``; 0 outside the grid."""
-    to_voxel = np.linalg.inv(np.asarray(affine, float))
-    voxels = np.rint(points_ras @ to_voxel[:3, :3].T + to_voxel[:3, 3]).astype(np.int64)
-    inside = np.all((voxels >= 0) & (voxels < np.array(labels.shape)), axis=-1)
-    out = np.zeros(points_ras.shape[:-1], dtype=labels.dtype)
-    v = voxels[inside]
-    out[inside] = labels[v[:, 0], v[:, 1], v[:, 2]]
+_PLANE_CHUNK = 1 << 22  # voxels sampled per step: bounds the (n, rows, columns, 3) index arrays
+
+
+def _labels_on_planes(labels: np.ndarray, origins: np.ndarray, step_i: np.ndarray, step_j: np.ndarray,
+                      rows: int, columns: int) -> np.ndarray:
+    """Nearest-neighbour labels at the voxel coordinates ``origins[k] + i * step_i + j * step_j`` of
+    ``labels`` (``origins`` ``(planes, 3)``, ``i < rows``, ``j < columns``); 0 outside the grid.
+    Returns ``(planes, rows, columns)``."""
+    out = np.zeros((len(origins), rows, columns), dtype=labels.dtype)
+    in_plane = (np.arange(rows)[:, None, None] * step_i + np.arange(columns)[None, :, None] * step_j)[None]
+    limit = np.array(labels.shape)
+    chunk = max(1, _PLANE_CHUNK // max(1, rows * columns))
+    for first in range(0, len(origins), chunk):
+        voxels = np.rint(origins[first : first + chunk, None, None, :] + in_plane).astype(np.int64)
+        inside = np.all((voxels >= 0) & (voxels < limit), axis=-1)
+        v = voxels[inside]
+        out[first : first + chunk][inside] = labels[v[:, 0], v[:, 1], v[:, 2]]
     return out
 
 
@@ -97,9 +106,12 @@ def resample_labels(labels, affine, shape, target_affine) -> np.ndarray:
     ``(shape, target_affine)``: nearest neighbour, 0 outside. Puts a prediction made on a resampled
     grid back onto the source image's grid."""
     labels = _single_channel(labels)
-    index = np.indices(tuple(int(s) for s in shape), dtype=np.float64)
-    points = np.moveaxis(index, 0, -1) @ np.asarray(target_affine, float)[:3, :3].T + np.asarray(target_affine, float)[:3, 3]
-    return _labels_at(labels, affine, points)
+    shape = tuple(int(s) for s in shape)
+    # target voxel -> source voxel, one affine map: planes along the target's first axis
+    target_to_source = np.linalg.inv(np.asarray(affine, float)) @ np.asarray(target_affine, float)
+    linear, offset = target_to_source[:3, :3], target_to_source[:3, 3]
+    origins = np.arange(shape[0])[:, None] * linear[:, 0] + offset
+    return _labels_on_planes(labels, origins, linear[:, 1], linear[:, 2], shape[1], shape[2])
 
 
 def labels_on_source_slices(labels, affine, source_geometry: Mapping) -> np.ndarray:
@@ -114,9 +126,9 @@ def labels_on_source_slices(labels, affine, source_geometry: Mapping) -> np.ndar
     row_dir = np.asarray(source_geometry["row_direction"], float)
     col_dir = np.asarray(source_geometry["column_direction"], float)
     spacing_y, spacing_x = (float(v) for v in source_geometry["pixel_spacing"])
-    i, j = np.meshgrid(np.arange(rows), np.arange(columns), indexing="ij")
-    out = np.zeros((len(source_geometry["positions"]), rows, columns), dtype=labels.dtype)
-    for k, position in enumerate(source_geometry["positions"]):
-        points = np.asarray(position, float) + j[..., None] * spacing_x * row_dir + i[..., None] * spacing_y * col_dir
-        out[k] = _labels_at(labels, affine, points * _LPS_TO_RAS.diagonal()[:3])
-    return out
+    # DICOM patient (LPS) millimetres -> voxels of the label grid, one affine map
+    lps_to_voxel = np.linalg.inv(np.asarray(affine, float)) @ _LPS_TO_RAS
+    linear, offset = lps_to_voxel[:3, :3], lps_to_voxel[:3, 3]
+    origins = np.asarray(source_geometry["positions"], float).reshape(-1, 3) @ linear.T + offset
+    # pixel (i, j) lies at position + j * spacing_x * row direction + i * spacing_y * column direction
+    return _labels_on_planes(labels, origins, linear @ col_dir * spacing_y, linear @ row_dir * spacing_x, rows, columns)

@@ -146,6 +146,22 @@ def test_prediction_on_a_resampled_grid_returns_to_the_source_grid(tmp_path):
     assert written.shape == source.shape and np.allclose(written.affine.numpy(), source.affine.numpy(), atol=1e-5)
 
 
+def test_label_sampling_in_chunks_equals_one_pass(tmp_path, monkeypatch):
+    import pipelines.io.writers as writers
+
+    write_series(tmp_path / "ct", SeriesSpec(orientation="oblique", rows=24, columns=20))
+    source = load_volume(tmp_path / "ct")
+    truth, affine = sphere_labels(source), source.affine.numpy()
+    geometry = dicom_references(source.meta)["source_geometry"]
+    target = affine @ np.diag([0.7, 0.7, 0.7, 1.0])  # a finer grid than the source's
+    whole = (resample_labels(truth, affine, (31, 29, 23), target), labels_on_source_slices(truth, affine, geometry))
+    monkeypatch.setattr(writers, "_PLANE_CHUNK", 3 * 24 * 20 - 1)  # 2 planes per step: chunk edges everywhere
+    chunked = (resample_labels(truth, affine, (31, 29, 23), target), labels_on_source_slices(truth, affine, geometry))
+    assert whole[0].any() and whole[1].any()
+    for one, many in zip(whole, chunked):
+        assert np.array_equal(one, many)
+
+
 def test_nifti_units_are_mm_and_bytes_reproducible(tmp_path):
     import nibabel as nib
 
