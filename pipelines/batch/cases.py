@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["BatchInputError", "Case", "discover_cases", "pseudonym"]
+__all__ = ["BatchInputError", "Case", "discover_cases", "is_dicomweb_url", "pseudonym"]
 
 _IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 
@@ -78,6 +78,11 @@ def _is_image_file(path: Path) -> bool:
     return path.name.lower().endswith(_IMAGE_SUFFIXES) and not path.name.lower().endswith(".raw")
 
 
+def is_dicomweb_url(source) -> bool:
+    """Whether a batch input names a DICOMweb service (an http or https URL) rather than a path."""
+    return str(source).startswith(("http://", "https://"))
+
+
 def discover_cases(source: str | os.PathLike, rules: Mapping | None = None, section: str = "test",
                    dataset_dir: str | os.PathLike | None = None, image_key: str | None = None) -> list[Case]:
     """The cases under ``source``: a folder, a manifest (``.json``) or a DICOMweb URL.
@@ -98,11 +103,10 @@ def discover_cases(source: str | os.PathLike, rules: Mapping | None = None, sect
         BatchInputError: nothing to do, or two inputs map to one case id.
     """
     rules = dict(rules or {})
-    text = str(source)
-    if text.startswith(("http://", "https://")):
+    if is_dicomweb_url(source):
         from pipelines.batch.dicomweb import discover_dicomweb
 
-        cases = discover_dicomweb(text, rules)
+        cases = discover_dicomweb(str(source), rules)
     else:
         path = Path(source)
         if not path.exists():

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipelines.batch.cases import BatchInputError, Case, discover_cases
+from pipelines.batch.cases import BatchInputError, Case, discover_cases, is_dicomweb_url
 from pipelines.batch.measures import dice_scores, lesion_measurements
 from pipelines.batch.model import BundleModel
 from pipelines.batch.qc import save_qc_picture
@@ -352,7 +352,7 @@ def run_batch(
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(torch.device(device))  # before NCCL joins: one GPU per rank
     rank, world, joined = _distributed(device)
-    if push and not str(source).startswith(("http://", "https://")):
+    if push and not is_dicomweb_url(source):
         raise BatchInputError("--push stores DICOM SEGs back to a DICOMweb input; the input is not a URL")
     _check_output(output, min_free_mb)
     model = BundleModel(bundle, device=device, tta=tta)

@@ -35,22 +35,24 @@ _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _DECODER_PACKAGES = "python-gdcm (pip install python-gdcm)"
 
 
+def _decoder_available(uid: UID) -> bool:
+    """Whether an installed package can decode ``uid``; ``NotImplementedError`` when no decoder exists."""
+    if get_decoder is not None:
+        return get_decoder(uid).is_available
+    handlers = [h for h in pydicom.config.pixel_data_handlers if h.supports_transfer_syntax(uid)]
+    if not handlers:
+        raise NotImplementedError(uid)
+    return any(h.is_available() for h in handlers)
+
+
 def _check_decoder(record: SliceRecord) -> None:
     uid = UID(record.transfer_syntax)
     if not uid.is_compressed:
         return
-    if get_decoder is None:
-        handlers = [h for h in pydicom.config.pixel_data_handlers if h.supports_transfer_syntax(uid)]
-        if not handlers:
-            raise MissingDecoderError(f"{record.path}: no decoder exists for transfer syntax {uid.name} ({uid})")
-        available = any(h.is_available() for h in handlers)
-    else:
-        try:
-            available = get_decoder(uid).is_available
-        except NotImplementedError as exc:
-            raise MissingDecoderError(
-                f"{record.path}: no decoder exists for transfer syntax {uid.name} ({uid})"
-            ) from exc
+    try:
+        available = _decoder_available(uid)
+    except NotImplementedError as exc:
+        raise MissingDecoderError(f"{record.path}: no decoder exists for transfer syntax {uid.name} ({uid})") from exc
     if not available:
         raise MissingDecoderError(
             f"{record.path}: pixel data in transfer syntax {uid.name} ({uid}) needs a decoder: "
