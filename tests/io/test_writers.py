@@ -162,6 +162,44 @@ def test_label_sampling_in_chunks_equals_one_pass(tmp_path, monkeypatch):
         assert np.array_equal(one, many)
 
 
+def test_grid_aligned_planes_copied_by_index_equal_sampling(monkeypatch):
+    """The index fast path (planes that are grid planes, as for an axial series on its own grid)
+    gives what coordinate sampling gives: flips, any axis pair, rounding noise, planes partly or
+    wholly outside the grid."""
+    import pipelines.io.writers as writers
+
+    rng = np.random.default_rng(7)
+    cases = []
+    for _ in range(200):
+        shape = tuple(int(n) for n in rng.integers(3, 12, 3))
+        a, b = (int(i) for i in rng.choice(3, 2, replace=False))
+        step_i, step_j = np.zeros(3), np.zeros(3)
+        step_i[a], step_j[b] = rng.choice([-1.0, 1.0], 2)
+        origins = np.zeros((int(rng.integers(1, 10)), 3))
+        origins[:, 3 - a - b] = rng.integers(-3, shape[3 - a - b] + 3, len(origins))
+        origins[:, a], origins[:, b] = rng.integers(-4, shape[a] + 4), rng.integers(-4, shape[b] + 4)
+        noise = [rng.normal(0, 1e-6, v.shape) for v in (origins, step_i, step_j)]
+        planes = (origins + noise[0], step_i + noise[1], step_j + noise[2], *(int(n) for n in rng.integers(1, 15, 2)))
+        cases.append((rng.integers(0, 5, shape).astype(np.uint8), *planes))
+    fast = [writers._labels_on_planes(*case) for case in cases]
+    assert all(writers._copy_aligned_planes(*case[:4], np.zeros_like(f)) for case, f in zip(cases, fast))
+    assert any(f.any() for f in fast) and any(not f.all() for f in fast)  # inside and outside both met
+    monkeypatch.setattr(writers, "_copy_aligned_planes", lambda *args: False)
+    for case, f in zip(cases, fast):
+        assert np.array_equal(f, writers._labels_on_planes(*case))
+
+
+def test_oblique_or_off_centre_planes_are_sampled():
+    import pipelines.io.writers as writers
+
+    labels = np.ones((6, 6, 6), np.uint8)
+    out = np.zeros((2, 4, 4), np.uint8)
+    tilted = np.array([0.0, 0.995, 0.0998])
+    assert not writers._copy_aligned_planes(labels, np.zeros((2, 3)), tilted, np.array([1.0, 0, 0]), out)
+    assert not writers._copy_aligned_planes(labels, np.full((2, 3), 0.5), np.array([0, 1.0, 0]), np.array([1.0, 0, 0]), out)
+    assert not out.any()
+
+
 def test_nifti_units_are_mm_and_bytes_reproducible(tmp_path):
     import nibabel as nib
 
