@@ -170,7 +170,7 @@ def _add_batch_command(commands) -> None:
         "batch",
         help="segment many studies with a bundle: masks, DICOM SEG, volumes, QC pictures, reports",
         description="Run a bundle over a folder tree of DICOM studies and/or NIfTI files, a manifest, or a "
-        "DICOMweb server. Writes <output>/<case_id>/{mask.nii.gz,seg.dcm,qc.png,record.json} and "
+        "DICOMweb server. Writes <output>/<case_id>/{mask.nii.gz,seg.dcm,qc.png,qc_thumbnail.png,record.json} and "
         "<output>/report.{csv,html}. Rerunning skips complete cases. Exit code 0 unless every case "
         "failed (or any, with --fail-on-error); 2 for unusable input or output, 3 when the output "
         "disk filled up. A bundle's configs run Python code: use bundles you trust.",

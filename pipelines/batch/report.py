@@ -12,12 +12,10 @@ from pathlib import Path
 
 from PIL import Image
 
+from pipelines.batch.qc import qc_thumbnail
 from pipelines.io.writers import atomic_path
 
 __all__ = ["read_records", "write_reports"]
-
-_THUMBNAIL_WIDTH = 420
-
 
 def read_records(output_dir: str | os.PathLike) -> list[dict]:
     """Every ``<output_dir>/<case>/record.json``, sorted by case id (unreadable ones are skipped)."""
@@ -80,19 +78,22 @@ def write_reports(output_dir: str | os.PathLike, title: str = "Segmentation batc
     return csv_path, html_path
 
 
-def _thumbnail(path: Path) -> str | None:
-    if not path.is_file():
-        return None
+def _thumbnail(case_dir: Path) -> str | None:
+    """The case's QC thumbnail as a data URI: ``qc_thumbnail.png`` as written with the case, else
+    made from ``qc.png`` (cases written without one)."""
     try:
-        with Image.open(path) as picture:
-            picture = picture.convert("RGB")
-            if picture.width > _THUMBNAIL_WIDTH:
-                picture = picture.resize((_THUMBNAIL_WIDTH, max(1, picture.height * _THUMBNAIL_WIDTH // picture.width)))
-            buffer = io.BytesIO()
-            picture.save(buffer, format="PNG")
+        if (case_dir / "qc_thumbnail.png").is_file():
+            data = (case_dir / "qc_thumbnail.png").read_bytes()
+        elif (case_dir / "qc.png").is_file():
+            with Image.open(case_dir / "qc.png") as picture:
+                buffer = io.BytesIO()
+                qc_thumbnail(picture.convert("RGB")).save(buffer, format="PNG", compress_level=3)
+            data = buffer.getvalue()
+        else:
+            return None
     except OSError:
         return None
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
 
 
 def _html(output_dir: Path, records: list[dict], rows: list[dict], columns: list[str], title: str) -> str:
@@ -103,7 +104,7 @@ def _html(output_dir: Path, records: list[dict], rows: list[dict], columns: list
     for record, row in zip(records, rows):
         case = str(record.get("case_id", ""))
         status = str(record.get("status", ""))
-        thumb = _thumbnail(output_dir / case / "qc.png") if status == "ok" else None
+        thumb = _thumbnail(output_dir / case) if status == "ok" else None
         qc = f'<img alt="QC of {html.escape(case)}" src="{thumb}">' if thumb else html.escape(row["error"])
         cells = "".join(f"<td>{html.escape(str(row.get(c, '')))}</td>" for c in shown)
         body.append(f'<tr class="{html.escape(status)}" id="{html.escape(case)}"><td>{html.escape(case)}</td>'

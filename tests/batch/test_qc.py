@@ -49,5 +49,9 @@ def test_default_point_and_file_written_atomically(tmp_path):
     with Image.open(path) as picture:
         assert picture.mode == "RGB" and picture.width > 3 * 100
     assert [p.name for p in tmp_path.iterdir()] == ["qc.png"]
+    save_qc_picture(tmp_path / "qc.png", image, labels, affine, thumbnail=tmp_path / "qc_thumbnail.png")
+    with Image.open(path) as picture, Image.open(tmp_path / "qc_thumbnail.png") as thumbnail:
+        assert thumbnail.width == 420 and abs(thumbnail.height - picture.height * 420 / picture.width) < 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["qc.png", "qc_thumbnail.png"]
     with pytest.raises(ValueError, match="one shape"):
         qc_picture(image, labels[:-1], affine)

@@ -66,3 +66,16 @@ def test_html_is_self_contained_and_shows_every_case(tmp_path):
     assert "Night run" in text and "1 ok, 1 failed" in text
     assert "2 DICOM series qualify <b>" in text  # escaped: shown as text, not markup
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temporary files left
+
+
+def test_thumbnail_written_with_the_case_is_inlined_as_is(tmp_path):
+    _records(tmp_path)
+    stored = io.BytesIO()
+    Image.fromarray(np.full((50, 420, 3), 90, np.uint8)).save(stored, format="PNG")
+    (tmp_path / "case-aaa" / "qc_thumbnail.png").write_bytes(stored.getvalue())
+    (tmp_path / "case-aaa" / "qc.png").unlink()  # not read when the thumbnail exists
+    _, html_path = write_reports(tmp_path)
+    page = _Page()
+    page.feed(html_path.read_text())
+    (image,) = [a["src"] for t, a in page.tags if t == "img"]
+    assert base64.b64decode(image.split(",", 1)[1]) == stored.getvalue()

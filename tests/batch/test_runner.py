@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -17,7 +18,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from pipelines.batch import BatchAbortedError, BatchInputError, pseudonym, run_batch
+from pipelines.batch import BatchAbortedError, BatchInputError, BundleModel, pseudonym, run_batch
 from pipelines.io import load_volume
 from pipelines.io.writers import resample_labels
 from tests.batch.conftest import BUNDLE, DEMO, copy_study, demo_case
@@ -54,8 +55,12 @@ def folder_run(tmp_path_factory):
     (root / "in" / "junk").mkdir()
     broken = root / "in" / "junk" / "x.dcm"
     broken.write_bytes((root / "in" / "b" / "IM00001.dcm").read_bytes()[:1000])
-    summary = run_batch(BUNDLE, root / "in", root / "out", workers=1)
-    return root, summary, {"a": entry_a, "b": entry_b, "nifti": nifti}
+    frozen = []
+    with pytest.MonkeyPatch.context() as patch:  # how many objects the collector skips while cases run
+        predict = BundleModel.predict
+        patch.setattr(BundleModel, "predict", lambda *a, **k: frozen.append(gc.get_freeze_count()) or predict(*a, **k))
+        summary = run_batch(BUNDLE, root / "in", root / "out", workers=1)
+    return root, summary, {"a": entry_a, "b": entry_b, "nifti": nifti, "frozen": frozen}
 
 
 def _case_dir(root: Path, study: Path) -> Path:
@@ -70,7 +75,7 @@ def test_every_case_gets_outputs_and_a_record(folder_run):
     case_a = _case_dir(root, root / "in" / "site" / "patient_a")
     record = json.loads((case_a / "record.json").read_text())
     assert record["status"] == "ok" and record["error"] is None
-    assert sorted(record["outputs"]) == ["mask.nii.gz", "qc.png", "seg.dcm"]
+    assert sorted(record["outputs"]) == ["mask.nii.gz", "qc.png", "qc_thumbnail.png", "seg.dcm"]
     source = load_volume(root / "in" / "site" / "patient_a")
     mask = load_volume(case_a / "mask.nii.gz")
     assert mask.shape == source.shape and np.allclose(mask.affine, source.affine, atol=1e-4)  # the source grid
@@ -94,6 +99,12 @@ def test_every_case_gets_outputs_and_a_record(folder_run):
     # the NIfTI case: no DICOM SEG
     nifti = json.loads((out / pseudonym("scan.nii.gz") / "record.json").read_text())
     assert nifti["status"] == "ok" and "seg.dcm" not in nifti["outputs"]
+
+
+def test_long_lived_objects_skip_the_collector_only_during_the_run(folder_run):
+    _, _, entries = folder_run
+    assert len(entries["frozen"]) == 3 and min(entries["frozen"]) > 100_000
+    assert gc.get_freeze_count() == 0
 
 
 def test_bad_input_is_recorded_with_its_reason(folder_run):
