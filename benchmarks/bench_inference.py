@@ -147,10 +147,15 @@ def main(argv: list[str] | None = None) -> int:
         memory_table(memory_shape, memory_roi, args.streaming_dir)
     if "limit" in args.sections:
         print("\n## physical limit")
-        gflop, achieved = network_gflops(features, roi, batch)
-        peak = matmul_gflops()
-        print(f"network: {gflop:.1f} GFLOP per batch of {batch} windows, {achieved:.1f} GFLOP/s; float32 matmul "
-              f"{peak:.1f} GFLOP/s; achieved fraction {achieved / peak:.2f} (goal >= 0.5)")
+        # the network and the matmul alternate, so a slow spell of a shared VM falls on both
+        fractions = []
+        for _ in range(args.repeats):
+            gflop, achieved = network_gflops(features, roi, batch)
+            peak = matmul_gflops()
+            fractions.append(achieved / peak)
+            print(f"network: {gflop:.1f} GFLOP per batch of {batch} windows, {achieved:.1f} GFLOP/s; float32 matmul "
+                  f"{peak:.1f} GFLOP/s; fraction {achieved / peak:.2f}")
+        print(f"achieved fraction, median of {args.repeats}: {statistics.median(fractions):.2f} (goal >= 0.5)")
     if "strategy" in args.sections:
         strategy_table(2 if args.quick else args.strategy_cases, quick=args.quick)
     return 0
