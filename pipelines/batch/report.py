@@ -17,6 +17,7 @@ from pipelines.io.writers import atomic_path
 
 __all__ = ["read_records", "write_reports"]
 
+
 def read_records(output_dir: str | os.PathLike) -> list[dict]:
     """Every ``<output_dir>/<case>/record.json``, sorted by case id (unreadable ones are skipped)."""
     records = []

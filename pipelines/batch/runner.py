@@ -2,8 +2,9 @@
 
 Per case, in ``<output>/<case_id>/``: ``mask.nii.gz`` (labels on the source grid), ``seg.dcm``
 (DICOM SEG, for DICOM input), ``prob.nii.gz`` (class probabilities, when asked), ``qc.png``,
-``qc_thumbnail.png`` (for the run report) and, written last, ``record.json``. Every file is written under a temporary name and renamed when
-complete, so an interrupted run leaves either a complete case or one that the next run redoes.
+``qc_thumbnail.png`` (for the run report) and, written last, ``record.json``. Every file is written
+under a temporary name and renamed when complete, so an interrupted run leaves either a complete
+case or one that the next run redoes.
 
 Cases are loaded and preprocessed by a pool of worker processes while the network runs on the
 previous one, and written by a thread while the next one runs. Under ``torchrun`` each rank takes

@@ -128,14 +128,11 @@ def _index_run(start: int, unit: int, count: int, size: int) -> tuple[slice, sli
     slice of ``t`` and the slice of the indices, or None when none do."""
     if unit > 0:
         first, stop = max(0, -start), min(count, size - start)
+        indices = slice(start + first, start + stop)
     else:
         first, stop = max(0, start - size + 1), min(count, start + 1)
-    if first >= stop:
-        return None
-    if unit > 0:
-        return slice(first, stop), slice(start + first, start + stop)
-    end = start - stop
-    return slice(first, stop), slice(start - first, end if end >= 0 else None, -1)
+        indices = slice(start - first, start - stop if start - stop >= 0 else None, -1)
+    return (slice(first, stop), indices) if first < stop else None
 
 
 def _single_channel(labels) -> np.ndarray:

@@ -128,9 +128,8 @@ class _PairMax:
         if not cpu_inference_path(x, dims):
             return super().forward(x)  # type: ignore[misc]
         for axis in reversed(range(2, 2 + dims)):  # the contiguous axis first: the most data, read in order
-            even = x.shape[axis] // 2 * 2
-            x = torch.maximum(x.narrow(axis, 0, even).unflatten(axis, (-1, 2)).select(axis + 1, 0),
-                              x.narrow(axis, 0, even).unflatten(axis, (-1, 2)).select(axis + 1, 1))
+            pairs = x.narrow(axis, 0, x.shape[axis] // 2 * 2).unflatten(axis, (-1, 2))
+            x = torch.maximum(pairs.select(axis + 1, 0), pairs.select(axis + 1, 1))
         return x
 
 
