@@ -200,3 +200,33 @@ def test_every_input_error_shares_one_base():
                  "MissingDecoderError", "InvalidValuesError", "GridMismatchError", "ManifestError",
                  "InputNotFoundError", "InputPermissionError"):
         assert issubclass(getattr(__import__("pipelines.io", fromlist=[name]), name), InputDataError)
+
+
+@pytest.mark.parametrize("bits,stored,signed", [(16, 12, False), (16, 12, True), (16, 10, True), (8, 7, False),
+                                                (16, 16, True)])
+def test_pixels_read_straight_from_file_ignore_unused_bits(tmp_path, bits, stored, signed):
+    """Uncompressed slices are read at their pixel offset, not parsed twice; the bits above BitsStored
+    hold junk here (overlay planes did, in old scanners) and are ignored exactly as pydicom ignores
+    them: masked off when unsigned, the sign bit repeated when signed."""
+    from pipelines.io.dicom import scan_dicom
+
+    paths = write_series(tmp_path / "s", SeriesSpec(rows=5, columns=6))
+    rng = np.random.default_rng(stored)
+    dtype = np.dtype(f"<{'i' if signed else 'u'}{bits // 8}")
+    expected = []
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        low = -(2 ** (stored - 1)) if signed else 0
+        values = rng.integers(low, low + 2**stored, size=(ds.Rows, ds.Columns))
+        junk = rng.integers(0, 2 ** (bits - stored), size=values.shape) << stored if stored < bits else 0
+        raw = ((values & (2**stored - 1)) | junk).astype(np.uint64).astype(f"u{bits // 8}").view(dtype)
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, stored, stored - 1, int(signed)
+        ds.PixelData = raw.tobytes()
+        ds.save_as(path, enforce_file_format=True)
+        np.testing.assert_array_equal(ds.pixel_array, values)  # pydicom's reading, which ours must equal
+        expected.append(values.T * float(ds.RescaleSlope) + float(ds.RescaleIntercept))
+    records = scan_dicom(tmp_path / "s").records
+    assert all(r.pixel_offset is not None and r.pixel_unused_bits == bits - stored for r in records)
+    volume = load_volume(tmp_path / "s")
+    order = np.argsort([float(pydicom.dcmread(p).ImagePositionPatient[2]) for p in paths])
+    np.testing.assert_allclose(volume[0].numpy(), np.stack([expected[k] for k in order], -1), rtol=3e-6)  # float32

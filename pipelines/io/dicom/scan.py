@@ -57,10 +57,12 @@ class SliceRecord:
     slice_thickness: float | None
     transfer_syntax: str
     identifiers: dict = field(compare=False, repr=False)  # patient/study identifiers: never logged
-    # where the pixels of an uncompressed little-endian single-frame image start, and their dtype:
-    # they are then read straight from the file instead of parsing it a second time
+    # where the pixels of an uncompressed little-endian single-frame image start, their dtype, and the
+    # allocated bits above BitsStored (ignored, as pydicom does): they are then read straight from
+    # the file instead of parsing it a second time
     pixel_offset: int | None = field(default=None, compare=False, repr=False)
     pixel_dtype: str | None = field(default=None, compare=False, repr=False)
+    pixel_unused_bits: int = field(default=0, compare=False, repr=False)
 
 
 @dataclass
@@ -236,20 +238,22 @@ def _number(ds: pydicom.Dataset, keyword: str) -> float | None:
 
 
 def _raw_pixels(ds: pydicom.Dataset) -> dict:
-    """Offset and dtype of pixel data that can be read directly: uncompressed little endian, one
-    sample per pixel, every allocated bit stored (no sign extension or masking to reproduce)."""
+    """Offset, dtype and unused high bits of pixel data that can be read directly: uncompressed
+    little endian, one sample per pixel, 8, 16 or 32 bits allocated. As in PS3.5 8.1.1 and pydicom,
+    the bits above BitsStored are ignored: masked off, or filled with the sign bit when signed
+    (12 of 16 bits is common in CT and MR)."""
     try:
         if ds.file_meta.TransferSyntaxUID not in _RAW_SYNTAXES or int(_raw(ds, "SamplesPerPixel") or 1) != 1:
             return {}
         bits, stored = int(_raw(ds, "BitsAllocated")), int(_raw(ds, "BitsStored"))
-        if bits not in (8, 16, 32) or stored != bits:
+        if bits not in (8, 16, 32) or not 0 < stored <= bits:
             return {}
         element = ds.get_item(0x7FE00010, **_KEEP_DEFERRED)
         offset = getattr(element, "value_tell", None)
         if offset is None or element.length < int(_raw(ds, "Rows")) * int(_raw(ds, "Columns")) * bits // 8:
             return {}
         kind = "i" if int(_raw(ds, "PixelRepresentation") or 0) == 1 else "u"
-        return {"pixel_offset": int(offset), "pixel_dtype": f"<{kind}{bits // 8}"}
+        return {"pixel_offset": int(offset), "pixel_dtype": f"<{kind}{bits // 8}", "pixel_unused_bits": bits - stored}
     except (AttributeError, TypeError, ValueError, KeyError):
         return {}
 

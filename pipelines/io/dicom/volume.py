@@ -69,6 +69,9 @@ def decode_slice(record: SliceRecord, cache: dict) -> np.ndarray:
             raise CorruptFileError(
                 f"{record.path}: unreadable pixel data (file ends after {array.size} of {count} pixels)"
             )
+        if record.pixel_unused_bits:  # shifted out: masked when unsigned, sign-extended when signed
+            np.left_shift(array, record.pixel_unused_bits, out=array)
+            np.right_shift(array, record.pixel_unused_bits, out=array)
         return array.reshape(record.rows, record.columns)
     _check_decoder(record)
     try:
