@@ -115,6 +115,38 @@ def test_dicom_seg_without_empty_frames(tmp_path):
     assert hd.seg.segread(empty).NumberOfFrames == len(frames)
 
 
+def test_highdicom_iod_lookups_are_memoised(tmp_path, monkeypatch):
+    """highdicom scans the standard's tables for each source image; after the first SEG the answers
+    come from the cache, and they are the scan's answers."""
+    from highdicom import _standard_utils as standard
+
+    scanned = []
+    scan = getattr(standard.is_attribute_in_iod, "__wrapped__", standard.is_attribute_in_iod)
+
+    def counting_scan(*args, **kwargs):
+        scanned.append(args)
+        return scan(*args, **kwargs)
+
+    monkeypatch.setattr(standard, "is_attribute_in_iod", counting_scan)
+    write_series(tmp_path / "ct", SeriesSpec(rows=12, columns=10))
+    volume = load_volume(tmp_path / "ct")
+    labels = sphere_labels(volume)
+    write_dicom_seg(labels, volume.meta, [TUMOR], tmp_path / "a.dcm", "u", "1")
+    # highdicom asks per source image (7 here); each distinct question was scanned once
+    assert standard.is_attribute_in_iod.memoised and 0 < len(scanned) == len(set(scanned)) < volume.shape[-1]
+    first = len(scanned)
+    write_dicom_seg(labels, volume.meta, [TUMOR, EDEMA], tmp_path / "b.dcm", "u", "1")
+    assert len(scanned) == first  # every lookup answered from the cache
+    memoised = standard.is_attribute_in_iod
+    for sop in (pydicom.uid.CTImageStorage, pydicom.uid.MRImageStorage, pydicom.uid.SegmentationStorage,
+                pydicom.uid.EnhancedCTImageStorage):
+        for attribute in ("PixelData", "NumberOfFrames", "FloatPixelData", "ContentDate", "NoSuchKeyword"):
+            for exclude in (None, ["IconImageSequence"], ("IconImageSequence",)):
+                assert memoised(attribute, sop, exclude) == scan(attribute, sop, exclude), (attribute, sop, exclude)
+    with pytest.raises(KeyError, match="No IOD found"):
+        memoised("PixelData", "1.2.3.4")
+
+
 def test_dicom_seg_needs_a_dicom_source(tmp_path):
     path = save_nifti(np.zeros((4, 4, 4), np.uint8), np.eye(4), tmp_path / "image.nii.gz")
     volume = load_volume(path)
