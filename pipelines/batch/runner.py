@@ -7,8 +7,9 @@ under a temporary name and renamed when complete, so an interrupted run leaves e
 case or one that the next run redoes.
 
 Cases are loaded and preprocessed by a pool of worker processes while the network runs on the
-previous one, and written by a thread while the next one runs. Under ``torchrun`` each rank takes
-every ``world_size``-th case and rank 0 writes the run reports.
+previous one, and written by a thread while the next one runs. On a CPU the network leaves a core
+to each of these helpers while it works (:class:`pipelines.batch.cores.CoreShare`). Under
+``torchrun`` each rank takes every ``world_size``-th case and rank 0 writes the run reports.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import shutil
 import time
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -35,6 +36,7 @@ import numpy as np
 import torch
 
 from pipelines.batch.cases import BatchInputError, Case, discover_cases, is_dicomweb_url
+from pipelines.batch.cores import CoreShare
 from pipelines.batch.measures import dice_scores, lesion_measurements
 from pipelines.batch.model import BundleModel
 from pipelines.batch.qc import save_qc_picture
@@ -152,19 +154,21 @@ def _is_complete(case_dir: Path, case: Case, run_key: str) -> bool:
 class _CaseLoader(torch.utils.data.Dataset):
     """Loads and preprocesses a case in a worker process; never raises (errors travel as data)."""
 
-    def __init__(self, cases: list[Case], model: BundleModel, cache_dir: Path) -> None:
+    def __init__(self, cases: list[Case], model: BundleModel, cache_dir: Path, cores: CoreShare | None = None) -> None:
         self.cases = cases
         self.preprocess = model.preprocess
         self.rules = dict(model.series_rules)
         self.cache_dir = cache_dir
+        self.cores = cores
 
     def __len__(self) -> int:
         return len(self.cases)
 
     def __getitem__(self, index: int) -> bytes:
-        # pickled here, by value: torch's worker queue moves tensors to shared memory, which frees
-        # memory that numpy views in MONAI's transform trace (e.g. Orientation's affine) still point to
-        return pickle.dumps(self._item(index), protocol=pickle.HIGHEST_PROTOCOL)
+        with self.cores.working() if self.cores else nullcontext():
+            # pickled here, by value: torch's worker queue moves tensors to shared memory, which frees
+            # memory that numpy views in MONAI's transform trace (e.g. Orientation's affine) still point to
+            return pickle.dumps(self._item(index), protocol=pickle.HIGHEST_PROTOCOL)
 
     def _item(self, index: int) -> dict:
         case = self.cases[index]
@@ -375,11 +379,13 @@ def run_batch(
                 summary.skipped, len(todo))
     writer = _Writer(output, model, run_key, {**settings, "device": str(model.device), "rank": rank, "world_size": world},
                      str(source) if push else None)
+    cores = CoreShare() if model.device.type == "cpu" else None
     loader = torch.utils.data.DataLoader(
-        _CaseLoader(todo, model, output / ".cache"), batch_size=None, shuffle=False, num_workers=workers,
-        collate_fn=_first, prefetch_factor=2 if workers else None, persistent_workers=False,
+        _CaseLoader(todo, model, output / ".cache", cores if workers else None), batch_size=None, shuffle=False,
+        num_workers=workers, collate_fn=_first, prefetch_factor=2 if workers else None, persistent_workers=False,
     )
-    with _long_lived_frozen(), ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-writer") as pool:
+    serving = cores.serving(model.network) if cores else nullcontext()
+    with _long_lived_frozen(), serving, ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-writer") as pool:
         pending: Future | None = None
         bar = tqdm(total=len(todo), unit="case", desc="segmenting", disable=not progress, dynamic_ncols=True)
         try:
@@ -402,7 +408,7 @@ def run_batch(
                 if record is not None:
                     _collect(record, summary)
                 else:
-                    pending = pool.submit(_write_safely, writer, case, item["source"], labels, probs, timings)
+                    pending = pool.submit(_write_safely, writer, cores, case, item["source"], labels, probs, timings)
                 bar.update(1)
             if pending is not None:
                 _collect(pending.result(), summary)
@@ -438,9 +444,10 @@ def _long_lived_frozen():
         gc.unfreeze()
 
 
-def _write_safely(writer: _Writer, case: Case, source, labels, probs, timings) -> dict:
+def _write_safely(writer: _Writer, cores: CoreShare | None, case: Case, source, labels, probs, timings) -> dict:
     try:
-        return writer.ok(case, source, labels, probs, timings)
+        with cores.working() if cores else nullcontext():
+            return writer.ok(case, source, labels, probs, timings)
     except Exception as exc:
         if _fatal(exc):
             raise _aborted(writer, case, exc) from exc

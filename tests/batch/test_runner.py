@@ -55,12 +55,20 @@ def folder_run(tmp_path_factory):
     (root / "in" / "junk").mkdir()
     broken = root / "in" / "junk" / "x.dcm"
     broken.write_bytes((root / "in" / "b" / "IM00001.dcm").read_bytes()[:1000])
-    frozen = []
-    with pytest.MonkeyPatch.context() as patch:  # how many objects the collector skips while cases run
-        predict = BundleModel.predict
-        patch.setattr(BundleModel, "predict", lambda *a, **k: frozen.append(gc.get_freeze_count()) or predict(*a, **k))
+    during = []
+    predict = BundleModel.predict
+
+    def noting_predict(model, *args, **kwargs):  # the run's state while cases run
+        leaves = [m for m in model.network.modules() if not any(m.children())]
+        during.append({"frozen": gc.get_freeze_count(), "network": model.network, "switch": sys.getswitchinterval(),
+                       "hooked": all(m._forward_pre_hooks for m in leaves)})
+        return predict(model, *args, **kwargs)
+
+    switch = sys.getswitchinterval()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(BundleModel, "predict", noting_predict)
         summary = run_batch(BUNDLE, root / "in", root / "out", workers=1)
-    return root, summary, {"a": entry_a, "b": entry_b, "nifti": nifti, "frozen": frozen}
+    return root, summary, {"a": entry_a, "b": entry_b, "nifti": nifti, "during": during, "switch": switch}
 
 
 def _case_dir(root: Path, study: Path) -> Path:
@@ -103,8 +111,17 @@ def test_every_case_gets_outputs_and_a_record(folder_run):
 
 def test_long_lived_objects_skip_the_collector_only_during_the_run(folder_run):
     _, _, entries = folder_run
-    assert len(entries["frozen"]) == 3 and min(entries["frozen"]) > 100_000
+    frozen = [d["frozen"] for d in entries["during"]]
+    assert len(frozen) == 3 and min(frozen) > 100_000
     assert gc.get_freeze_count() == 0
+
+
+def test_cores_are_shared_with_the_helpers_only_during_the_run(folder_run):
+    _, _, entries = folder_run
+    assert all(d["hooked"] and d["switch"] <= 0.0002 for d in entries["during"])
+    network = entries["during"][0]["network"]
+    assert not any(m._forward_pre_hooks for m in network.modules())
+    assert sys.getswitchinterval() == entries["switch"]
 
 
 def test_bad_input_is_recorded_with_its_reason(folder_run):
