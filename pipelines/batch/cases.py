@@ -8,9 +8,12 @@ pseudonymous (a hash of the StudyInstanceUID or of the file's relative path; a m
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
 import os
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from concurrent.futures import Executor, ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,18 +114,31 @@ def discover_cases(source: str | os.PathLike, rules: Mapping | None = None, sect
         path = Path(source)
         if not path.exists():
             raise BatchInputError(f"{path}: no such file or folder")
-        if path.is_file() and path.suffix.lower() == ".json":
-            cases = _from_manifest(path, section, dataset_dir, image_key, rules)
-        elif path.is_dir():
-            cases = _from_folder(path, rules)
-        elif _is_image_file(path):
-            cases = [_file_case(path, path.parent)]
-        else:
-            cases = _from_folder(path, rules)  # a single DICOM file or a DICOMDIR
+        with _header_pool() as pool:
+            if path.is_file() and path.suffix.lower() == ".json":
+                cases = _from_manifest(path, section, dataset_dir, image_key, rules, pool)
+            elif path.is_dir():
+                cases = _from_folder(path, rules, pool)
+            elif _is_image_file(path):
+                cases = [_file_case(path, path.parent)]
+            else:
+                cases = _from_folder(path, rules, pool)  # a single DICOM file or a DICOMDIR
     if not cases:
         raise BatchInputError(f"{source}: no studies or image files found")
     _check_unique(cases)
     return sorted(cases, key=lambda case: case.case_id)
+
+
+@contextmanager
+def _header_pool() -> Iterator[Executor | None]:
+    """Processes that read DICOM headers beside this one, one per CPU (8 at most); started on first
+    use, by fork, so they begin in milliseconds with this process's modules. None with one CPU."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if cpus < 2 or "fork" not in multiprocessing.get_all_start_methods():
+        yield None
+        return
+    with ProcessPoolExecutor(max_workers=min(cpus, 8), mp_context=multiprocessing.get_context("fork")) as pool:
+        yield pool
 
 
 def _check_unique(cases: list[Case]) -> None:
@@ -147,8 +163,9 @@ def _file_case(path: Path, root: Path, case_id: str | None = None, label: str | 
     )
 
 
-def _from_folder(root: Path, rules: Mapping) -> list[Case]:
-    """Image files are cases; DICOM files are grouped by study, one case per study."""
+def _from_folder(root: Path, rules: Mapping, pool: Executor | None = None) -> list[Case]:
+    """Image files are cases; DICOM files are grouped by study, one case per study (headers read
+    in ``pool`` when given)."""
     from pipelines.io.dicom import scan_dicom
     from pipelines.io.errors import InputDataError, NoImageDataError
 
@@ -159,7 +176,7 @@ def _from_folder(root: Path, rules: Mapping) -> list[Case]:
             cases.extend(_file_case(Path(folder) / name, root) for name in sorted(files) if _is_image_file(Path(name)))
     errors: list[InputDataError] = []
     try:
-        scan = scan_dicom(root, errors=errors)
+        scan = scan_dicom(root, errors=errors, pool=pool)
     except NoImageDataError:
         if not errors:
             return cases
@@ -229,7 +246,8 @@ def _check_no_copies(case_id: str, records: list) -> None:
         seen[key] = record.path
 
 
-def _from_manifest(path: Path, section: str, dataset_dir, image_key: str | None, rules: Mapping) -> list[Case]:
+def _from_manifest(path: Path, section: str, dataset_dir, image_key: str | None, rules: Mapping,
+                   pool: Executor | None = None) -> list[Case]:
     import json
 
     from pipelines.data import load_manifest
@@ -250,7 +268,7 @@ def _from_manifest(path: Path, section: str, dataset_dir, image_key: str | None,
             cases.append(Case(case_id=case_id, kind="error", path=str(image), error=f"{image}: no such file or folder"))
             continue
         if image.is_dir() or not _is_image_file(image):
-            found = _from_folder(image, rules)
+            found = _from_folder(image, rules, pool)
             studies = [c for c in found if c.kind in ("dicom", "error")]
             if len(found) != 1:
                 cases.append(Case(case_id=case_id, kind="error", path=str(image),

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -50,6 +51,32 @@ def test_folder_tree_gives_one_case_per_study_and_file(tree):
     for case in cases:  # pseudonymous and stable: no patient id, no file name
         assert "DEMO" not in case.case_id and "scan" not in case.case_id and case.input_hash
     assert [c.case_id for c in cases] == [c.case_id for c in discover_cases(tree)] == sorted(by_id)
+
+
+def test_headers_are_read_by_a_process_pool_with_the_serial_result(tree, tmp_path, monkeypatch):
+    import contextlib
+
+    import pipelines.batch.cases as cases_module
+    from pipelines.io.dicom import scan as scan_module
+
+    readers = tmp_path / "readers"
+    readers.mkdir()
+    read = scan_module._read_records
+
+    def noting_reader(file):  # runs where the header is read; the pool's processes fork with it
+        (readers / str(os.getpid())).touch()
+        return read(file)
+
+    monkeypatch.setattr(scan_module, "_read_records", noting_reader)
+    parallel = discover_cases(tree)
+    assert {int(p.name) for p in readers.iterdir()} - {os.getpid()}, "no header was read by another process"
+    monkeypatch.setattr(cases_module, "_header_pool", contextlib.nullcontext)  # yields None: no pool
+    serial = discover_cases(tree)
+
+    def summary(cases):
+        return [(c.case_id, c.kind, c.path, c.input_hash, c.series.records if c.series else None) for c in cases]
+
+    assert summary(parallel) == summary(serial)
 
 
 def test_mixed_series_need_a_rule(tree):

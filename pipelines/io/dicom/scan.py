@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,9 +23,12 @@ from pydicom.uid import UID
 
 from pipelines.io.errors import CorruptFileError, InputNotFoundError, InputPermissionError, NoImageDataError
 
-__all__ = ["ScanResult", "SliceRecord", "scan_dicom"]
+__all__ = ["PARALLEL_CHUNK", "PARALLEL_MIN_FILES", "ScanResult", "SliceRecord", "scan_dicom"]
 
 logger = logging.getLogger(__name__)
+
+PARALLEL_MIN_FILES = 32  # fewer headers are read in the calling process: a pool's round trip costs more
+PARALLEL_CHUNK = 16
 
 _DIRECTORY_SOP_CLASS = "1.2.840.10008.1.3.10"  # Media Storage Directory (DICOMDIR)
 _DEFER = 1024  # bytes: values larger than this (pixel data) are read only when used
@@ -73,7 +77,8 @@ class ScanResult:
     files: int = 0
 
 
-def scan_dicom(path: str | os.PathLike, errors: list[CorruptFileError] | None = None) -> ScanResult:
+def scan_dicom(path: str | os.PathLike, errors: list[CorruptFileError] | None = None,
+               pool: Executor | None = None) -> ScanResult:
     """Image slices under ``path``: a DICOM file, a folder (any nesting) or a DICOMDIR.
 
     Args:
@@ -81,6 +86,9 @@ def scan_dicom(path: str | os.PathLike, errors: list[CorruptFileError] | None = 
         errors: when given, a DICOM file that cannot be read is appended here (a
             :class:`CorruptFileError` with its ``path`` attribute set) and the scan goes on; the
             batch job uses this to fail only the study that holds the file.
+        pool: a process pool to read the headers in, :data:`PARALLEL_MIN_FILES` or more of them in
+            chunks of :data:`PARALLEL_CHUNK` (each header takes about 0.7 ms, nearly all of it in
+            Python). The result is the same as without it.
 
     Raises:
         NoImageDataError: no DICOM image is found; the message says what was skipped.
@@ -88,23 +96,24 @@ def scan_dicom(path: str | os.PathLike, errors: list[CorruptFileError] | None = 
     """
     path = Path(path)
     result = ScanResult(records=[])
-    for file in _candidate_files(path):
+    files = list(_candidate_files(path))
+    if pool is not None and len(files) >= PARALLEL_MIN_FILES:
+        outcomes = pool.map(_read_outcome, files, chunksize=PARALLEL_CHUNK)
+    else:
+        outcomes = map(_read_outcome, files)
+    for file, outcome in zip(files, outcomes):
         result.files += 1
-        try:
-            records = _read_records(file)
-        except InvalidDicomError:
+        if isinstance(outcome, InvalidDicomError):
             result.skipped_non_dicom += 1
-            continue
-        except (CorruptFileError, NoImageDataError, InputPermissionError) as exc:
+        elif isinstance(outcome, Exception):
             if errors is None:
-                raise
-            exc.path = file  # type: ignore[attr-defined]
-            errors.append(exc)
-            continue
-        if records is None:
+                raise outcome
+            outcome.path = file  # type: ignore[attr-defined]
+            errors.append(outcome)
+        elif outcome is None:
             result.skipped_non_image += 1
         else:
-            result.records.extend(records)
+            result.records.extend(outcome)
     if not result.records:
         raise NoImageDataError(
             f"{path}: no DICOM image found ({result.files} files; {result.skipped_non_dicom} not DICOM, "
@@ -118,6 +127,15 @@ def scan_dicom(path: str | os.PathLike, errors: list[CorruptFileError] | None = 
             result.skipped_non_image,
         )
     return result
+
+
+def _read_outcome(file: Path) -> list[SliceRecord] | None | Exception:
+    """:func:`_read_records`, with the errors the scan handles returned rather than raised (so they
+    come back from a pool's worker in order with the rest)."""
+    try:
+        return _read_records(file)
+    except (InvalidDicomError, CorruptFileError, NoImageDataError, InputPermissionError) as exc:
+        return exc
 
 
 def _read_records(file: Path) -> list[SliceRecord] | None:
