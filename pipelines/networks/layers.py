@@ -27,7 +27,7 @@ from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 __all__ = [
     "MaxPool2x2d", "MaxPool2x3d", "OneDNNConv3d", "PointwiseConv2d", "PointwiseConv3d", "UpConv2d", "UpConv3d",
-    "cpu_inference_path",
+    "cpu_inference_path", "layer_type",
 ]
 
 
@@ -139,3 +139,21 @@ class MaxPool2x2d(_PairMax, nn.MaxPool2d):
 
 class MaxPool2x3d(_PairMax, nn.MaxPool3d):
     """``nn.MaxPool3d(2, 2)`` with a faster CPU inference path."""
+
+
+_LAYER_TYPES: dict[str, dict[int, type[nn.Module]]] = {
+    "conv": {2: nn.Conv2d, 3: OneDNNConv3d},
+    "pointwise": {2: PointwiseConv2d, 3: PointwiseConv3d},
+    "up": {2: UpConv2d, 3: UpConv3d},
+    "pool": {2: MaxPool2x2d, 3: MaxPool2x3d},
+}
+
+
+def layer_type(kind: str, spatial_dims: int) -> type[nn.Module]:
+    """The layer class of ``kind`` for 2 or 3 spatial dimensions: ``"conv"`` (any convolution),
+    ``"pointwise"`` (1x1), ``"up"`` (kernel = stride up-convolution) or ``"pool"`` (2x2 max pooling)."""
+    try:
+        return _LAYER_TYPES[kind][spatial_dims]
+    except KeyError:
+        raise ValueError(f"no {kind!r} layer for {spatial_dims} spatial dimensions; kinds: {sorted(_LAYER_TYPES)}, "
+                         f"spatial dimensions 2 or 3") from None

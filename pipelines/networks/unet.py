@@ -14,20 +14,11 @@ from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
-from monai.networks.layers.factories import Conv
 from monai.networks.layers.utils import get_act_layer, get_norm_layer
 from torch import nn
 from torch.nn import functional as F
 
-from pipelines.networks.layers import (
-    MaxPool2x2d,
-    MaxPool2x3d,
-    OneDNNConv3d,
-    PointwiseConv2d,
-    PointwiseConv3d,
-    UpConv2d,
-    UpConv3d,
-)
+from pipelines.networks.layers import layer_type
 
 __all__ = ["UNet"]
 
@@ -90,7 +81,7 @@ class _DoubleConv(nn.Sequential):
     ) -> None:
         layers: OrderedDict[str, nn.Module] = OrderedDict()
         for i, channels in enumerate((in_channels, out_channels), start=1):
-            layers[f"conv{i}"] = (OneDNNConv3d if spatial_dims == 3 else Conv[Conv.CONV, spatial_dims])(
+            layers[f"conv{i}"] = layer_type("conv", spatial_dims)(
                 channels, out_channels, kernel_size=3, padding=1 if padding == "same" else 0, bias=norm is None
             )
             if norm is not None:
@@ -122,10 +113,10 @@ class _Up(nn.Module):
     ) -> None:
         super().__init__()
         if up_mode == "transpose":
-            self.up = (UpConv3d if spatial_dims == 3 else UpConv2d)(in_channels, skip_channels)
+            self.up = layer_type("up", spatial_dims)(in_channels, skip_channels)
         else:
             self.up = nn.Sequential(
-                (PointwiseConv3d if spatial_dims == 3 else PointwiseConv2d)(in_channels, skip_channels),
+                layer_type("pointwise", spatial_dims)(in_channels, skip_channels),
                 nn.Upsample(scale_factor=2, mode="nearest"),
             )
         self.skip = skip
@@ -224,13 +215,13 @@ class UNet(nn.Module):
         for level, channels in enumerate(features):
             previous = in_channels if level == 0 else features[level - 1]
             self.encoder.append(_DoubleConv(spatial_dims, previous, channels, padding, norm, act_args))
-        self.pool = MaxPool2x3d() if spatial_dims == 3 else MaxPool2x2d()
+        self.pool = layer_type("pool", spatial_dims)()
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.decoder = nn.ModuleList(
             _Up(spatial_dims, features[level + 1], features[level], padding, norm, act_args, up_mode, skip)
             for level in reversed(range(self.depth))
         )
-        self.head = (PointwiseConv3d if spatial_dims == 3 else PointwiseConv2d)(features[0], out_channels)
+        self.head = layer_type("pointwise", spatial_dims)(features[0], out_channels)
         self._init_weights()
 
     @property

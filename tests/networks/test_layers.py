@@ -16,6 +16,7 @@ from pipelines.networks.layers import (
     PointwiseConv3d,
     UpConv2d,
     UpConv3d,
+    layer_type,
 )
 
 
@@ -84,3 +85,16 @@ def test_flop_counter_sees_the_parent_operators():
                 counts.append(counter.get_total_flops())
             assert counts[0] == counts[1], type(ours).__name__
             assert counts[0] > 0 or isinstance(ours, (MaxPool2x2d, MaxPool2x3d))
+
+
+def test_unet_layers_come_from_one_lookup():
+    from pipelines.networks import UNet
+
+    for dims, (conv, pointwise, up, pool) in {2: (nn.Conv2d, PointwiseConv2d, UpConv2d, MaxPool2x2d),
+                                             3: (OneDNNConv3d, PointwiseConv3d, UpConv3d, MaxPool2x3d)}.items():
+        assert [layer_type(k, dims) for k in ("conv", "pointwise", "up", "pool")] == [conv, pointwise, up, pool]
+        net = UNet(dims, 1, 2, features=(4, 8), padding="same")
+        assert type(net.pool) is pool and type(net.head) is pointwise and type(net.decoder[0].up) is up
+        assert {type(m) for m in net.modules() if isinstance(m, nn.Conv2d | nn.Conv3d)} == {conv, pointwise}
+    with pytest.raises(ValueError, match="no 'up' layer for 1 spatial dimensions"):
+        layer_type("up", 1)
