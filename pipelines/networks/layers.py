@@ -6,9 +6,10 @@ PyTorch does not pick by itself (measured on a 2-vCPU VM, ``bench_inference.py -
 - 3D convolutions stay on oneDNN at batch 1: PyTorch sends those with ``N*C*D*H <= 20480`` (in the
   tumor U-Net at 96^3: 1->16 at 96^3, 32->64 at 24^3 and both at 12^3) to its slow reference
   kernel, about 6% of the network's time;
-- 1x1 convolutions are one matrix product (the head, 16->3 at 96^3: 9 ms instead of 44);
-- 2x2 up-convolutions (kernel = stride) are one matrix product and an interleaving copy (32->16
-  from 48^3: 79 ms instead of 109);
+- 1x1 convolutions are one 2D matrix product per batch item (the head, 16->3 at 96^3: 9 ms instead
+  of 44); a batched ``torch.matmul`` would compute the transposed product and copy it;
+- 2x2 up-convolutions (kernel = stride) are one 2D matrix product per batch item and an
+  interleaving copy (32->16 from 48^3: 79 ms instead of 109);
 - 2x2 max pooling is an elementwise maximum of neighbours, axis by axis, without the int64 index
   map PyTorch's CPU kernel also writes (16 channels at 96^3: 5 ms instead of 33).
 
@@ -71,9 +72,13 @@ class _Pointwise:
         if not cpu_inference_path(x, len(self.kernel_size)):
             return super().forward(x)  # type: ignore[misc]
         n, channels = x.shape[:2]
-        y = torch.matmul(self.weight.view(self.out_channels, channels), x.reshape(n, channels, -1))
-        if self.bias is not None:
-            y.add_(self.bias.view(1, -1, 1))
+        weight, flat = self.weight.view(self.out_channels, channels), x.reshape(n, channels, -1)
+        y = torch.empty(n, self.out_channels, flat.shape[2], dtype=x.dtype)
+        for item in range(n):  # 2D products: a batched matmul transposes the (voxels, out) result in a copy
+            if self.bias is None:
+                torch.mm(weight, flat[item], out=y[item])
+            else:
+                torch.addmm(self.bias.view(-1, 1), weight, flat[item], out=y[item])
         return y.view(n, self.out_channels, *x.shape[2:])
 
 
@@ -98,7 +103,10 @@ class _Up:
             return super().forward(x, output_size)  # type: ignore[misc]
         n, channels = x.shape[:2]
         spatial = tuple(x.shape[2:])
-        y = torch.matmul(self.weight.reshape(channels, -1).t(), x.reshape(n, channels, -1))
+        weight, flat = self.weight.reshape(channels, -1).t(), x.reshape(n, channels, -1)
+        y = torch.empty(n, weight.shape[0], flat.shape[2], dtype=x.dtype)
+        for item in range(n):  # 2D products, as in the 1x1 convolution
+            torch.mm(weight, flat[item], out=y[item])
         y = y.view(n, self.out_channels, *self.kernel_size, *spatial)
         # (N, out, k1, k2, k3, d1, d2, d3) -> (N, out, d1, k1, d2, k2, d3, k3): tap k of voxel d lands at d*k_size + k
         order = [0, 1, *itertools.chain.from_iterable((2 + dims + i, 2 + i) for i in range(dims))]

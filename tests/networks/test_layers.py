@@ -50,10 +50,11 @@ def test_fast_paths_equal_the_parent_layers(dims, batch):
         torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-5, msg=type(ours).__name__)
 
 
-def _ops(module: nn.Module, x: torch.Tensor) -> set[str]:
+def _ops(module: nn.Module, x: torch.Tensor) -> dict[str, int]:
+    """How often ``module(x)`` calls each operator."""
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         module(x)
-    return {event.key for event in prof.key_averages()}
+    return {event.key: event.count for event in prof.key_averages()}
 
 
 def test_fast_paths_are_taken_in_inference_only():
@@ -65,6 +66,13 @@ def test_fast_paths_are_taken_in_inference_only():
         assert "aten::convolution" not in _ops(PointwiseConv3d(1, 3), x)
         assert "aten::convolution" not in _ops(UpConv3d(1, 2), x)
         assert "aten::max_pool3d_with_indices" not in _ops(MaxPool2x3d(), x)
+        # one 2D product per item straight into the output: no batched product, no result transposed in a
+        # copy (torch.matmul does one or the other, depending on the shapes)
+        for batch in (torch.randn(1, 4, 8, 8, 8), torch.randn(2, 4, 8, 8, 8)):
+            for layer, copies in ((PointwiseConv3d(4, 3, bias=False), 0), (UpConv3d(4, 2), 1)):  # up: the interleaving
+                ops = _ops(layer, batch)
+                counts = {name: ops.get(name, 0) for name in ("aten::mm", "aten::bmm", "aten::copy_")}
+                assert counts == {"aten::mm": len(batch), "aten::bmm": 0, "aten::copy_": copies}, type(layer).__name__
     # with autograd on: the parent's operators, and gradients flow
     for layer in (conv, PointwiseConv3d(1, 3), UpConv3d(1, 2)):
         assert "aten::convolution" in _ops(layer, x)
