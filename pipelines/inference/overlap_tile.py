@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from itertools import product
 
@@ -19,6 +20,7 @@ from monai.data import MetaTensor
 from monai.inferers import Inferer
 from monai.utils import convert_to_dst_type, ensure_tuple_rep
 
+from pipelines.inference.heap import keep_freed_memory
 from pipelines.inference.windows import gather_window, mirror_indices
 
 __all__ = ["OverlapTileInferer", "TilePlan"]
@@ -61,6 +63,9 @@ class OverlapTileInferer(Inferer):
         padding_mode: how the image is extended beyond its border: ``"reflect"`` (the paper's
             mirroring), ``"symmetric"``, ``"replicate"`` or ``"constant"`` (zeros).
         progress: optional callable ``(tiles_done, tiles_total)`` called after each network call.
+        reuse_memory: when the network runs on the CPU, keep the memory each tile frees in the process for
+            the next tile, from the second network call on (:func:`pipelines.inference.heap.keep_freed_memory`;
+            glibc only).
 
     Returns from ``__call__``: the stitched network output ``(B, C_out, *spatial)`` on the input's
     device, a ``MetaTensor`` with the input's metadata when the input is one.
@@ -72,6 +77,7 @@ class OverlapTileInferer(Inferer):
         sw_batch_size: int = 4,
         padding_mode: str = "reflect",
         progress: Callable[[int, int], None] | None = None,
+        reuse_memory: bool = True,
     ) -> None:
         super().__init__()
         sizes = (tile_size,) if isinstance(tile_size, int) else tuple(tile_size)
@@ -84,6 +90,7 @@ class OverlapTileInferer(Inferer):
         self.sw_batch_size = sw_batch_size
         self.padding_mode = padding_mode
         self.progress = progress
+        self.reuse_memory = reuse_memory
 
     def plan(self, network: torch.nn.Module, spatial_shape: Sequence[int]) -> TilePlan:
         """The tiling this inferer uses for ``network`` on an image of ``spatial_shape``."""
@@ -123,30 +130,33 @@ class OverlapTileInferer(Inferer):
         plan = self.plan(network, spatial)
         jobs = [(b, starts) for b in range(data.shape[0]) for starts in product(*(range(c) for c in plan.counts))]
         output: torch.Tensor | None = None
-        for first in range(0, len(jobs), self.sw_batch_size):
-            chunk = jobs[first : first + self.sw_batch_size]
-            tiles = torch.stack([
-                gather_window(data[b], [k * s - m for k, s, m in zip(starts, plan.stride, plan.margin)],
-                              plan.input_tile, self.padding_mode)
-                for b, starts in chunk
-            ])
-            result = network(tiles, *args, **kwargs)
-            if not isinstance(result, torch.Tensor):
-                raise TypeError(f"OverlapTileInferer needs a network that returns a tensor, got {type(result).__name__}")
-            if tuple(result.shape[2:]) != plan.output_tile:
-                raise ValueError(
-                    f"network returned tiles of {tuple(result.shape[2:])} for input tiles {plan.input_tile}; "
-                    f"its output_shape() promised {plan.output_tile}"
-                )
-            if output is None:
-                dtype = result.dtype if result.is_floating_point() else torch.float32
-                output = torch.zeros((data.shape[0], result.shape[1], *spatial), dtype=dtype, device=data.device)
-            for (b, starts), tile in zip(chunk, result):
-                target = [slice(k * s, min(k * s + s, n)) for k, s, n in zip(starts, plan.stride, spatial)]
-                source = [slice(0, t.stop - t.start) for t in target]
-                output[(b, slice(None), *target)] = tile[(slice(None), *source)].to(output)
-            if self.progress is not None:
-                self.progress(min(first + self.sw_batch_size, len(jobs)), len(jobs))
+        with ExitStack() as stack:
+            for first in range(0, len(jobs), self.sw_batch_size):
+                chunk = jobs[first : first + self.sw_batch_size]
+                tiles = torch.stack([
+                    gather_window(data[b], [k * s - m for k, s, m in zip(starts, plan.stride, plan.margin)],
+                                  plan.input_tile, self.padding_mode)
+                    for b, starts in chunk
+                ])
+                result = network(tiles, *args, **kwargs)
+                if not isinstance(result, torch.Tensor):
+                    raise TypeError(f"OverlapTileInferer needs a network that returns a tensor, got {type(result).__name__}")
+                if tuple(result.shape[2:]) != plan.output_tile:
+                    raise ValueError(
+                        f"network returned tiles of {tuple(result.shape[2:])} for input tiles {plan.input_tile}; "
+                        f"its output_shape() promised {plan.output_tile}"
+                    )
+                if output is None:
+                    dtype = result.dtype if result.is_floating_point() else torch.float32
+                    output = torch.zeros((data.shape[0], result.shape[1], *spatial), dtype=dtype, device=data.device)
+                    # after the output, which outlives the call and must not hold pages of the kept heap
+                    stack.enter_context(keep_freed_memory(self.reuse_memory and data.device.type == "cpu"))
+                for (b, starts), tile in zip(chunk, result):
+                    target = [slice(k * s, min(k * s + s, n)) for k, s, n in zip(starts, plan.stride, spatial)]
+                    source = [slice(0, t.stop - t.start) for t in target]
+                    output[(b, slice(None), *target)] = tile[(slice(None), *source)].to(output)
+                if self.progress is not None:
+                    self.progress(min(first + self.sw_batch_size, len(jobs)), len(jobs))
         if isinstance(inputs, MetaTensor):
             return convert_to_dst_type(output, inputs, dtype=output.dtype)[0]
         return output

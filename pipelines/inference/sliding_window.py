@@ -13,6 +13,7 @@ import mmap
 import os
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import ExitStack
 from itertools import combinations, product
 
 import numpy as np
@@ -21,6 +22,7 @@ from monai.data import MetaTensor
 from monai.inferers import Inferer
 from monai.utils import convert_to_dst_type, ensure_tuple_rep
 
+from pipelines.inference.heap import keep_freed_memory
 from pipelines.inference.windows import blend_weights_1d, even_starts, gather_window, mirror_indices
 
 __all__ = ["BlendedSlidingWindowInferer"]
@@ -55,6 +57,11 @@ class BlendedSlidingWindowInferer(Inferer):
         autocast: run the network under CUDA autocast (float16) when ``sw_device`` is a GPU.
         channels_last: pass windows in channels-last memory format.
         progress: optional callable ``(windows_done, windows_total)``.
+        reuse_memory: when the network runs on the CPU, keep the memory each window frees in the process
+            for the next window instead of giving it back to the system and page-faulting it in
+            again (:func:`pipelines.inference.heap.keep_freed_memory`; glibc only), from the second
+            network call on, once the output is allocated: about 30% of a window's time on the
+            development VM. The kept memory is returned when the call ends.
 
     Returns from ``__call__``: the blended output ``(B, C_out, *spatial)`` (a tuple or dict of them
     for networks that return several), a ``MetaTensor`` with the input's metadata when the input is
@@ -77,6 +84,7 @@ class BlendedSlidingWindowInferer(Inferer):
         autocast: bool = True,
         channels_last: bool = False,
         progress: Callable[[int, int], None] | None = None,
+        reuse_memory: bool = True,
     ) -> None:
         super().__init__()
         sizes = (roi_size,) if isinstance(roi_size, int) else tuple(roi_size)
@@ -109,6 +117,7 @@ class BlendedSlidingWindowInferer(Inferer):
         self.autocast = autocast
         self.channels_last = channels_last
         self.progress = progress
+        self.reuse_memory = reuse_memory
 
     # ---- geometry ------------------------------------------------------------------------------
     def _windows(self, network, spatial: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
@@ -143,7 +152,7 @@ class BlendedSlidingWindowInferer(Inferer):
         mappings: dict = {}  # streaming: each output's memory map
         released: dict[tuple, int] = {}  # streaming: rows already dropped from memory, per output and item
         returned: type | None = None  # what the network returns: a tensor, a tuple/list or a dict
-        with torch.inference_mode():
+        with torch.inference_mode(), ExitStack() as stack:
             for first in range(0, len(windows), self.sw_batch_size):
                 chunk = windows[first : first + self.sw_batch_size]
                 batch = torch.stack([
@@ -156,6 +165,8 @@ class BlendedSlidingWindowInferer(Inferer):
                     returned = dict if isinstance(result, Mapping) else type(result)
                     for k, v in parts.items():
                         outputs[k], mappings[k] = self._allocate(data.shape[0], v.shape[1], spatial, device)
+                    # after the output, which outlives the call and must not hold pages of the kept heap
+                    stack.enter_context(keep_freed_memory(self.reuse_memory and sw_device.type == "cpu"))
                 for k, part in parts.items():
                     if tuple(part.shape[2:]) != out_win:
                         raise ValueError(
