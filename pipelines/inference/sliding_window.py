@@ -60,7 +60,7 @@ class BlendedSlidingWindowInferer(Inferer):
         reuse_memory: when the network runs on the CPU, keep the memory each window frees in the process
             for the next window instead of giving it back to the system and page-faulting it in
             again (:func:`pipelines.inference.heap.keep_freed_memory`; glibc only), from the second
-            network call on, once the output is allocated: about 30% of a window's time on the
+            network call on, once the output is allocated: about a sixth of a window's time on the
             development VM. The kept memory is returned when the call ends.
 
     Returns from ``__call__``: the blended output ``(B, C_out, *spatial)`` (a tuple or dict of them

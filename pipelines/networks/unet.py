@@ -18,7 +18,15 @@ from monai.networks.layers.utils import get_act_layer, get_norm_layer
 from torch import nn
 from torch.nn import functional as F
 
-from pipelines.networks.layers import layer_type
+from pipelines.networks.layers import (
+    UpConv2d,
+    UpConv3d,
+    channels_last,
+    cpu_inference_path,
+    instance_norm_,
+    layer_type,
+    memory_format,
+)
 
 __all__ = ["UNet"]
 
@@ -33,6 +41,7 @@ _GROUPS = 8  # default number of groups for norm="group" (reduced to a divisor o
 _PADDINGS = ("valid", "same")
 _UP_MODES = ("transpose", "upsample")
 _SKIPS = ("concat", "sum")
+_INSTANCE_NORMS = (nn.InstanceNorm2d, nn.InstanceNorm3d)
 
 
 def _norm_args(norm: str | tuple | None, channels: int) -> tuple | None:
@@ -74,7 +83,11 @@ def _center_crop(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
 
 
 class _DoubleConv(nn.Sequential):
-    """Two 3x3(x3) convolutions, each followed by the optional normalisation and the activation."""
+    """Two 3x3(x3) convolutions, each followed by the optional normalisation and the activation.
+
+    In CPU inference an instance normalisation that uses the input's statistics runs in place on the
+    convolution's output (:func:`~pipelines.networks.layers.instance_norm_`), which nothing else holds.
+    """
 
     def __init__(
         self, spatial_dims: int, in_channels: int, out_channels: int, padding: str, norm, act: tuple
@@ -88,6 +101,18 @@ class _DoubleConv(nn.Sequential):
                 layers[f"norm{i}"] = get_norm_layer(_norm_args(norm, out_channels), spatial_dims, out_channels)
             layers[f"act{i}"] = get_act_layer(act)
         super().__init__(layers)
+        self.spatial_dims = spatial_dims
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        norms = [getattr(self, f"norm{i}", None) for i in (1, 2)]
+        if not cpu_inference_path(x, self.spatial_dims) or not all(
+            isinstance(m, _INSTANCE_NORMS) and not m.track_running_stats for m in norms
+        ):
+            return super().forward(x)
+        for i, norm in enumerate(norms, start=1):
+            x = instance_norm_(getattr(self, f"conv{i}")(x), norm.weight, norm.bias, norm.eps)
+            x = getattr(self, f"act{i}")(x)
+        return x
 
 
 class _Up(nn.Module):
@@ -124,6 +149,13 @@ class _Up(nn.Module):
         self.convs = _DoubleConv(spatial_dims, merged, skip_channels, padding, norm, act)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        if self.skip == "concat" and isinstance(self.up, (UpConv2d, UpConv3d)) and cpu_inference_path(x, x.dim() - 2):
+            # CPU inference: the up-convolution writes straight into its half of the concatenation
+            channels, size = skip.shape[1], [s * k for s, k in zip(x.shape[2:], self.up.kernel_size)]
+            merged = torch.empty((x.shape[0], 2 * channels, *size), dtype=x.dtype, memory_format=memory_format(x))
+            merged[:, :channels] = _center_crop(skip, size)
+            self.up.into(x, merged[:, channels:])
+            return self.convs(merged)
         x = self.up(x)
         skip = _center_crop(skip, x.shape[2:])
         x = torch.cat([skip, x], dim=1) if self.skip == "concat" else x + skip
@@ -332,6 +364,8 @@ class UNet(nn.Module):
                 # F.pad takes (last axis low, last axis high, ...)
                 flat = [p for total in reversed(pads) for p in (total // 2, total - total // 2)]
                 x = F.pad(x, flat)
+        if self.spatial_dims == 3 and cpu_inference_path(x, 3):
+            x = channels_last(x)  # oneDNN's 3D convolutions need no reorders (layers.py); the head returns channels-first
 
         skips = []
         for level, block in enumerate(self.encoder):

@@ -16,7 +16,10 @@ from pipelines.networks.layers import (
     PointwiseConv3d,
     UpConv2d,
     UpConv3d,
+    channels_last,
+    instance_norm_,
     layer_type,
+    memory_format,
 )
 
 
@@ -41,13 +44,77 @@ def _pairs(dims: int) -> list[tuple[nn.Module, nn.Module, tuple[int, ...]]]:
 
 @pytest.mark.parametrize("dims", [2, 3])
 @pytest.mark.parametrize("batch", [1, 2])
-def test_fast_paths_equal_the_parent_layers(dims, batch):
+@pytest.mark.parametrize("layout", ["channels-first", "channels-last"])
+def test_fast_paths_equal_the_parent_layers(dims, batch, layout):
     for ours, plain, shape in _pairs(dims):
         x = torch.randn(batch, *shape[1:])
+        if layout == "channels-last":
+            x = channels_last(x)
         with torch.inference_mode():
             fast, reference = ours(x), plain(x)
         assert fast.shape == reference.shape, type(ours).__name__
         torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-5, msg=type(ours).__name__)
+        if isinstance(ours, (UpConv2d, UpConv3d, MaxPool2x2d, MaxPool2x3d)):  # the input's layout, for the next layer
+            assert memory_format(fast) == memory_format(x), type(ours).__name__
+        if isinstance(ours, (PointwiseConv2d, PointwiseConv3d)):  # the head: channels-first for the caller
+            assert fast.is_contiguous(), type(ours).__name__
+
+
+def test_channels_last_one_channel_makes_onednn_write_channels_last():
+    x = torch.randn(1, 1, 6, 7, 8)
+    y = channels_last(x)
+    assert y.stride()[1] == 1 and torch.equal(y, x)
+    assert memory_format(channels_last(torch.randn(2, 3, 4, 5))) == torch.channels_last
+    conv = OneDNNConv3d(1, 4, 3, padding=1)
+    with torch.inference_mode():
+        assert memory_format(conv(y)) == torch.channels_last_3d
+        assert memory_format(conv(x)) == torch.contiguous_format  # PyTorch's strides: oneDNN writes channels-first
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("layout", ["channels-first", "channels-last", "strided"])
+@pytest.mark.parametrize("affine", [True, False])
+def test_instance_norm_in_place_equals_torch(dims, layout, affine):
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, *(9, 10, 11)[:dims]) * 3 + 2
+    weight, bias = (torch.rand(5) + 0.5, torch.randn(5)) if affine else (None, None)
+    expected = nn.functional.instance_norm(x, weight=weight, bias=bias, eps=1e-5)
+    target = {"channels-first": x.clone(), "channels-last": channels_last(x),
+              "strided": x.clone().transpose(2, 3)}[layout]
+    if layout == "strided":
+        expected = expected.transpose(2, 3)
+    with torch.inference_mode():
+        result = instance_norm_(target, weight, bias, 1e-5)
+    assert result.data_ptr() == target.data_ptr() and result.stride() == target.stride()
+    torch.testing.assert_close(result, expected, rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("layout", ["channels-first", "channels-last"])
+def test_instance_norm_in_place_keeps_digits_at_a_large_mean(layout):
+    """PyTorch's channels-last batch-norm kernel sums in one float32 pass: off by 5 here."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 4, 64, 64, 64) + 1000
+    expected = nn.functional.instance_norm(x.double(), eps=1e-5)
+    target = channels_last(x) if layout == "channels-last" else x.clone()
+    with torch.inference_mode():
+        instance_norm_(target, None, None, 1e-5)
+    assert (target.double() - expected).abs().max() < 2e-4  # PyTorch's channels-first kernel: 8e-5
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("layout", ["channels-first", "channels-last"])
+def test_up_convolution_writes_into_a_concatenation(dims, layout):
+    torch.manual_seed(0)
+    up = layer_type("up", dims)(6, 4)
+    x, skip = torch.randn(2, 6, *(4, 5, 3)[:dims]), torch.randn(2, 4, *(8, 10, 6)[:dims])
+    if layout == "channels-last":
+        x, skip = channels_last(x), channels_last(skip)
+    expected = torch.cat([skip, up(x)], 1).detach()  # autograd on: the parent's forward
+    merged = torch.empty(expected.shape, memory_format=memory_format(x))
+    merged[:, :4] = skip
+    with torch.inference_mode():
+        assert up.into(x, merged[:, 4:]).data_ptr() == merged[:, 4:].data_ptr()
+    torch.testing.assert_close(merged, expected, rtol=1e-5, atol=1e-5)
 
 
 def _ops(module: nn.Module, x: torch.Tensor) -> dict[str, int]:
