@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 from ignite.engine import Engine, Events
+from ignite.handlers import EarlyStopping
 
 from pipelines.io.writers import atomic_path
 
@@ -44,8 +45,13 @@ class ResumeTraining:
     such a file exists, it loads it, so the run goes on from the saved iteration and epoch; Ignite
     replays the rest of an interrupted epoch. With ``best_saver`` (the evaluator's key-metric
     ``CheckpointSaver``), its record of the best score is saved and restored too, so a resumed run
-    replaces the best model only when it beats it. With no
-    checkpoint, or ``enabled=False``, training starts from scratch (and still saves).
+    replaces the best model only when it beats it. With ``early_stopper``, its patience counter and
+    best score are kept, so a run resumed after a crash stops when the uninterrupted run would have.
+    The trainer's AMP gradient scaler (``SupervisedTrainer(amp=True)`` on CUDA) is saved too, so a
+    resumed run goes on with the loss scale it had reached instead of re-learning it from 2**16
+    through a series of skipped steps. A checkpoint without the early-stopping or scaler state (a
+    run that had none) resumes with them fresh, with a warning. With no checkpoint, or
+    ``enabled=False``, training starts from scratch (and still saves).
 
     The trainer is added by ``attach``: a bundle config cannot reference the trainer from inside its
     own handler list.
@@ -56,6 +62,8 @@ class ResumeTraining:
         interval: iterations between checkpoints.
         prefix: file name prefix.
         best_saver: the key-metric ``CheckpointSaver`` of the evaluator.
+        early_stopper: the evaluator's MONAI ``EarlyStopHandler`` or ignite ``EarlyStopping``; an
+            ``EarlyStopHandler`` with no trainer yet is given the one this handler is attached to.
         map_location: device for the loaded tensors.
         enabled: False to ignore existing checkpoints.
         save: False to only resume (the ranks other than 0 of a distributed run, which load the
@@ -69,6 +77,7 @@ class ResumeTraining:
         interval: int = 50,
         prefix: str = "last",
         best_saver=None,
+        early_stopper=None,
         map_location: str | torch.device = "cpu",
         enabled: bool = True,
         save: bool = True,
@@ -83,6 +92,9 @@ class ResumeTraining:
         self.prefix = prefix
         if best_saver is not None:
             self.save_dict["best_model_record"] = _KeyMetricRecord(best_saver)
+        self.early_stopping = None if early_stopper is None else _EarlyStoppingRecord(early_stopper)
+        if self.early_stopping is not None:
+            self.save_dict["early_stopping"] = self.early_stopping
         self.map_location = map_location
         self.enabled = enabled
         self.saves = save
@@ -90,6 +102,11 @@ class ResumeTraining:
 
     def attach(self, engine: Engine) -> None:
         self.save_dict["trainer"] = engine
+        scaler = getattr(engine, "scaler", None)  # SupervisedTrainer(amp=True) makes one; disabled without CUDA
+        if scaler is not None and scaler.is_enabled():
+            self.save_dict["grad_scaler"] = scaler
+        if self.early_stopping is not None:
+            self.early_stopping.give_trainer(engine)
         engine.add_event_handler(Events.STARTED, self.load)
         if self.saves:
             engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.interval), self.save)
@@ -122,18 +139,50 @@ class ResumeTraining:
             checkpoint = torch.load(path, map_location=self.map_location, weights_only=False)
         except Exception as exc:  # not written by this handler (the saves are atomic), or another format
             raise ValueError(f"{path}: unreadable checkpoint ({type(exc).__name__}: {exc}); delete it to start over") from exc
-        missing = sorted(set(self.save_dict) - set(checkpoint))
+        missing = sorted(set(self.save_dict) - set(checkpoint) - _STARTS_FRESH)
         if missing:
             raise ValueError(f"{path}: checkpoint lacks {missing}; it was not written by this training config")
         max_epochs = engine.state.max_epochs
         for key, target in self.save_dict.items():
-            target.load_state_dict(checkpoint[key])
+            if key in checkpoint:
+                target.load_state_dict(checkpoint[key])
+            else:
+                logger.warning("%s holds no %s state (the run that wrote it had none): it starts fresh", path, key)
         # the checkpoint holds the interrupted run's max_epochs; the configured one wins
         if max_epochs is not None and engine.state.epoch > max_epochs:
             raise ValueError(f"{path}: the checkpoint is at epoch {engine.state.epoch}, beyond max_epochs {max_epochs}")
         engine.state.max_epochs = max_epochs
         self.resumed_from = path
         logger.info("resumed from %s: epoch %d, iteration %d", path, engine.state.epoch, engine.state.iteration)
+
+
+# state a resumed run may lack without harm: the run that wrote the checkpoint had no AMP or early stopping
+_STARTS_FRESH = frozenset({"grad_scaler", "early_stopping"})
+
+
+class _EarlyStoppingRecord:
+    """The patience counter and best score of an early-stopping handler, as a checkpointable object."""
+
+    def __init__(self, stopper) -> None:
+        if not (isinstance(stopper, EarlyStopping) or hasattr(stopper, "set_trainer")):
+            raise TypeError(
+                f"early_stopper must be an EarlyStopHandler or ignite EarlyStopping, got {type(stopper).__name__}")
+        self.stopper = stopper
+
+    def give_trainer(self, trainer: Engine) -> None:
+        if not isinstance(self.stopper, EarlyStopping) and self.stopper._handler is None:
+            self.stopper.set_trainer(trainer)
+
+    @property
+    def _ignite(self) -> EarlyStopping:
+        # MONAI's EarlyStopHandler makes its ignite handler anew in each set_trainer: look it up each time
+        return self.stopper if isinstance(self.stopper, EarlyStopping) else self.stopper._handler
+
+    def state_dict(self) -> dict:
+        return dict(self._ignite.state_dict())
+
+    def load_state_dict(self, state: dict) -> None:
+        self._ignite.load_state_dict(state)
 
 
 class _KeyMetricRecord:

@@ -18,6 +18,7 @@ import torch
 from monai.bundle.scripts import _get_fake_spatial_shape
 
 from pipelines.demo import write_demo_data
+from pipelines.engines import latest_checkpoint
 from pipelines.io import load_volume
 from pipelines.io.dicom_seg import segments_from_metadata
 from pipelines.networks import UNet
@@ -157,6 +158,9 @@ def test_early_stopping_ends_a_run_that_stops_improving(demo, tmp_path):
     output = result.stdout + result.stderr
     assert "Epoch[2] Complete" in output and "Epoch[3] Complete" not in output
     assert "EarlyStopping: Stop training" in output
+    # the last checkpoint keeps the patience counter, so a resumed run stops where this one did
+    checkpoint = torch.load(latest_checkpoint(tmp_path / "models"), weights_only=False)
+    assert checkpoint["early_stopping"]["counter"] == 1
 
 
 def bundle_process(args: list[str], log: Path, **env: str) -> subprocess.Popen:

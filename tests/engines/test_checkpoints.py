@@ -25,6 +25,15 @@ def make_trainer(seen: list, stop_at: int | None = None):
     return Engine(step), model, optimizer
 
 
+def run_crashing(trainer: Engine, data: list, max_epochs: int, crashes: bool) -> None:
+    """Run the trainer; when ``crashes``, its step raises KeyboardInterrupt, which is expected."""
+    if crashes:
+        with pytest.raises(KeyboardInterrupt):
+            trainer.run(data, max_epochs=max_epochs)
+    else:
+        trainer.run(data, max_epochs=max_epochs)
+
+
 def test_latest_checkpoint_picks_the_highest_step(tmp_path):
     assert latest_checkpoint(tmp_path / "missing") is None
     for name in ("last_checkpoint_9.pt", "last_checkpoint_12.pt", "last_checkpoint_final.pt", ".last_checkpoint_40.pt.tmp",
@@ -86,11 +95,7 @@ def test_best_model_record_survives_a_resume(tmp_path):
         best.attach(evaluator)
         trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: evaluator.run([0]))
         ResumeTraining(tmp_path, {"model": model}, interval=1, best_saver=best).attach(trainer)
-        if stop:
-            with pytest.raises(KeyboardInterrupt):
-                trainer.run([0, 1, 2], max_epochs=2)
-        else:
-            trainer.run([0, 1, 2], max_epochs=2)
+        run_crashing(trainer, [0, 1, 2], max_epochs=2, crashes=stop)
         return best
 
     run(stop=True)  # epoch 1 validated at 0.9 (model.pt written after 3 steps), crash at iteration 4
@@ -116,3 +121,78 @@ def test_bad_input_is_refused_clearly(tmp_path):
     ResumeTraining(tmp_path, {"model": model}).attach(trainer)
     with pytest.raises(ValueError, match=r"last_checkpoint_6.pt: checkpoint lacks \['trainer'\]"):
         trainer.run([0], max_epochs=1)
+
+
+def test_amp_loss_scale_survives_a_resume(tmp_path):
+    """The trainer's GradScaler goes on from the scale it reached, not from its initial one."""
+
+    def run(stop: bool):
+        model = torch.nn.Linear(1, 1, bias=False)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4, growth_interval=1)  # doubles every step
+
+        def step(engine, batch):
+            optimizer.zero_grad()
+            scaler.scale(model(torch.ones(1, 1)).sum()).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            if stop and engine.state.iteration == 3:
+                raise KeyboardInterrupt
+
+        trainer = Engine(step)
+        trainer.scaler = scaler  # where SupervisedTrainer keeps it
+        ResumeTraining(tmp_path, {"model": model}, interval=2).attach(trainer)
+        run_crashing(trainer, [0, 1, 2], max_epochs=2, crashes=stop)
+        return scaler
+
+    run(stop=True)  # checkpoint at iteration 2: scale 2**6
+    assert torch.load(tmp_path / "last_checkpoint_2.pt", weights_only=False)["grad_scaler"]["scale"] == 2.0**6
+    assert run(stop=False).get_scale() == 2.0**10  # iterations 3..6 from 2**6; a fresh scaler would reach 2**8
+
+
+@pytest.mark.parametrize("kind", ["monai", "ignite"])
+def test_early_stopping_patience_survives_a_resume(tmp_path, kind):
+    """Patience 2, scores 0.9 then 0.5 (crash) then 0.4: the resumed run stops after 0.4, the second
+    non-improving score, as the uninterrupted run would; a fresh counter would go on to epoch 4."""
+    from ignite.handlers import EarlyStopping
+    from monai.handlers import EarlyStopHandler
+
+    scores = iter([0.9, 0.5, 0.4, 0.3, 0.2])
+
+    def run(stop: bool) -> Engine:
+        trainer, model, _ = make_trainer([], stop_at=7 if stop else None)
+        evaluator = Engine(lambda e, b: None)
+        evaluator.add_event_handler(Events.EPOCH_COMPLETED, lambda e: e.state.metrics.update(dice=next(scores)))
+        if kind == "monai":
+            stopper = EarlyStopHandler(patience=2, score_function=lambda e: e.state.metrics["dice"])
+        else:
+            stopper = EarlyStopping(patience=2, score_function=lambda e: e.state.metrics["dice"], trainer=trainer)
+        evaluator.add_event_handler(Events.EPOCH_COMPLETED, stopper)
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: evaluator.run([0]))
+        ResumeTraining(tmp_path, {"model": model}, interval=100, early_stopper=stopper).attach(trainer)
+        run_crashing(trainer, [0, 1, 2], max_epochs=5, crashes=stop)
+        return trainer
+
+    run(stop=True)  # epochs 1 (0.9) and 2 (0.5, counter 1) validated and saved; crash in epoch 3
+    assert torch.load(tmp_path / "last_checkpoint_6.pt", weights_only=False)["early_stopping"]["counter"] == 1
+    trainer = run(stop=False)
+    assert trainer.state.epoch == 3 and trainer.should_terminate
+
+
+def test_a_checkpoint_without_scaler_or_early_stopping_state_resumes_them_fresh(tmp_path, caplog):
+    from monai.handlers import EarlyStopHandler
+
+    trainer, model, _ = make_trainer([])
+    ResumeTraining(tmp_path, {"model": model}, interval=2).attach(trainer)
+    trainer.run([0, 1], max_epochs=1)  # no AMP, no early stopping
+    trainer, model, _ = make_trainer([])
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+    stopper = EarlyStopHandler(patience=2, score_function=lambda e: 0.0)
+    ResumeTraining(tmp_path, {"model": model}, early_stopper=stopper).attach(trainer)
+    assert stopper._handler is not None and stopper._handler.trainer is trainer  # given the trainer by attach
+    with caplog.at_level("WARNING", logger="pipelines.engines.checkpoints"):
+        trainer.run([0, 1], max_epochs=2)
+    assert trainer.state.iteration == 4 and trainer.scaler.get_scale() == 8.0
+    assert "holds no grad_scaler state" in caplog.text and "holds no early_stopping state" in caplog.text
+    with pytest.raises(TypeError, match="early_stopper must be"):
+        ResumeTraining(tmp_path, {"model": model}, early_stopper=object())
