@@ -85,6 +85,7 @@ def test_tumor_bundle_trains_with_amp_on_cuda(tmp_path):
     assert (tmp_path / "models" / "model.pt").is_file()
     checkpoint = torch.load(next((tmp_path / "models").glob("last_checkpoint_*.pt")), weights_only=False)
     assert all(t.device.type == "cuda" for t in checkpoint["model"].values())
+    assert checkpoint["grad_scaler"]["scale"] > 0  # the AMP loss scale is resumed too
 
 
 def test_batch_job_on_cuda_matches_cpu(tmp_path):
