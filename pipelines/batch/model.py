@@ -17,12 +17,19 @@ import torch
 __all__ = ["BundleModel", "bundle_hash"]
 
 
-def bundle_hash(bundle_dir: str | os.PathLike) -> str:
-    """SHA-256 of the bundle's ``configs`` and ``models`` folders (their relative names and contents)."""
+def bundle_hash(bundle_dir: str | os.PathLike, weights: str | os.PathLike | None = None) -> str:
+    """SHA-256 of what inference uses of a bundle: its ``configs`` folder (relative names and contents)
+    and the weights file (default ``models/model.pt``).
+
+    Other files in ``models/`` (a training run's ``last_checkpoint_*.pt``, exports) are left out: they
+    do not change the results, and a training run next to a batch job must not make its rerun redo
+    every case (nor cost a read of gigabytes of checkpoints at each start).
+    """
     from pipelines.data.manifest import content_hash
 
     root = Path(bundle_dir)
-    parts = [content_hash(root / sub) if (root / sub).exists() else "" for sub in ("configs", "models")]
+    weights_path = Path(weights) if weights else root / "models" / "model.pt"
+    parts = [content_hash(path) if path.exists() else "" for path in (root / "configs", weights_path)]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
@@ -77,7 +84,7 @@ class BundleModel:
             state = state["model"]
         self.network.load_state_dict(state)
         self.weights_sha256 = content_hash(self.weights_path)
-        self.bundle_sha256 = bundle_hash(self.root)
+        self.bundle_sha256 = bundle_hash(self.root, self.weights_path)
         preprocessing = parser.get_parsed_content("preprocessing")
         self.preprocessing = Compose([t for t in preprocessing.transforms if not isinstance(t, LoadVolumed)])
         self.inferer = parser.get_parsed_content("inferer")
