@@ -22,7 +22,11 @@ What this app changes in MONAI Label's bundle tasks:
 - no dcmqi download at start (nothing may be fetched at run time): unless dcmqi's
   ``itkimage2segimage`` is on ``PATH``, labels saved to a DICOMweb store, and ``/infer`` results
   asked for as ``dicom_seg``, are written as DICOM SEG with pydicom-seg, the converter's other
-  writer (:func:`use_pydicom_seg_for_dicom_seg`).
+  writer (:func:`use_coded_dicom_seg`);
+- those SEGs carry the bundles' SNOMED CT codes (``dicom_seg_segments`` in ``metadata.json``), one
+  segment per label value present, where MONAI Label codes every segment as the spleen and pairs
+  names with values by position (:mod:`pipelines.label.seg_codes`); saved labels are marked
+  ``SEMIAUTOMATIC``, ``/infer`` results ``AUTOMATIC``.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import shutil
 from pathlib import Path
 
 from pipelines.label.compat import provide_torchvision_utils
+from pipelines.label.seg_codes import bundle_segments, segment_attributes
 from pipelines.label.server import bundle_names
 
 provide_torchvision_utils()  # before monailabel.tasks.infer.bundle imports torchvision.utils
@@ -42,7 +47,7 @@ from monailabel.tasks.train.bundle import BundleTrainTask  # noqa: E402
 
 import pipelines  # noqa: E402
 
-__all__ = ["UNetBundleInferTask", "UNetBundleTrainTask", "UNetPipelinesApp", "use_pydicom_seg_for_dicom_seg"]
+__all__ = ["UNetBundleInferTask", "UNetBundleTrainTask", "UNetPipelinesApp", "use_coded_dicom_seg"]
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +118,7 @@ class UNetPipelinesApp(MONAILabelApp):
         if not found:
             raise ValueError(f"no bundle (configs/metadata.json) under {model_dir}")
         self.bundles = {name: model_dir / name for name in found}
+        self.segments = bundle_segments(self.bundles.values())
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -139,28 +145,40 @@ class UNetPipelinesApp(MONAILabelApp):
 
     def _download_dcmqi_tools(self) -> None:
         """Called when the datastore is a DICOMweb store: never download; without dcmqi, use pydicom-seg."""
-        if shutil.which(_DCMQI_TOOL) or (Path(self.app_dir) / "bin" / _DCMQI_TOOL).exists():
-            return
-        use_pydicom_seg_for_dicom_seg()
-        logger.info("dcmqi's %s is not on PATH: DICOM SEGs are written with pydicom-seg", _DCMQI_TOOL)
+        dcmqi = bool(shutil.which(_DCMQI_TOOL) or (Path(self.app_dir) / "bin" / _DCMQI_TOOL).exists())
+        use_coded_dicom_seg(self.segments, dcmqi=dcmqi)
+        if not dcmqi:
+            logger.info("dcmqi's %s is not on PATH: DICOM SEGs are written with pydicom-seg", _DCMQI_TOOL)
 
 
-def use_pydicom_seg_for_dicom_seg() -> None:
-    """Make MONAI Label write DICOM SEGs with pydicom-seg instead of dcmqi's ``itkimage2segimage``.
+def use_coded_dicom_seg(segments: list[dict], dcmqi: bool = False) -> None:
+    """Make MONAI Label write DICOM SEGs with the bundles' codes, and with pydicom-seg unless ``dcmqi``.
 
     MONAI Label's converter (``nifti_to_dicom_seg``) has both writers but its DICOMweb datastore
     (saving a final label) and its ``/infer?output=dicom_seg`` always ask for dcmqi, a binary it
-    downloads at start-up. The two modules' references to the converter are replaced by one that
-    always takes the pydicom-seg branch.
+    downloads at start-up. The two modules' references to the converter are replaced by ones that
+    first describe each label value present (:func:`pipelines.label.seg_codes.segment_attributes`).
+
+    Args:
+        segments: :func:`pipelines.label.seg_codes.bundle_segments` of the served bundles.
+        dcmqi: whether dcmqi's ``itkimage2segimage`` is available.
     """
     import functools
 
     import monailabel.datastore.dicom as datastore
     import monailabel.endpoints.infer as infer_endpoint
+    import numpy as np
+    import SimpleITK
     from monailabel.datastore.utils import convert
 
-    @functools.wraps(convert.nifti_to_dicom_seg)
-    def nifti_to_dicom_seg(series_dir, label, label_info, file_ext="*", use_itk=True) -> str:
-        return convert.nifti_to_dicom_seg(series_dir, label, label_info, file_ext=file_ext, use_itk=False)
+    def coded(algorithm_type: str):
+        @functools.wraps(convert.nifti_to_dicom_seg)
+        def nifti_to_dicom_seg(series_dir, label, label_info, file_ext="*", use_itk=True) -> str:
+            values = np.unique(SimpleITK.GetArrayViewFromImage(SimpleITK.ReadImage(str(label))))
+            info = segment_attributes(values, label_info, segments, algorithm_type)
+            return convert.nifti_to_dicom_seg(series_dir, label, info, file_ext=file_ext, use_itk=use_itk and dcmqi)
 
-    datastore.nifti_to_dicom_seg = infer_endpoint.nifti_to_dicom_seg = nifti_to_dicom_seg
+        return nifti_to_dicom_seg
+
+    datastore.nifti_to_dicom_seg = coded("SEMIAUTOMATIC")
+    infer_endpoint.nifti_to_dicom_seg = coded("AUTOMATIC")

@@ -160,8 +160,27 @@ def test_dicomweb_store_infers_saves_seg_and_trains(tmp_path):
                                         files={"label": ("served.nii.gz", label)}, timeout=120)
             assert response.status_code == 200, response.text[-2000:]
             with requests.get(f"{url}/studies/{study_uid}/series", timeout=30) as listing:
-                modalities = sorted(s["00080060"]["Value"][0] for s in listing.json())
-            assert modalities == ["MR", "SEG"]  # the SEG sits in the study beside its source
+                series = {s["00080060"]["Value"][0]: s["0020000E"]["Value"][0] for s in listing.json()}
+            assert sorted(series) == ["MR", "SEG"]  # the SEG sits in the study beside its source
+            # coded as the bundle's metadata codes them (MONAI Label alone writes 78961009, spleen)
+            with requests.get(f"{url}/studies/{study_uid}/series/{series['SEG']}/metadata", timeout=30) as meta:
+                (seg,) = meta.json()
+            stored = [(item["00620004"]["Value"][0], item["00620005"]["Value"][0], item["00620008"]["Value"][0],
+                       item["00620003"]["Value"][0]["00080100"]["Value"][0],
+                       item["0062000F"]["Value"][0]["00080100"]["Value"][0]) for item in seg["00620002"]["Value"]]
+            present = sorted(set(np.unique(np.asarray(result.dataobj)).astype(int).tolist()) - {0})
+            expected = {1: ("tumor", "108369006"), 2: ("edema", "79654002")}
+            assert [(name, kind, category, code) for _, name, kind, category, code in stored] == [
+                (expected[v][0], "SEMIAUTOMATIC", "49755003", expected[v][1]) for v in present]
+            # a result asked for as DICOM SEG: the model's, coded alike
+            response = requests.post(f"{base}/infer/unet3d_tumor", params={"image": series_uid, "output": "dicom_seg"},
+                                     data={"params": json.dumps(label_info)}, timeout=300)
+            assert response.status_code == 200, response.text[-2000:]
+            (tmp_path / "infer_seg.dcm").write_bytes(response.content)
+            infer_seg = pydicom.dcmread(tmp_path / "infer_seg.dcm")
+            coded = [(s.SegmentLabel, s.SegmentAlgorithmType, s.SegmentedPropertyTypeCodeSequence[0].CodeValue)
+                     for s in infer_seg.SegmentSequence]
+            assert coded == [(expected[v][0], "AUTOMATIC", expected[v][1]) for v in present]
             weights = app / "model" / "unet3d_tumor" / "models" / "model.pt"
             old = _sha256(weights)
             response = requests.post(f"{base}/train/unet3d_tumor", params={"run_sync": "true"},
