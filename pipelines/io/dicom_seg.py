@@ -12,7 +12,6 @@ import functools
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ import numpy as np
 from pipelines.io.errors import InputDataError
 from pipelines.io.metadata import dicom_references
 from pipelines.io.writers import atomic_path, labels_on_source_slices
+from pipelines.segment_codes import SegmentCode, segments_from_metadata
 
 __all__ = ["SegmentCode", "segments_from_metadata", "write_dicom_seg"]
 
@@ -31,32 +31,6 @@ _TYPE2_COPIED = (
     "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
     "ReferringPhysicianName", "StudyID", "AccessionNumber",
 )
-
-
-@dataclass(frozen=True)
-class SegmentCode:
-    """One segment: the label value in the map, its name, and its SNOMED CT (or other) codes.
-
-    ``category`` and ``type`` are ``(code value, coding scheme, code meaning)``, e.g.
-    ``("49755003", "SCT", "Morphologically Altered Structure")`` and ``("108369006", "SCT", "Neoplasm")``.
-    """
-
-    label: int
-    name: str
-    category: tuple[str, str, str]
-    type: tuple[str, str, str]
-
-
-def segments_from_metadata(metadata: Mapping) -> list[SegmentCode]:
-    """Segments from a bundle's ``metadata.json``: its ``dicom_seg_segments`` list of
-    ``{"label", "name", "category": [code, scheme, meaning], "type": [code, scheme, meaning]}``."""
-    entries = metadata.get("dicom_seg_segments")
-    if not entries:
-        raise ValueError("bundle metadata has no `dicom_seg_segments` (label, name and SNOMED CT codes per segment)")
-    return [
-        SegmentCode(int(e["label"]), str(e["name"]), tuple(e["category"]), tuple(e["type"]))  # type: ignore[arg-type]
-        for e in entries
-    ]
 
 
 def write_dicom_seg(

@@ -18,6 +18,8 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
+from pipelines.segment_codes import SegmentCode, segments_from_metadata
+
 __all__ = ["GENERIC_CODE", "bundle_segments", "segment_attributes"]
 
 logger = logging.getLogger(__name__)
@@ -31,20 +33,21 @@ _ALGORITHM_TYPES = ("AUTOMATIC", "SEMIAUTOMATIC", "MANUAL")
 _COLOURS = ((128, 174, 128), (241, 214, 145), (177, 122, 101), (111, 184, 210), (216, 101, 79), (221, 130, 101))
 
 
-def bundle_segments(bundle_dirs: Iterable[str | os.PathLike]) -> list[dict]:
-    """The ``dicom_seg_segments`` entries (``label``, ``name``, ``category``, ``type``) of the bundles'
-    ``configs/metadata.json``, each with the bundle's folder name under ``bundle``."""
+def bundle_segments(bundle_dirs: Iterable[str | os.PathLike]) -> list[SegmentCode]:
+    """The segments (:func:`pipelines.segment_codes.segments_from_metadata`) of the bundles'
+    ``configs/metadata.json``, in bundle order; a bundle without ``dicom_seg_segments`` adds none."""
     found = []
     for folder in map(Path, bundle_dirs):
         path = folder / "configs" / "metadata.json"
         try:
-            entries = json.loads(path.read_text()).get("dicom_seg_segments") or []
+            metadata = json.loads(path.read_text())
         except (OSError, ValueError) as exc:
             raise ValueError(f"{path}: unreadable bundle metadata ({exc})") from exc
-        for entry in entries:
-            if not {"label", "name", "category", "type"} <= set(entry):
-                raise ValueError(f"{path}: a dicom_seg_segments entry must have label, name, category and type, got {entry}")
-            found.append({**entry, "label": int(entry["label"]), "bundle": folder.name})
+        if metadata.get("dicom_seg_segments"):
+            try:
+                found += segments_from_metadata(metadata)
+            except ValueError as exc:
+                raise ValueError(f"{path}: {exc}") from exc
     return found
 
 
@@ -53,16 +56,15 @@ def _code(code: Sequence[str]) -> dict:
     return {"CodeValue": str(value), "CodingSchemeDesignator": str(scheme), "CodeMeaning": str(meaning)}
 
 
-def _describing(value: int, name: str | None, segments: Sequence[Mapping]) -> Mapping | None:
+def _describing(value: int, name: str | None, segments: Sequence[SegmentCode]) -> SegmentCode | None:
     """The segment of that name; with no name, the one segment of that value (None if several bundles differ)."""
     if name:
-        return next((s for s in segments if s["name"].lower() == name.lower()), None)
-    matches = [s for s in segments if s["label"] == value]
-    unique = {(tuple(s["category"]), tuple(s["type"]), s["name"]) for s in matches}
-    return matches[0] if len(unique) == 1 else None
+        return next((s for s in segments if s.name.lower() == name.lower()), None)
+    matches = {s for s in segments if s.label == value}
+    return matches.pop() if len(matches) == 1 else None
 
 
-def segment_attributes(values: Iterable[int], label_info: Sequence[Mapping] | None, segments: Sequence[Mapping],
+def segment_attributes(values: Iterable[int], label_info: Sequence[Mapping] | None, segments: Sequence[SegmentCode],
                        algorithm_type: str = "AUTOMATIC", algorithm_name: str = "unet-pipelines") -> list[dict]:
     """MONAI Label ``label_info`` for a label whose nonzero values are ``values``: one entry per value,
     in ascending order (the converter's pairing), each with a dcmqi ``segmentAttribute``.
@@ -91,7 +93,7 @@ def segment_attributes(values: Iterable[int], label_info: Sequence[Mapping] | No
     for value in present:
         given = by_value.get(value, {})
         segment = _describing(value, given.get("name"), segments)
-        name = given.get("name") or (segment["name"] if segment else f"label {value}")
+        name = given.get("name") or (segment.name if segment else f"label {value}")
         if segment is None:
             logger.warning("label value %d (%s) is in no served bundle's dicom_seg_segments: coded as tissue", value, name)
         attribute = {
@@ -99,8 +101,8 @@ def segment_attributes(values: Iterable[int], label_info: Sequence[Mapping] | No
             "SegmentLabel": name,
             "SegmentDescription": given.get("description") or name,
             "SegmentAlgorithmType": algorithm_type,
-            "SegmentedPropertyCategoryCodeSequence": _code(segment["category"] if segment else GENERIC_CODE),
-            "SegmentedPropertyTypeCodeSequence": _code(segment["type"] if segment else GENERIC_CODE),
+            "SegmentedPropertyCategoryCodeSequence": _code(segment.category if segment else GENERIC_CODE),
+            "SegmentedPropertyTypeCodeSequence": _code(segment.type if segment else GENERIC_CODE),
         }
         if algorithm_type != "MANUAL":
             attribute["SegmentAlgorithmName"] = algorithm_name
