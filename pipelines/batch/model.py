@@ -29,7 +29,15 @@ def bundle_hash(bundle_dir: str | os.PathLike, weights: str | os.PathLike | None
 
     root = Path(bundle_dir)
     weights_path = Path(weights) if weights else root / "models" / "model.pt"
-    parts = [content_hash(path) if path.exists() else "" for path in (root / "configs", weights_path)]
+    return _bundle_digest(root, content_hash(weights_path) if weights_path.exists() else "")
+
+
+def _bundle_digest(root: Path, weights_sha256: str) -> str:
+    """:func:`bundle_hash` from the weights' SHA-256 already computed."""
+    from pipelines.data.manifest import content_hash
+
+    configs = root / "configs"
+    parts = [content_hash(configs) if configs.exists() else "", weights_sha256]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
@@ -84,7 +92,7 @@ class BundleModel:
             state = state["model"]
         self.network.load_state_dict(state)
         self.weights_sha256 = content_hash(self.weights_path)
-        self.bundle_sha256 = bundle_hash(self.root, self.weights_path)
+        self.bundle_sha256 = _bundle_digest(self.root, self.weights_sha256)  # the weights are read once
         preprocessing = parser.get_parsed_content("preprocessing")
         self.preprocessing = Compose([t for t in preprocessing.transforms if not isinstance(t, LoadVolumed)])
         self.inferer = parser.get_parsed_content("inferer")

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import shutil
 
-from pipelines.batch import bundle_hash
+from pipelines.batch import BundleModel, bundle_hash
 from tests.batch.conftest import BUNDLE
 
 
@@ -28,3 +28,14 @@ def test_bundle_hash_covers_configs_and_the_weights_in_use_only(tmp_path):
     other.write_bytes((bundle / "models" / "model.pt").read_bytes() + b"\0")
     assert bundle_hash(bundle, other) not in (first, edited)
     assert bundle_hash(bundle, bundle / "models" / "model.pt") == edited
+
+
+def test_the_model_records_the_bundle_hash_of_its_weights(tmp_path):
+    """BundleModel reads its weights once and derives the same hash as bundle_hash."""
+    other = tmp_path / "model.pt"
+    shutil.copy(BUNDLE / "models" / "model.pt", other)
+    with open(other, "ab") as f:
+        f.write(b"\0")  # a zip member's trailing bytes: torch still loads it, the hash differs
+    assert BundleModel(BUNDLE).bundle_sha256 == bundle_hash(BUNDLE)
+    model = BundleModel(BUNDLE, weights=other)
+    assert model.bundle_sha256 == bundle_hash(BUNDLE, other) != bundle_hash(BUNDLE)
