@@ -2,14 +2,26 @@
 
 Each file is parsed once with large values deferred, so pixel data stays on disk until a series is
 chosen. Files that are not DICOM, and DICOM files that hold no image (DICOMDIR, structured reports,
-segmentations...), are skipped and counted. A DICOM file that cannot be parsed is an error naming
-it: it may be a slice of the series the caller wants.
+segmentations...) or an image that is not a volume slice (a secondary capture without patient
+geometry), are skipped and counted. Nothing that may be a slice of the series the caller wants is
+skipped silently; each of these is an error naming the file:
+
+- a DICOM file that cannot be parsed (truncated header, broken element), including one that is
+  DICOM by its preamble or file meta information but cannot be read, and an empty ``.dcm`` file;
+- an image whose IOD requires patient geometry (CT, MR, PET, classic or enhanced) without
+  ImagePositionPatient or ImageOrientationPatient;
+- pixel data shorter than its header promises (``Rows`` x ``Columns`` x frames);
+- a folder that cannot be read.
+
+Warnings that pydicom raises while reading a file (they name the file) are collected per file in
+:attr:`ScanResult.warnings` instead of being printed, so a caller can keep them with its case.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -21,6 +33,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.fileset import FileSet
 from pydicom.uid import UID
 
+from pipelines.io.dicom.tiles import Tile, tile_layout
 from pipelines.io.errors import CorruptFileError, InputNotFoundError, InputPermissionError, NoImageDataError
 
 __all__ = ["PARALLEL_CHUNK", "PARALLEL_MIN_FILES", "ScanResult", "SliceRecord", "scan_dicom"]
@@ -32,6 +45,21 @@ PARALLEL_CHUNK = 16
 
 _DIRECTORY_SOP_CLASS = "1.2.840.10008.1.3.10"  # Media Storage Directory (DICOMDIR)
 _DEFER = 1024  # bytes: values larger than this (pixel data) are read only when used
+# IODs whose Image Plane module (or Plane Position/Orientation functional groups) is mandatory:
+# an image of these without patient geometry is broken, not a screenshot to skip
+_GEOMETRY_REQUIRED = {
+    "1.2.840.10008.5.1.4.1.1.2",  # CT Image
+    "1.2.840.10008.5.1.4.1.1.2.1",  # Enhanced CT Image
+    "1.2.840.10008.5.1.4.1.1.2.2",  # Legacy Converted Enhanced CT Image
+    "1.2.840.10008.5.1.4.1.1.4",  # MR Image
+    "1.2.840.10008.5.1.4.1.1.4.1",  # Enhanced MR Image
+    "1.2.840.10008.5.1.4.1.1.4.4",  # Legacy Converted Enhanced MR Image
+    "1.2.840.10008.5.1.4.1.1.128",  # Positron Emission Tomography Image
+    "1.2.840.10008.5.1.4.1.1.128.1",  # Legacy Converted Enhanced PET Image
+    "1.2.840.10008.5.1.4.1.1.130",  # Enhanced PET Image
+}
+# file names that say "DICOM": such a file that is empty is a broken slice, not a stray file
+_DICOM_SUFFIXES = (".dcm", ".dicom", ".dic", ".ima")
 
 
 @dataclass(frozen=True)
@@ -61,6 +89,10 @@ class SliceRecord:
     slice_thickness: float | None
     transfer_syntax: str
     identifiers: dict = field(compare=False, repr=False)  # patient/study identifiers: never logged
+    echo_time: float | None = None  # ms; per frame in enhanced images
+    manufacturer: str = ""
+    sequence_name: str = ""  # GE's pulse sequence name (0019,109C): tells how some GE series store their volumes
+    tile: Tile | None = None  # a slice stored as a tile of a MOSAIC or UIH grid frame (rows, columns: the tile's)
     # where the pixels of an uncompressed little-endian single-frame image start, their dtype, and the
     # allocated bits above BitsStored (ignored, as pydicom does): they are then read straight from
     # the file instead of parsing it a second time
@@ -71,10 +103,18 @@ class SliceRecord:
 
 @dataclass
 class ScanResult:
+    """Attributes:
+        records: every image slice found.
+        skipped_non_dicom, skipped_non_image: files skipped, by reason.
+        files: files looked at.
+        warnings: per file path, the warnings pydicom raised while reading it.
+    """
+
     records: list[SliceRecord]
     skipped_non_dicom: int = 0
     skipped_non_image: int = 0
     files: int = 0
+    warnings: dict[str, list[str]] = field(default_factory=dict)
 
 
 def scan_dicom(path: str | os.PathLike, errors: list[CorruptFileError] | None = None,
@@ -92,17 +132,26 @@ def scan_dicom(path: str | os.PathLike, errors: list[CorruptFileError] | None = 
 
     Raises:
         NoImageDataError: no DICOM image is found; the message says what was skipped.
-        CorruptFileError: a DICOM file cannot be parsed (truncated header, broken element).
+        CorruptFileError: a DICOM file cannot be parsed (truncated header, broken element), or an
+            image lacks what it must have (see the module docstring).
+        InputPermissionError: a file or folder cannot be read.
     """
     path = Path(path)
     result = ScanResult(records=[])
-    files = list(_candidate_files(path))
+    folder_errors: list[InputPermissionError] = []
+    files = list(_candidate_files(path, folder_errors, result.warnings))
+    for error in folder_errors:
+        if errors is None:
+            raise error
+        errors.append(error)
     if pool is not None and len(files) >= PARALLEL_MIN_FILES:
         outcomes = pool.map(_read_outcome, files, chunksize=PARALLEL_CHUNK)
     else:
         outcomes = map(_read_outcome, files)
-    for file, outcome in zip(files, outcomes):
+    for file, (outcome, caught) in zip(files, outcomes):
         result.files += 1
+        if caught:
+            result.warnings[str(file)] = caught
         if isinstance(outcome, InvalidDicomError):
             result.skipped_non_dicom += 1
         elif isinstance(outcome, Exception):
@@ -119,8 +168,8 @@ def scan_dicom(path: str | os.PathLike, errors: list[CorruptFileError] | None = 
             f"{path}: no DICOM image found ({result.files} files; {result.skipped_non_dicom} not DICOM, "
             f"{result.skipped_non_image} DICOM without an image)"
         )
-    if result.skipped_non_dicom or result.skipped_non_image:
-        logger.info(
+    if result.skipped_non_dicom or result.skipped_non_image:  # the path may name the patient: debug only
+        logger.debug(
             "%s: skipped %d non-DICOM and %d non-image DICOM files",
             path,
             result.skipped_non_dicom,
@@ -129,13 +178,20 @@ def scan_dicom(path: str | os.PathLike, errors: list[CorruptFileError] | None = 
     return result
 
 
-def _read_outcome(file: Path) -> list[SliceRecord] | None | Exception:
-    """:func:`_read_records`, with the errors the scan handles returned rather than raised (so they
-    come back from a pool's worker in order with the rest)."""
-    try:
-        return _read_records(file)
-    except (InvalidDicomError, CorruptFileError, NoImageDataError, InputPermissionError) as exc:
-        return exc
+def _read_outcome(file: Path) -> tuple[list[SliceRecord] | None | Exception, list[str]]:
+    """:func:`_read_records` and the warnings it raised, with the errors the scan handles returned
+    rather than raised (so they come back from a pool's worker in order with the rest)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            outcome = _read_records(file)
+        except (InvalidDicomError, CorruptFileError, NoImageDataError, InputPermissionError) as exc:
+            outcome = exc
+    return outcome, _messages(caught)
+
+
+def _messages(caught) -> list[str]:
+    return list(dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in caught))
 
 
 def _read_records(file: Path) -> list[SliceRecord] | None:
@@ -143,36 +199,69 @@ def _read_records(file: Path) -> list[SliceRecord] | None:
         ds = pydicom.dcmread(file, defer_size=_DEFER)
     except PermissionError as exc:
         raise InputPermissionError(f"{file}: not readable (permission denied)") from exc
-    except InvalidDicomError:
+    except InvalidDicomError as exc:
+        _refuse_broken_dicom(file, exc)
         raise
-    except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError, IndexError, OverflowError) as exc:
         raise CorruptFileError(f"{file}: unreadable DICOM file ({type(exc).__name__}: {exc})") from exc
     return _records(file, ds)
 
 
-def _candidate_files(path: Path) -> Iterator[Path]:
+def _refuse_broken_dicom(file: Path, exc: InvalidDicomError) -> None:
+    """A file pydicom calls "not DICOM" that is one all the same: empty with a DICOM name, or with the
+    ``DICM`` marker or a file meta group at its start."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as handle:
+            head = handle.read(132)
+    except OSError:
+        return
+    if size == 0 and file.name.lower().endswith(_DICOM_SUFFIXES):
+        raise CorruptFileError(f"{file}: empty file (0 bytes)") from exc
+    if head[128:132] == b"DICM" or head[:2] == b"\x02\x00":
+        raise CorruptFileError(f"{file}: unreadable DICOM file ({exc})") from exc
+
+
+def _candidate_files(path: Path, folder_errors: list, caught: dict[str, list[str]]) -> Iterator[Path]:
+    """Files under ``path``; folders that cannot be listed are appended to ``folder_errors`` and
+    warnings from reading a DICOMDIR go to ``caught``."""
     if not path.exists():
         raise InputNotFoundError(f"{path}: no such file or folder")
     if path.is_file():
         if path.name.upper() == "DICOMDIR":
-            yield from _dicomdir_files(path)
+            yield from _dicomdir_files(path, caught)
         else:
             yield path
         return
-    for root, dirs, files in os.walk(path):
+
+    def unreadable(exc: OSError) -> None:
+        folder = exc.filename or path
+        folder_errors.append(_folder_error(Path(folder), exc))
+
+    for root, dirs, files in os.walk(path, onerror=unreadable):
         dirs.sort()
         for name in sorted(files):
             if name.upper() != "DICOMDIR":  # the directory itself; its files are in the walk
                 yield Path(root) / name
 
 
-def _dicomdir_files(path: Path) -> Iterator[Path]:
-    try:
-        fileset = FileSet(pydicom.dcmread(path))
-    except Exception as exc:  # pydicom raises many types for a broken DICOMDIR
-        raise CorruptFileError(f"{path}: unreadable DICOMDIR ({type(exc).__name__}: {exc})") from exc
-    for instance in fileset:
-        yield Path(instance.path)
+def _folder_error(folder: Path, exc: OSError) -> InputPermissionError:
+    error = InputPermissionError(f"{folder}: folder not readable ({exc.strerror or exc})")
+    error.path = folder  # type: ignore[attr-defined]  # as scan errors carry it, for callers that map them to studies
+    return error
+
+
+def _dicomdir_files(path: Path, caught: dict[str, list[str]]) -> Iterator[Path]:
+    with warnings.catch_warnings(record=True) as raised:
+        warnings.simplefilter("always")
+        try:
+            fileset = FileSet(pydicom.dcmread(path))
+            instances = [Path(instance.path) for instance in fileset]
+        except Exception as exc:  # pydicom raises many types for a broken DICOMDIR
+            raise CorruptFileError(f"{path}: unreadable DICOMDIR ({type(exc).__name__}: {exc})") from exc
+    if raised:
+        caught[str(path)] = _messages(raised)
+    yield from instances
 
 
 def _records(file: Path, ds: pydicom.Dataset) -> list[SliceRecord] | None:
@@ -186,10 +275,19 @@ def _records(file: Path, ds: pydicom.Dataset) -> list[SliceRecord] | None:
         return None
     try:
         frames = int(_number(ds, "NumberOfFrames") or 1)
+        _check_pixel_length(file, ds, frames)
         common = _common(file, ds)
         if "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds:
             return [_enhanced_frame(file, ds, common, index) for index in range(frames)]
-        if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds:
+        if "ImageOrientationPatient" in ds and "PixelSpacing" in ds:
+            orientation = _floats(_numbers(ds, "ImageOrientationPatient"), 6, file, "ImageOrientationPatient")
+            tiles = tile_layout(file, ds, orientation, _spacing(ds, file), common["image_type"])
+            if tiles is not None:
+                return _tiled(file, ds, common, orientation, tiles, frames)
+        missing = [k for k in ("ImagePositionPatient", "ImageOrientationPatient") if k not in ds]
+        if missing:
+            if sop_class in _GEOMETRY_REQUIRED:
+                raise CorruptFileError(f"{file}: {sop_class.name} without {' or '.join(missing)} (its IOD requires them)")
             return None  # an image without patient geometry (secondary capture, photo): not a volume slice
         geometry = {
             "orientation": _floats(_numbers(ds, "ImageOrientationPatient"), 6, file, "ImageOrientationPatient"),
@@ -205,6 +303,42 @@ def _records(file: Path, ds: pydicom.Dataset) -> list[SliceRecord] | None:
         raise
     except (AttributeError, TypeError, ValueError, KeyError, IndexError) as exc:
         raise CorruptFileError(f"{file}: broken image geometry ({type(exc).__name__}: {exc})") from exc
+
+
+def _check_pixel_length(file: Path, ds: pydicom.Dataset, frames: int) -> None:
+    """Uncompressed pixel data must hold what Rows x Columns x frames promise (a damaged header can
+    promise gigabytes that are not there)."""
+    if "PixelData" not in ds or UID(str(ds.file_meta.get("TransferSyntaxUID", ""))).is_compressed:
+        return
+    element = ds.get_item(0x7FE00010, **_KEEP_DEFERRED)
+    length = getattr(element, "length", None)
+    if length is None or length == 0xFFFFFFFF:
+        return
+    rows, columns = int(_raw(ds, "Rows")), int(_raw(ds, "Columns"))
+    bits, samples = int(_raw(ds, "BitsAllocated") or 16), int(_raw(ds, "SamplesPerPixel") or 1)
+    expected = (rows * columns * frames * samples * bits + 7) // 8
+    if length < expected:
+        raise CorruptFileError(
+            f"{file}: pixel data holds {length} bytes, but Rows {rows} x Columns {columns} x {frames} frame(s) "
+            f"x {samples} sample(s) x {bits} bits promise {expected}"
+        )
+
+
+def _tiled(file: Path, ds, common: dict, orientation, tiles: list[Tile], frames: int) -> list[SliceRecord]:
+    """One record per tile of a MOSAIC or grid image; its pixels are cut from the decoded frame."""
+    if frames != 1:
+        raise CorruptFileError(f"{file}: tiled (MOSAIC or grid) image with {frames} frames; expected 1")
+    geometry = {
+        "orientation": orientation,
+        "pixel_spacing": _spacing(ds, file),
+        "slope": _number(ds, "RescaleSlope") or 1.0,
+        "intercept": _number(ds, "RescaleIntercept") or 0.0,
+    }
+    fields = dict(common, **_raw_pixels(ds))  # the direct read covers the whole frame; tiles are cut from it
+    return [
+        SliceRecord(frame=None, **dict(fields, rows=t.rows, columns=t.columns), **geometry, position=t.position, tile=t)
+        for t in tiles
+    ]
 
 
 _RAW_SYNTAXES = (pydicom.uid.ExplicitVRLittleEndian, pydicom.uid.ImplicitVRLittleEndian)
@@ -284,6 +418,7 @@ def _common(file: Path, ds: pydicom.Dataset) -> dict:
     echo = _number(ds, "EchoNumbers")
     thickness = _number(ds, "SliceThickness")
     image_type = _text(ds, "ImageType")
+    manufacturer = _text(ds, "Manufacturer")
     return {
         "path": file,
         "sop_instance_uid": _text(ds, "SOPInstanceUID"),
@@ -299,8 +434,11 @@ def _common(file: Path, ds: pydicom.Dataset) -> dict:
         "acquisition_number": optional_int("AcquisitionNumber"),
         "temporal_position": optional_int("TemporalPositionIdentifier"),
         "echo_number": echo,
+        "echo_time": _number(ds, "EchoTime"),
         "slice_thickness": thickness,
         "transfer_syntax": str(ds.file_meta.TransferSyntaxUID),
+        "manufacturer": manufacturer,
+        "sequence_name": _ge_sequence_name(ds) if manufacturer.upper().startswith("GE") else "",
         "identifiers": {
             "patient_id": str(ds.get("PatientID", "")),
             "patient_name": str(ds.get("PatientName", "")),
@@ -309,6 +447,14 @@ def _common(file: Path, ds: pydicom.Dataset) -> dict:
             "study_date": _text(ds, "StudyDate"),
         },
     }
+
+
+def _ge_sequence_name(ds: pydicom.Dataset) -> str:
+    """GE's pulse sequence name, private element (0019,109C) of the ``GEMS_ACQU_01`` block."""
+    try:
+        return str(ds.private_block(0x0019, "GEMS_ACQU_01")[0x9C].value).strip()
+    except (KeyError, ValueError, TypeError):
+        return ""
 
 
 def _floats(value, count: int, file: Path, keyword: str) -> tuple[float, ...]:
@@ -345,8 +491,18 @@ def _legacy_frames(file: Path, ds, common: dict, geometry: dict, frames: int) ->
     return records
 
 
+_FRAME_TYPE_SEQUENCES = ("MRImageFrameTypeSequence", "CTImageFrameTypeSequence", "PETFrameTypeSequence")
+
+
 def _enhanced_frame(file: Path, ds, common: dict, index: int) -> SliceRecord:
-    """Per-frame geometry of an enhanced multi-frame image (functional groups, per frame or shared)."""
+    """Per-frame geometry of an enhanced multi-frame image (functional groups, per frame or shared),
+    with the frame's own FrameType (as its ImageType: magnitude and phase frames can share a file)
+    and effective echo time."""
+    if "PerFrameFunctionalGroupsSequence" in ds and len(ds.PerFrameFunctionalGroupsSequence) <= index:
+        raise CorruptFileError(
+            f"{file}: NumberOfFrames is {int(_number(ds, 'NumberOfFrames') or 1)} but only "
+            f"{len(ds.PerFrameFunctionalGroupsSequence)} per-frame functional groups are present"
+        )
     per_frame = ds.PerFrameFunctionalGroupsSequence[index] if "PerFrameFunctionalGroupsSequence" in ds else None
     shared = ds.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in ds else None
 
@@ -364,6 +520,8 @@ def _enhanced_frame(file: Path, ds, common: dict, index: int) -> SliceRecord:
     thickness = group("PixelMeasuresSequence", "SliceThickness")
     content = per_frame.FrameContentSequence[0] if per_frame is not None and "FrameContentSequence" in per_frame else None
     temporal = content.get("TemporalPositionIndex") if content is not None else None
+    frame_type = next((group(name, "FrameType") for name in _FRAME_TYPE_SEQUENCES if group(name, "FrameType")), None)
+    echo_time = group("MREchoSequence", "EffectiveEchoTime")
     spacing_values = _floats(spacing, 2, file, "PixelSpacing")
     if min(spacing_values) <= 0:
         raise CorruptFileError(f"{file}: frame {index + 1} PixelSpacing must be positive, got {list(spacing)}")
@@ -378,5 +536,7 @@ def _enhanced_frame(file: Path, ds, common: dict, index: int) -> SliceRecord:
             common,
             temporal_position=None if temporal is None else int(temporal),
             slice_thickness=None if thickness is None else float(thickness),
+            echo_time=float(echo_time) if echo_time is not None else common["echo_time"],
+            image_type=tuple(str(v).strip().upper() for v in frame_type) if frame_type else common["image_type"],
         ),
     )

@@ -6,7 +6,7 @@ CT, float32 otherwise. A stack with gantry tilt or uneven spacing is resampled
 onto a regular grid whose every voxel sits at its true patient position: linear interpolation
 between the two neighbouring slices along the normal, each shifted within its plane by its own
 offset (bilinear). The grid keeps the slices' orientation and pixel spacing, runs from the first to
-the last slice (about the median spacing for uneven stacks), and grows in-plane to hold every
+the last slice (at about the finest zone's spacing for uneven stacks), and grows in-plane to hold every
 shifted slice; voxels no slice covers get the stack's minimum value.
 """
 
@@ -16,90 +16,36 @@ import math
 import mmap
 
 import numpy as np
-import pydicom
-from pydicom.uid import UID
 from scipy import ndimage
 
-try:
-    from pydicom.pixels import get_decoder
-except ImportError:  # pydicom 2, as in the MONAI Label environment: its pixel data handlers are asked instead
-    get_decoder = None
-
+from pipelines.io.dicom.decode import decode_slice
 from pipelines.io.dicom.geometry import StackGeometry
 from pipelines.io.dicom.scan import SliceRecord
-from pipelines.io.errors import CorruptFileError, MissingDecoderError
+from pipelines.io.errors import CorruptFileError
 
-__all__ = ["assemble_volume", "decode_slice", "source_geometry"]
+__all__ = ["assemble_volume", "source_geometry"]
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
-_DECODER_PACKAGES = "python-gdcm (pip install python-gdcm)"
 
 
-def _decoder_available(uid: UID) -> bool:
-    """Whether an installed package can decode ``uid``; ``NotImplementedError`` when no decoder exists."""
-    if get_decoder is not None:
-        return get_decoder(uid).is_available
-    handlers = [h for h in pydicom.config.pixel_data_handlers if h.supports_transfer_syntax(uid)]
-    if not handlers:
-        raise NotImplementedError(uid)
-    return any(h.is_available() for h in handlers)
-
-
-def _check_decoder(record: SliceRecord) -> None:
-    uid = UID(record.transfer_syntax)
-    if not uid.is_compressed:
-        return
-    try:
-        available = _decoder_available(uid)
-    except NotImplementedError as exc:
-        raise MissingDecoderError(f"{record.path}: no decoder exists for transfer syntax {uid.name} ({uid})") from exc
-    if not available:
-        raise MissingDecoderError(
-            f"{record.path}: pixel data in transfer syntax {uid.name} ({uid}) needs a decoder: "
-            f"install {_DECODER_PACKAGES}"
-        )
-
-
-def decode_slice(record: SliceRecord, cache: dict) -> np.ndarray:
-    """Stored pixel values of one slice ``(rows, columns)``; a multi-frame file is decoded once into ``cache``."""
-    if record.pixel_offset is not None:
-        count = record.rows * record.columns
-        array = np.fromfile(record.path, dtype=record.pixel_dtype, count=count, offset=record.pixel_offset)
-        if array.size != count:
-            raise CorruptFileError(
-                f"{record.path}: unreadable pixel data (file ends after {array.size} of {count} pixels)"
-            )
-        if record.pixel_unused_bits:  # shifted out: masked when unsigned, sign-extended when signed
-            np.left_shift(array, record.pixel_unused_bits, out=array)
-            np.right_shift(array, record.pixel_unused_bits, out=array)
-        return array.reshape(record.rows, record.columns)
-    _check_decoder(record)
-    try:
-        if record.frame is None:
-            array = pydicom.dcmread(record.path).pixel_array
-        else:
-            if record.path not in cache:
-                cache.clear()  # one multi-frame file at a time
-                cache[record.path] = pydicom.dcmread(record.path).pixel_array
-            array = cache[record.path][record.frame]
-    except MissingDecoderError:
-        raise
-    except Exception as exc:  # pydicom raises many types for truncated or inconsistent pixel data
-        raise CorruptFileError(f"{record.path}: unreadable pixel data ({type(exc).__name__}: {exc})") from exc
-    if array.shape[-2:] != (record.rows, record.columns) or array.ndim != 2:
-        raise CorruptFileError(
-            f"{record.path}: pixel data of shape {array.shape}, expected one {record.rows}x{record.columns} plane"
-        )
-    return array
-
-
-def assemble_volume(geometry: StackGeometry) -> tuple[np.ndarray, np.ndarray]:
+def assemble_volume(geometry: StackGeometry, max_voxels: int | None = None,
+                    source: object = "") -> tuple[np.ndarray, np.ndarray]:
     """The volume ``(X, Y, Z)`` (columns, rows, slices) and its 4x4 affine in RAS.
 
     Integer rescaling (integral slope and intercept, as in CT) gives int16 when the values fit and
     int32 otherwise; fractional rescaling, and resampled stacks, give float32.
+
+    Raises:
+        CorruptFileError: the stack holds more than ``max_voxels`` voxels (checked before anything
+            is allocated).
     """
     records = geometry.records
+    voxels = len(records) * records[0].rows * records[0].columns
+    if max_voxels is not None and voxels > max_voxels:
+        raise CorruptFileError(
+            f"{source}: {len(records)} slices of {records[0].columns}x{records[0].rows} are {voxels:,} voxels, "
+            f"more than the limit of {max_voxels:,} (max_voxels)"
+        )
     integral = all(float(r.slope).is_integer() and float(r.intercept).is_integer() for r in records)
     stack = _read_stack(records, np.int16 if integral else np.float32)
     origin = np.asarray(records[0].position, dtype=float)
