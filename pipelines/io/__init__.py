@@ -5,6 +5,7 @@ from __future__ import annotations
 from .errors import (
     AmbiguousSeriesError,
     CorruptFileError,
+    DuplicateInstanceError,
     GeometryError,
     GridMismatchError,
     InputDataError,
@@ -21,6 +22,7 @@ from .metadata import dicom_references, geometry_corrections
 __all__ = [
     "AmbiguousSeriesError",
     "CorruptFileError",
+    "DuplicateInstanceError",
     "GeometryError",
     "GridMismatchError",
     "InputDataError",

@@ -6,6 +6,7 @@ from __future__ import annotations
 __all__ = [
     "AmbiguousSeriesError",
     "CorruptFileError",
+    "DuplicateInstanceError",
     "GeometryError",
     "GridMismatchError",
     "InputDataError",
@@ -24,6 +25,10 @@ class InputDataError(ValueError):
 
 class CorruptFileError(InputDataError):
     """A file is truncated, unreadable or not of the format its name or content claims."""
+
+
+class DuplicateInstanceError(InputDataError):
+    """Two files hold one DICOM instance (SOPInstanceUID) with different pixels or geometry."""
 
 
 class NoImageDataError(InputDataError):
