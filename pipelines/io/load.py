@@ -13,15 +13,23 @@ from monai.data import MetaTensor
 from monai.utils import SpaceKeys
 
 from pipelines.io.metadata import uniform_metadata
-from pipelines.io.errors import CorruptFileError, InputNotFoundError, InputPermissionError, InvalidValuesError
+from pipelines.io.errors import (
+    CorruptFileError,
+    GeometryError,
+    InputNotFoundError,
+    InputPermissionError,
+    InvalidValuesError,
+)
 
-__all__ = ["load_series", "load_volume", "volume_format"]
+__all__ = ["DEFAULT_MAX_VOXELS", "check_not_blank", "load_series", "load_volume", "volume_format"]
 
 logger = logging.getLogger(__name__)
 
 _NIFTI = (".nii", ".nii.gz")
 _ITK = (".nrrd", ".nhdr", ".mha", ".mhd")
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+DEFAULT_MAX_VOXELS = 2**30  # 4 GiB as float32: beyond any CT or MR series; raise it for micro-CT
+_GZIP_MAX_RATIO = 1100  # deflate expands at most about 1032 times: a smaller .gz cannot hold the data
 
 
 def volume_format(path: str | os.PathLike) -> str:
@@ -43,8 +51,11 @@ def load_volume(
     image_type_exclude: Sequence[str] = (),
     min_slices: int = 1,
     orientation: str | None = None,
+    volume: int | None = None,
     strict: bool = False,
     allow_nonfinite: bool = False,
+    allow_blank: bool = True,
+    max_voxels: int | None = DEFAULT_MAX_VOXELS,
     dtype: np.dtype | str | None = None,
 ) -> MetaTensor:
     """Load an image volume as a channel-first ``MetaTensor`` ``(C, X, Y, Z)`` with an RAS affine.
@@ -56,9 +67,15 @@ def load_volume(
         modality, description, image_type_include, image_type_exclude, min_slices, orientation:
             DICOM series selection rules (see :class:`pipelines.io.dicom.SeriesRules`); a path with
             several candidate series and no rule that picks one is an error listing them.
+        volume: the ``volume``-th volume (0-based, in acquisition order) of a series that holds
+            several (time points, echoes, diffusion directions, magnitude and phase).
         strict: refuse DICOM stacks with gantry tilt or uneven slice spacing instead of resampling
             them onto a regular grid.
         allow_nonfinite: accept NaN or infinite voxels (refused by default).
+        allow_blank: accept an image whose voxels all hold one value (a label may; an image to
+            segment may not: pass False).
+        max_voxels: refuse, before allocating anything, images with more voxels than this (a
+            damaged header can promise terabytes); None for no limit.
         dtype: cast the voxels; by default they keep their type: DICOM gives int16 (int32 if
             needed) when the rescaled values are integers, as in CT, and float32 otherwise or when
             resampled; scaled NIfTI gives float32; other files keep their stored type, except
@@ -77,7 +94,10 @@ def load_volume(
 
     Raises:
         pipelines.io.errors.InputDataError: a subclass naming the file and the problem (a missing
-            path is also a ``FileNotFoundError``, an unreadable one a ``PermissionError``).
+            path is also a ``FileNotFoundError``, an unreadable one a ``PermissionError``):
+            ``CorruptFileError`` for unreadable files and headers that promise more voxels than
+            the file holds or than ``max_voxels``, ``GeometryError`` for a singular or non-finite
+            affine, ``InvalidValuesError`` for non-finite or (``allow_blank=False``) blank images.
     """
     path = Path(path)
     if not path.exists():
@@ -86,9 +106,9 @@ def load_volume(
         raise InputPermissionError(f"{path}: not readable (permission denied)")
     kind = volume_format(path)
     if kind == "nifti":
-        array, affine, meta = _load_nifti(path)
+        array, affine, meta = _load_nifti(path, max_voxels)
     elif kind == "itk":
-        array, affine, meta = _load_itk(path)
+        array, affine, meta = _load_itk(path, max_voxels)
     else:
         from pipelines.io.dicom import SeriesRules, load_dicom
 
@@ -99,10 +119,11 @@ def load_volume(
             image_type_exclude=tuple(image_type_exclude),
             min_slices=min_slices,
             orientation=orientation,
+            volume=volume,
         )
-        volume, affine, meta = load_dicom(path, rules, strict=strict)
-        array = volume[None]
-    return _as_metatensor(array, affine, meta, path, dtype, allow_nonfinite)
+        stack, affine, meta = load_dicom(path, rules, strict=strict, max_voxels=max_voxels)
+        array = stack[None]
+    return _as_metatensor(array, affine, meta, path, dtype, allow_nonfinite, allow_blank)
 
 
 def load_series(
@@ -111,6 +132,8 @@ def load_series(
     *,
     strict: bool = False,
     allow_nonfinite: bool = False,
+    allow_blank: bool = True,
+    max_voxels: int | None = DEFAULT_MAX_VOXELS,
     dtype: np.dtype | str | None = None,
 ) -> MetaTensor:
     """Like :func:`load_volume` for a DICOM series already found and selected
@@ -118,14 +141,16 @@ def load_series(
     ``path`` is recorded as ``filename_or_obj`` and names the source in errors."""
     from pipelines.io.dicom import load_series_records
 
-    volume, affine, meta = load_series_records(chosen, path, strict=strict)
-    return _as_metatensor(volume[None], affine, meta, Path(path), dtype, allow_nonfinite)
+    volume, affine, meta = load_series_records(chosen, path, strict=strict, max_voxels=max_voxels)
+    return _as_metatensor(volume[None], affine, meta, Path(path), dtype, allow_nonfinite, allow_blank)
 
 
 _WIDENED = {np.dtype(np.uint16): np.int32, np.dtype(np.uint32): np.int64, np.dtype(np.uint64): np.int64}
 
 
-def _as_metatensor(array, affine, meta: dict, path: Path, dtype, allow_nonfinite: bool) -> MetaTensor:
+def _as_metatensor(array, affine, meta: dict, path: Path, dtype, allow_nonfinite: bool,
+                   allow_blank: bool = True) -> MetaTensor:
+    _check_affine(affine, path)
     if dtype is not None:
         array = array.astype(dtype, copy=False)
     if not array.dtype.isnative:  # big-endian files (old NIfTI, ANALYZE heritage): torch needs native order
@@ -137,6 +162,8 @@ def _as_metatensor(array, affine, meta: dict, path: Path, dtype, allow_nonfinite
         array = array.astype(wider)
     if not allow_nonfinite and np.issubdtype(array.dtype, np.floating):
         _check_finite(array, path)
+    if not allow_blank:
+        check_not_blank(array, path)
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
     meta.update(
         {
@@ -149,10 +176,35 @@ def _as_metatensor(array, affine, meta: dict, path: Path, dtype, allow_nonfinite
         }
     )
     meta = uniform_metadata(meta)
-    if meta["geometry_corrections"] != "[]":
-        logger.info("%s: geometry corrected: %s", path, meta["geometry_corrections"])
+    if meta["geometry_corrections"] != "[]":  # the path may name the patient: debug only (callers log case ids)
+        logger.debug("%s: geometry corrected: %s", path, meta["geometry_corrections"])
     # DICOM volumes are a transposed view of the slice stack: no copy (peak memory stays one volume)
     return MetaTensor(torch.from_numpy(array), affine=torch.as_tensor(affine), meta=meta)
+
+
+def _check_affine(affine: np.ndarray, path: Path) -> None:
+    """A voxel grid must map to space: finite, with no zero or collinear axes (spacing 0 would
+    fail much later, deep inside a transform)."""
+    affine = np.asarray(affine, dtype=np.float64)
+    linear = affine[:3, :3]
+    spacing = np.linalg.norm(linear, axis=0)
+    if not np.isfinite(affine).all() or spacing.min() <= 1e-6 or abs(np.linalg.det(linear)) <= 1e-9 * spacing.prod():
+        raise GeometryError(
+            f"{path}: the voxel-to-world affine is singular or not finite (voxel spacing "
+            f"{np.round(spacing, 6).tolist()} mm): {np.round(affine, 4).tolist()}"
+        )
+
+
+def check_not_blank(array, path: object) -> None:
+    """Raise :class:`InvalidValuesError` ("blank image") when every voxel holds one value (an empty
+    export, a one-voxel image): nothing there to segment."""
+    if array.size == 0:
+        raise InvalidValuesError(f"{path}: blank image: it holds no voxels (shape {tuple(array.shape)})")
+    low, high = array.min(), array.max()
+    if low == high:
+        raise InvalidValuesError(
+            f"{path}: blank image: all {array.size:,} voxels hold the value {low.item():g} (shape {tuple(array.shape)})"
+        )
 
 
 def _check_finite(array: np.ndarray, path: Path) -> None:
@@ -176,11 +228,35 @@ def _channel_first(data: np.ndarray, path: Path) -> np.ndarray:
     raise CorruptFileError(f"{path}: {data.ndim}-dimensional image of shape {data.shape}; expected 2 to 4 axes")
 
 
-def _load_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
+def _check_promise(path: Path, shape, itemsize: int, offset: int, compressed: bool, max_voxels: int | None,
+                   what: str = "NIfTI file") -> None:
+    """A header's voxel count against what the file can hold and the limit, before reading."""
+    voxels = int(np.prod(shape, dtype=np.float64)) if len(shape) else 1
+    need = voxels * itemsize
+    size = path.stat().st_size
+    if max_voxels is not None and voxels > max_voxels:
+        raise CorruptFileError(
+            f"{path}: the header promises {voxels:,} voxels (shape {tuple(shape)}), more than the limit of "
+            f"{max_voxels:,} (max_voxels)"
+        )
+    if (compressed and need > size * _GZIP_MAX_RATIO) or (not compressed and offset + need > size):
+        raise CorruptFileError(
+            f"{path}: unreadable {what}: the header promises {voxels:,} voxels (shape {tuple(shape)}, {need:,} bytes) "
+            f"but the {'compressed ' if compressed else ''}file holds {size:,} bytes"
+        )
+
+
+def _load_nifti(path: Path, max_voxels: int | None = DEFAULT_MAX_VOXELS) -> tuple[np.ndarray, np.ndarray, dict]:
     import nibabel as nib
 
     try:
         image = nib.load(str(path))
+    except Exception as exc:  # nibabel raises many types for truncated or broken files
+        raise CorruptFileError(f"{path}: unreadable NIfTI file ({type(exc).__name__}: {exc})") from exc
+    header = image.header
+    _check_promise(path, header.get_data_shape(), header.get_data_dtype().itemsize,
+                   int(header.get_data_offset()), path.name.lower().endswith(".gz"), max_voxels)
+    try:
         proxy = image.dataobj
         scaled = getattr(proxy, "slope", 1.0) != 1.0 or getattr(proxy, "inter", 0.0) != 0.0
         data = np.asarray(proxy, dtype=np.float32) if scaled else np.asarray(proxy)
@@ -189,11 +265,20 @@ def _load_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
     return _channel_first(data, path), np.asarray(image.affine, dtype=np.float64), {"source_format": "nifti"}
 
 
-def _load_itk(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
+def _load_itk(path: Path, max_voxels: int | None = DEFAULT_MAX_VOXELS) -> tuple[np.ndarray, np.ndarray, dict]:
     import SimpleITK as sitk
 
     try:
-        image = sitk.ReadImage(str(path))
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()
+        size = tuple(reader.GetSize()) + ((reader.GetNumberOfComponents(),) if reader.GetNumberOfComponents() > 1 else ())
+        if max_voxels is not None and int(np.prod(size, dtype=np.float64)) > max_voxels:
+            raise CorruptFileError(
+                f"{path}: the header promises {int(np.prod(size, dtype=np.float64)):,} voxels (size {size}), more "
+                f"than the limit of {max_voxels:,} (max_voxels)"
+            )
+        image = reader.Execute()
     except RuntimeError as exc:
         raise CorruptFileError(f"{path}: unreadable image file ({exc})") from exc
     dims = image.GetDimension()

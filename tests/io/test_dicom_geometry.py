@@ -85,9 +85,11 @@ def test_uneven_spacing_is_resampled(tmp_path):
     paths = write_series(tmp_path, spec)
     volume = load_volume(tmp_path)
     (correction,) = geometry_corrections(volume.meta)
-    # about the median (2.5 mm), adjusted so 6 steps span the 14 mm from the first to the last slice
+    # the finest zone of two or more steps (2.5 mm), adjusted so 6 steps span the 14 mm from the first to the last slice
     assert correction == {"type": "uneven_spacing", "min_mm": pytest.approx(1.5), "max_mm": pytest.approx(2.5),
-                          "resampled_to_mm": pytest.approx(14 / 6)}
+                          "resampled_to_mm": pytest.approx(14 / 6),
+                          "zones": [{"slices": 4, "spacing_mm": 2.5}, {"slices": 2, "spacing_mm": 1.5},
+                                    {"slices": 3, "spacing_mm": 2.5}]}
     assert volume.meta["spacing"][2] == pytest.approx(14 / 6) and volume.shape[-1] == 7
     assert_matches_every_source_pixel(volume, paths, tolerance=QUANTUM + 1e-3)
     with pytest.raises(GeometryError, match=r"uneven slice spacing from 1\.5000 to 2\.5000 mm"):
@@ -96,9 +98,45 @@ def test_uneven_spacing_is_resampled(tmp_path):
 
 def test_missing_slices_are_refused(tmp_path):
     paths = write_series(tmp_path, SeriesSpec(slice_positions=[0.0, 2.5, 5.0, 12.5, 15.0]))
-    with pytest.raises(GeometryError, match=r"missing slices: a gap of 7\.500 mm .*median spacing 2\.500 mm") as info:
+    with pytest.raises(GeometryError, match=r"missing slices: a gap of 7\.500 mm .*spacing around it 2\.500 mm") as info:
         load_volume(tmp_path)
     assert paths[2].name in str(info.value) and paths[3].name in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "positions, gap, around",
+    [
+        ([0.0, 5.0, 10.0, 20.0, 25.0, 30.0], 10.0, 5.0),  # one slice lost inside a regular stack
+        ([0.0, 10.0, 15.0, 20.0, 25.0], 10.0, 5.0),  # the second slice lost
+        ([0.0, 5.0, 10.0, 15.0, 25.0], 10.0, 5.0),  # the last but one lost
+        ([0.0, 2.5, 5.0, 7.5, 12.5, 17.5, 22.5, 27.5, 30.0, 32.5], 5.0, 2.5),  # a 5 mm run between 2.5 mm zones
+    ],
+)
+def test_a_whole_multiple_of_the_spacing_around_is_missing_slices(tmp_path, positions, gap, around):
+    write_series(tmp_path, SeriesSpec(slice_positions=positions))
+    with pytest.raises(GeometryError, match=rf"missing slices: a gap of {gap:.3f} mm .*spacing around it {around:.3f} mm"):
+        load_volume(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "positions, finest",
+    [
+        ([0.0, 2.5, 5.0, 7.5, 10.0, 15.0, 20.0, 25.0], 2.5),  # thin zone then twice as thick: a protocol, not a gap
+        ([0.0, 4.0, 8.0, 12.0, 13.1, 20.1, 27.1, 34.1], 4.0),  # GE variable thickness: 4 mm, a 1.1 mm step, 7 mm
+        ([0.0, 5.0, 10.0, 17.5, 22.5, 27.5], 5.0),  # 1.5 times the spacing is no whole number of slices
+    ],
+)
+def test_zones_of_different_spacing_are_resampled_not_refused(tmp_path, positions, finest):
+    paths = write_series(tmp_path, SeriesSpec(slice_positions=positions, orientation="oblique"))
+    volume = load_volume(tmp_path)
+    (correction,) = geometry_corrections(volume.meta)
+    span = positions[-1] - positions[0]
+    assert correction["type"] == "uneven_spacing"
+    assert correction["resampled_to_mm"] == pytest.approx(span / round(span / finest))
+    assert volume.shape[-1] == round(span / finest) + 1
+    assert_matches_every_source_pixel(volume, paths, tolerance=QUANTUM + 1e-3)
+    with pytest.raises(GeometryError, match="uneven slice spacing"):
+        load_volume(tmp_path, strict=True)
 
 
 def test_duplicate_files_are_resolved_and_conflicts_refused(tmp_path):

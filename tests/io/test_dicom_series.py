@@ -3,8 +3,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pydicom
@@ -22,6 +20,7 @@ from pipelines.io import (
     load_volume,
 )
 from pipelines.io.dicom import SeriesRules
+from tests.unprivileged import open_up, run_unprivileged
 from tests.io.dicom_factory import SeriesSpec, write_series
 
 
@@ -168,30 +167,17 @@ def test_missing_path():
 
 
 def test_unreadable_permissions(tmp_path):
-    """Checked as an unprivileged user: root reads everything regardless of permissions."""
     paths = write_series(tmp_path / "series", SeriesSpec())
-    os.chmod(paths[0], 0o000)
-    if os.geteuid() != 0:
-        with pytest.raises(InputPermissionError, match=f"{paths[0].name}: not readable"):
-            load_volume(tmp_path / "series")
-        return
-    setpriv = shutil.which("setpriv")
-    if setpriv is None:
-        pytest.skip("running as root without setpriv to drop privileges")
-    for folder in [tmp_path, *tmp_path.parents]:  # let the unprivileged user reach the files
-        os.chmod(folder, os.stat(folder).st_mode | 0o005)
-    os.chmod(tmp_path / "series", 0o755)
+    open_up(tmp_path / "series")
     for path in paths[1:]:
         os.chmod(path, 0o644)
+    os.chmod(paths[0], 0o000)
     code = (
-        "import sys\nfrom pipelines.io import load_volume, InputPermissionError\n"
+        "from pipelines.io import load_volume, InputPermissionError\n"
         f"try:\n    load_volume({str(tmp_path / 'series')!r})\nexcept InputPermissionError as e:\n"
         "    print('REFUSED', e)\n"
     )
-    result = subprocess.run(
-        [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", code],
-        capture_output=True, text=True, env={**os.environ, "HOME": "/tmp"},
-    )
+    result = run_unprivileged(code)
     assert f"REFUSED {paths[0]}: not readable" in result.stdout, result.stderr[-2000:]
 
 

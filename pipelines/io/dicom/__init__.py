@@ -8,7 +8,15 @@ import numpy as np
 
 from pipelines.io.dicom.geometry import StackGeometry, plan_stack
 from pipelines.io.dicom.scan import ScanResult, SliceRecord, scan_dicom
-from pipelines.io.dicom.series import SeriesCandidate, SeriesRules, group_series, orientation_label, select_series
+from pipelines.io.dicom.series import (
+    SeriesCandidate,
+    SeriesRules,
+    drop_duplicate_instances,
+    group_series,
+    image_component,
+    orientation_label,
+    select_series,
+)
 from pipelines.io.dicom.volume import assemble_volume, source_geometry
 
 __all__ = [
@@ -17,7 +25,10 @@ __all__ = [
     "SeriesRules",
     "SliceRecord",
     "StackGeometry",
+    "drop_duplicate_instances",
+    "find_volumes",
     "group_series",
+    "image_component",
     "load_dicom",
     "load_series_records",
     "orientation_label",
@@ -27,20 +38,30 @@ __all__ = [
 ]
 
 
-def load_dicom(path: str | os.PathLike, rules: SeriesRules, strict: bool = False) -> tuple[np.ndarray, np.ndarray, dict]:
+def find_volumes(path: str | os.PathLike, rules: SeriesRules = SeriesRules()) -> list[SeriesCandidate]:
+    """The candidate volumes under ``path`` that pass ``rules`` (all but ``volume``), in the order
+    ``rules.volume`` counts them: by series, then acquisition order. For choosing a volume by hand."""
+    return [c for c in group_series(scan_dicom(path).records) if rules.rejects(c) is None]
+
+
+def load_dicom(path: str | os.PathLike, rules: SeriesRules, strict: bool = False,
+               max_voxels: int | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
     """The chosen series under ``path`` as ``(volume (X, Y, Z) float32, RAS affine, metadata)``."""
     scan = scan_dicom(path)
     chosen = select_series(group_series(scan.records), rules, path)
-    return load_series_records(chosen, path, strict=strict, scan=scan)
+    return load_series_records(chosen, path, strict=strict, scan=scan, max_voxels=max_voxels)
 
 
 def load_series_records(
-    chosen: SeriesCandidate, path: str | os.PathLike, strict: bool = False, scan: ScanResult | None = None
+    chosen: SeriesCandidate, path: str | os.PathLike, strict: bool = False, scan: ScanResult | None = None,
+    max_voxels: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """Assemble an already selected series (e.g. found by a scan of a whole folder tree) like
     :func:`load_dicom`; ``path`` names the source in messages and metadata."""
     geometry = plan_stack(chosen.records, strict=strict, source=f"{path}: {chosen.describe()}")
-    volume, affine = assemble_volume(geometry)
+    if chosen.dropped_duplicates:
+        geometry.corrections.append({"type": "duplicate_instances_dropped", "count": chosen.dropped_duplicates})
+    volume, affine = assemble_volume(geometry, max_voxels=max_voxels, source=f"{path}: {chosen.describe()}")
     first = geometry.records[0]
     meta = {
         "source_format": "dicom",

@@ -5,6 +5,13 @@ the slice spacing comes from those positions (never from SliceThickness). A stac
 its positions are evenly spaced along the normal; gantry tilt shifts each slice within its plane,
 and uneven spacing breaks the even steps. Both are corrected by resampling (see ``volume``) unless
 ``strict=True``, which refuses them.
+
+Uneven is not missing: a CT reconstructed with thin slices through the skull base and thicker ones
+above (each zone evenly spaced) is legitimate data. The steps are cut into zones of equal steps; a
+zone is refused as missing slices only when its step is a whole multiple (2x or more) of the
+spacing on both sides of it (or, at either end of the stack, one step that is a whole multiple of
+the zone next to it). Uneven stacks are resampled at the spacing of their finest zone, so its
+slices keep their resolution.
 """
 
 from __future__ import annotations
@@ -20,8 +27,8 @@ from pipelines.io.errors import GeometryError
 __all__ = ["StackGeometry", "plan_stack"]
 
 _SAME_POSITION_MM = 1e-3
-_GAP_FACTOR = 1.5  # a step larger than this times the median step means slices are missing
-_UNEVEN_TOLERANCE = 0.01  # relative spread of the steps above which spacing is uneven
+_UNEVEN_TOLERANCE = 0.01  # relative spread of the steps above which spacing is uneven (and zones differ)
+_MULTIPLE_TOLERANCE = 0.1  # a step within this of k times the spacing around it (k >= 2) skips k - 1 slices
 _TILT_TOLERANCE_PX = 0.01  # in-plane shift (pixels) above which slices are sheared (gantry tilt)
 
 
@@ -61,8 +68,8 @@ def plan_stack(records: list[SliceRecord], strict: bool = False, source: object 
 
     Raises:
         GeometryError: mixed pixel spacing or orientation, two different slices at one position,
-            missing slices (a step over 1.5 times the median), or with ``strict=True`` gantry tilt
-            or uneven spacing; the message names the files or the measured values.
+            missing slices (see the module docstring), or with ``strict=True`` gantry tilt or
+            uneven spacing; the message names the files or the measured values.
     """
     first = records[0]
     row = np.asarray(first.orientation[:3], dtype=float)
@@ -94,28 +101,33 @@ def plan_stack(records: list[SliceRecord], strict: bool = False, source: object 
         return StackGeometry(ordered, row, col, normal, spacing_x, spacing_y, positions, offsets, thickness, corrections)
 
     steps = np.diff(positions)
-    median = float(np.median(steps))
-    widest = int(np.argmax(steps))
-    if steps[widest] > _GAP_FACTOR * median:
-        a, b = ordered[widest], ordered[widest + 1]
+    zones = _zones(steps)
+    gap = _missing_slices(zones)
+    if gap is not None:
+        index, around = gap
+        a, b = ordered[index], ordered[index + 1]
         raise GeometryError(
-            f"{source}: missing slices: a gap of {steps[widest]:.3f} mm between the slices at "
-            f"{positions[widest]:.3f} and {positions[widest + 1]:.3f} mm along the normal (median spacing "
-            f"{median:.3f} mm), between {a.path} and {b.path}"
+            f"{source}: missing slices: a gap of {steps[index]:.3f} mm between the slices at "
+            f"{positions[index]:.3f} and {positions[index + 1]:.3f} mm along the normal (spacing around it "
+            f"{around:.3f} mm), between {a.path} and {b.path}"
         )
     slice_spacing = float((positions[-1] - positions[0]) / (len(ordered) - 1))
-    if steps.max() - steps.min() > _UNEVEN_TOLERANCE * median:
+    if len(zones) > 1:
         if strict:
             raise GeometryError(
                 f"{source}: uneven slice spacing from {steps.min():.4f} to {steps.max():.4f} mm "
                 "(strict=True refuses to resample)"
             )
-        # about the median spacing, adjusted so the grid runs exactly from the first to the last slice
+        # the finest zone of two or more steps (a single step between zones is a transition), adjusted
+        # so the grid runs exactly from the first to the last slice
+        regular = [step for start, end, step in zones if end - start > 1]
+        finest = min(regular) if regular else float(np.median(steps))
         span = float(positions[-1] - positions[0])
-        slice_spacing = span / max(round(span / median), 1)
+        slice_spacing = span / max(round(span / finest), 1)
         corrections.append(
             {"type": "uneven_spacing", "min_mm": float(steps.min()), "max_mm": float(steps.max()),
-             "resampled_to_mm": slice_spacing}
+             "resampled_to_mm": slice_spacing,
+             "zones": [{"slices": end - start + 1, "spacing_mm": round(step, 4)} for start, end, step in zones]}
         )
     if np.abs(offsets).max() > _TILT_TOLERANCE_PX:
         angle = math.degrees(math.atan2(float(np.linalg.norm(in_plane[-1])), float(positions[-1] - positions[0])))
@@ -126,6 +138,35 @@ def plan_stack(records: list[SliceRecord], strict: bool = False, source: object 
             )
         corrections.append({"type": "gantry_tilt", "angle_deg": angle})
     return StackGeometry(ordered, row, col, normal, spacing_x, spacing_y, positions, offsets, slice_spacing, corrections)
+
+
+def _zones(steps: np.ndarray) -> list[tuple[int, int, float]]:
+    """Runs of equal consecutive steps (within :data:`_UNEVEN_TOLERANCE`): ``(first step, end, mean step)``."""
+    zones, start = [], 0
+    for i in range(1, len(steps) + 1):
+        if i == len(steps) or abs(steps[i] - steps[start]) > _UNEVEN_TOLERANCE * max(steps[start], steps[i]):
+            zones.append((start, i, float(np.mean(steps[start:i]))))
+            start = i
+    return zones
+
+
+def _missing_slices(zones: list[tuple[int, int, float]]) -> tuple[int, float] | None:
+    """The first step of a zone that skips slices, and the spacing around it; None when none does."""
+
+    def multiple(step: float, spacing: float) -> bool:
+        ratio = step / spacing
+        return round(ratio) >= 2 and abs(ratio - round(ratio)) <= _MULTIPLE_TOLERANCE
+
+    for z, (start, end, step) in enumerate(zones):
+        before = zones[z - 1][2] if z > 0 else None
+        after = zones[z + 1][2] if z + 1 < len(zones) else None
+        if before is not None and after is not None:
+            same_around = abs(before - after) <= _UNEVEN_TOLERANCE * max(before, after)
+            if same_around and multiple(step, before):
+                return start, before
+        elif (before or after) is not None and end - start == 1 and multiple(step, before or after):
+            return start, before or after
+    return None
 
 
 def _drop_duplicates(ordered: list[SliceRecord], normal: np.ndarray, corrections: list[dict], source: object) -> list[SliceRecord]:

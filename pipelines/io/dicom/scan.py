@@ -268,6 +268,8 @@ def _records(file: Path, ds: pydicom.Dataset) -> list[SliceRecord] | None:
     sop_class = UID(_text(ds, "SOPClassUID") or str(getattr(ds.get("file_meta"), "MediaStorageSOPClassUID", "")))
     if sop_class == _DIRECTORY_SOP_CLASS:
         return None
+    if not sop_class:  # every DICOM instance names its SOP class: this file is DICOM by its marker only
+        raise CorruptFileError(f"{file}: unreadable DICOM file (no SOPClassUID; damaged or empty after its header)")
     if "PixelData" not in ds and "FloatPixelData" not in ds:
         if sop_class.name.endswith("Image Storage") or "ImagePositionPatient" in ds:
             # an image SOP class without pixels: stripped, or the file ends early (pydicom stops quietly)
