@@ -3,6 +3,11 @@
 A case is one study (its series chosen by the selection rules) or one image file. Case ids are
 pseudonymous (a hash of the StudyInstanceUID or of the file's relative path; a manifest's own
 ``case_id``), so no patient name or ID reaches a file name or a log line.
+
+Nothing found is dropped without a record: a file or folder that cannot be read fails the study
+whose files sit nearest to it (the study that alone has files in the closest folder above it), or,
+with no study beside it, becomes a failed case of its own, one per folder. A study whose series the
+rules cannot choose from, or that holds one instance twice with different pixels, is a failed case.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from collections import defaultdict
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Executor, ProcessPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = ["BatchInputError", "Case", "discover_cases", "is_dicomweb_url", "pseudonym"]
@@ -38,6 +43,8 @@ class Case:
         path: the source file or folder (study folder for DICOM).
         input_hash: identifies the input's content; a rerun with the same hash and model skips the case.
         label: optional reference label file (from a manifest): the record then holds the Dice.
+        warnings: what pydicom warned of while reading the case's files (they can name the files,
+            so they go to the case's record, not to the log).
     """
 
     case_id: str
@@ -50,6 +57,7 @@ class Case:
     url: str = ""
     label: str | None = None
     error: str | None = None
+    warnings: list[str] = field(default_factory=list)
 
     def source(self) -> dict:
         """What ``record.json`` says about where the case came from."""
@@ -182,44 +190,40 @@ def _from_folder(root: Path, rules: Mapping, pool: Executor | None = None) -> li
             return cases
         scan = None
     records = scan.records if scan else []
-    return cases + _study_cases(root, records, errors, rules)
+    return cases + _study_cases(root, records, errors, rules, scan.warnings if scan else {})
 
 
-def _study_cases(root: Path, records: list, errors: list, rules: Mapping) -> list[Case]:
-    """One case per StudyInstanceUID; a study with an unreadable file in one of its folders fails."""
+def _study_cases(root: Path, records: list, errors: list, rules: Mapping, warnings: Mapping | None = None) -> list[Case]:
+    """One case per StudyInstanceUID; a study with an unreadable file or folder near it fails."""
     from pipelines.io.dicom import SeriesRules, group_series, select_series
     from pipelines.io.errors import InputDataError
 
     studies: dict[str, list] = defaultdict(list)
     for record in records:
         studies[record.study_instance_uid].append(record)
-    folder_study: dict[Path, str] = {}
-    for uid, study_records in studies.items():
-        for record in study_records:
-            folder_study.setdefault(record.path.parent, uid)
-    broken: dict[str, list[str]] = defaultdict(list)
-    cases = []
-    for error in errors:
-        path = Path(getattr(error, "path", root))
-        uid = folder_study.get(path.parent)
-        if uid is None:  # nothing readable beside it: a case of its own
-            cases.append(Case(case_id=pseudonym(os.path.relpath(path, root)), kind="error", path=str(path),
-                              error=str(error)))
-        else:
-            broken[uid].append(str(error))
+    broken, orphans = _assign_errors(root, studies, errors)
+    cases = [
+        Case(case_id=pseudonym(os.path.relpath(folder, root) if folder != root else "."), kind="error",
+             path=str(folder), error="unreadable DICOM files, with no readable study beside them: " + "; ".join(found))
+        for folder, found in sorted(orphans.items())
+    ]
     selection = SeriesRules(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in rules.items()})
+    warnings = dict(warnings or {})
+    known = {str(r.path) for r in records}
+    general = [w for path, found in warnings.items() if path not in known for w in found]  # e.g. the DICOMDIR's
     for uid, study_records in studies.items():
         case_id = pseudonym(uid)
         folder = Path(os.path.commonpath([str(r.path.parent) for r in study_records]))
-        _check_no_copies(case_id, study_records)
+        caught = list(dict.fromkeys(general + _study_warnings(study_records, warnings)))
         if broken[uid]:
-            cases.append(Case(case_id=case_id, kind="error", path=str(folder), study_uid=uid,
+            cases.append(Case(case_id=case_id, kind="error", path=str(folder), study_uid=uid, warnings=caught,
                               error="study has unreadable DICOM files: " + "; ".join(broken[uid])))
             continue
         try:
             chosen = select_series(group_series(study_records), selection, f"study {case_id} ({folder})")
         except InputDataError as exc:
-            cases.append(Case(case_id=case_id, kind="error", path=str(folder), study_uid=uid, error=str(exc)))
+            cases.append(Case(case_id=case_id, kind="error", path=str(folder), study_uid=uid, error=str(exc),
+                              warnings=caught))
             continue
         cases.append(Case(
             case_id=case_id,
@@ -229,21 +233,43 @@ def _study_cases(root: Path, records: list, errors: list, rules: Mapping) -> lis
             series_instance_uid=chosen.first.series_instance_uid,
             study_uid=uid,
             input_hash=_stat_hash({r.path for r in chosen.records}, extra=chosen.first.series_instance_uid),
+            warnings=caught,
         ))
     return cases
 
 
-def _check_no_copies(case_id: str, records: list) -> None:
-    """Two files holding the same instance: the study was copied twice into the input."""
-    seen: dict[tuple, Path] = {}
-    for record in records:
-        key = (record.sop_instance_uid, record.frame)
-        if key in seen and seen[key] != record.path:
-            raise BatchInputError(
-                f"two copies of study {case_id} in the input: {seen[key]} and {record.path} hold the same "
-                f"SOPInstanceUID; remove one copy"
-            )
-        seen[key] = record.path
+def _assign_errors(root: Path, studies: Mapping[str, list], errors: list) -> tuple[dict, dict]:
+    """Each error's study: walking up from the unreadable file or folder, the first folder that holds
+    (at any depth) files of exactly one study. Errors with none, or with several studies, in their
+    nearest folder that has any, are grouped by their own folder as ``orphans``."""
+    under: dict[Path, set[str]] = defaultdict(set)
+    for uid, study_records in studies.items():
+        for folder in {r.path.parent for r in study_records}:
+            for above in (folder, *folder.parents):
+                under[above].add(uid)
+                if above == root:
+                    break
+    broken: dict[str, list[str]] = defaultdict(list)
+    orphans: dict[Path, list[str]] = defaultdict(list)
+    for error in errors:
+        path = Path(getattr(error, "path", root))
+        owner = None
+        for above in (path.parent, *path.parent.parents):
+            if under.get(above):
+                owner = next(iter(under[above])) if len(under[above]) == 1 else None
+                break
+            if above == root:
+                break
+        if owner is None:
+            orphans[path.parent].append(str(error))
+        else:
+            broken[owner].append(str(error))
+    return broken, orphans
+
+
+def _study_warnings(records: list, warnings: Mapping[str, list[str]]) -> list[str]:
+    found = dict.fromkeys(w for path in dict.fromkeys(str(r.path) for r in records) for w in warnings.get(path, ()))
+    return list(found)
 
 
 def _from_manifest(path: Path, section: str, dataset_dir, image_key: str | None, rules: Mapping,

@@ -18,15 +18,16 @@ class LoadVolume(Transform):
 
     Args:
         options: passed to ``load_volume``: DICOM series rules (``modality``, ``description``,
-            ``image_type_include``, ``image_type_exclude``, ``min_slices``, ``orientation``),
-            ``strict``, ``allow_nonfinite``, ``dtype``.
+            ``image_type_include``, ``image_type_exclude``, ``min_slices``, ``orientation``,
+            ``volume``), ``strict``, ``allow_nonfinite``, ``allow_blank``, ``max_voxels``, ``dtype``.
     """
 
     def __init__(self, **options) -> None:
         from pipelines.io.dicom import SeriesRules  # validate the rules now, not at the first case
 
-        rule_keys = {"modality", "description", "image_type_include", "image_type_exclude", "min_slices", "orientation"}
-        unknown = set(options) - rule_keys - {"strict", "allow_nonfinite", "dtype"}
+        rule_keys = {"modality", "description", "image_type_include", "image_type_exclude", "min_slices", "orientation",
+                     "volume"}
+        unknown = set(options) - rule_keys - {"strict", "allow_nonfinite", "allow_blank", "max_voxels", "dtype"}
         if unknown:
             raise TypeError(f"LoadVolume got unknown option(s) {sorted(unknown)}")
         SeriesRules(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in options.items() if k in rule_keys})

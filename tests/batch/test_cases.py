@@ -102,13 +102,54 @@ def test_unreadable_file_fails_its_study_only(tree):
     errors = [c for c in cases.values() if c.kind == "error"]
     assert len(errors) == 2
     assert any(str(first) in c.error and c.path == str(study_b) for c in errors)
-    assert any(c.path == str(lone) for c in errors)
+    assert any(c.path == str(lone.parent) and str(lone) in c.error for c in errors)
 
 
-def test_two_copies_of_a_study_are_refused_before_work(tree):
+def test_two_identical_copies_of_a_study_make_one_case(tree):
+    """An export that holds a study twice: the copies are dropped, the study is segmented once."""
     shutil.copytree(tree / "site_a" / "p1", tree / "site_c" / "copy")
-    with pytest.raises(BatchInputError, match="two copies of study .* hold the same SOPInstanceUID"):
-        discover_cases(tree)
+    cases = {c.case_id: c for c in discover_cases(tree)}
+    study = cases[pseudonym(_study_uid(tree / "site_a" / "p1"))]
+    assert len(cases) == 3 and study.kind == "dicom"
+    assert len(study.series.records) == len(list((tree / "site_a" / "p1").glob("*.dcm")))
+    assert study.series.dropped_duplicates == len(study.series.records)
+
+
+def test_a_copy_with_different_pixels_fails_only_its_study(tree):
+    copy = tree / "site_c" / "copy"
+    shutil.copytree(tree / "site_a" / "p1", copy)
+    altered = sorted(copy.glob("*.dcm"))[3]
+    ds = pydicom.dcmread(altered)
+    ds.PixelData = bytes(len(ds.PixelData))
+    ds.save_as(altered)
+    cases = {c.case_id: c for c in discover_cases(tree)}
+    study = cases[pseudonym(_study_uid(copy))]
+    assert study.kind == "error" and "with different pixels" in study.error and altered.name in study.error
+    assert sum(c.kind == "dicom" for c in cases.values()) == 1  # study B still goes ahead
+
+
+def test_an_unreadable_folder_fails_the_study_beside_it(tree, tmp_path):
+    """The study's second series cannot be read: the study fails (it would lose a series), the other
+    study goes ahead; an unreadable folder with no study near it is a failed case of its own."""
+    from pipelines.io.dicom import scan as scan_module
+    from pipelines.io.errors import InputPermissionError
+
+    study_b = tree / "site_b" / "x" / "y"
+    hidden, elsewhere = study_b / "series2", tree / "archive" / "old"
+    hidden.mkdir()
+    elsewhere.mkdir(parents=True)
+    errors = [scan_module._folder_error(folder, PermissionError(13, "Permission denied", str(folder)))
+              for folder in (hidden, elsewhere)]
+    assert all(isinstance(e, InputPermissionError) for e in errors)
+    from pipelines.batch.cases import _study_cases
+    from pipelines.io.dicom import scan_dicom
+
+    cases = {c.case_id: c for c in _study_cases(tree, scan_dicom(tree).records, errors, {})}
+    failed = cases[pseudonym(_study_uid(study_b))]
+    assert failed.kind == "error" and f"{hidden}: folder not readable" in failed.error
+    assert cases[pseudonym(_study_uid(tree / "site_a" / "p1"))].kind == "dicom"
+    (orphan,) = [c for c in cases.values() if c.path == str(tree / "archive")]
+    assert orphan.kind == "error" and f"{elsewhere}: folder not readable" in orphan.error
 
 
 def test_manifest_cases_keep_their_ids_and_labels(tmp_path):

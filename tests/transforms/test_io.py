@@ -4,10 +4,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from pydicom.uid import generate_uid
 from monai.data import DataLoader, Dataset, decollate_batch, pad_list_data_collate
 from monai.transforms import Compose, Orientationd, Spacingd
 
-from pipelines.io import GridMismatchError, dicom_references
+from pipelines.io import AmbiguousSeriesError, GridMismatchError, InvalidValuesError, NoImageDataError, dicom_references
 from pipelines.transforms import LoadVolume, LoadVolumed
 from tests.io.dicom_factory import SeriesSpec, write_series
 
@@ -43,6 +44,23 @@ def test_unknown_or_bad_options_fail_at_construction():
         LoadVolume(modalities="CT")
     with pytest.raises(ValueError, match="`orientation` must be one of"):
         LoadVolumed(keys="image", orientation="transverse")
+    with pytest.raises(ValueError, match="`volume` must be a non-negative integer"):
+        LoadVolumed(keys="image", volume=-1)
+
+
+def test_volume_and_blank_options_reach_the_loader(tmp_path):
+    series, study = generate_uid(), generate_uid()
+    for t in (1, 2):  # one series, two time points
+        write_series(tmp_path / f"t{t}", SeriesSpec(modality="MR", temporal_position=t, series_uid=series, study_uid=study))
+    blank = write_nifti(tmp_path / "blank.nii.gz")
+    with pytest.raises(InvalidValuesError, match="blank image"):
+        LoadVolume(allow_blank=False)(blank)
+    assert LoadVolume()(blank).shape == (1, 10, 12, 7)
+    with pytest.raises(AmbiguousSeriesError, match="the series holds 2 volumes"):
+        LoadVolume()(tmp_path)
+    assert LoadVolume(volume=1)(tmp_path).shape == (1, 10, 12, 7)
+    with pytest.raises(NoImageDataError, match="volume 2 asked"):
+        LoadVolumed(keys="image", volume=2)({"image": tmp_path})
 
 
 def test_batches_of_series_with_different_slice_counts_collate(tmp_path):
