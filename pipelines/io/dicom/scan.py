@@ -33,6 +33,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.fileset import FileSet
 from pydicom.uid import UID
 
+from pipelines.io.dicom.private import private_value
 from pipelines.io.dicom.tiles import Tile, tile_layout
 from pipelines.io.errors import CorruptFileError, InputNotFoundError, InputPermissionError, NoImageDataError
 
@@ -277,27 +278,26 @@ def _records(file: Path, ds: pydicom.Dataset) -> list[SliceRecord] | None:
         return None
     try:
         frames = int(_number(ds, "NumberOfFrames") or 1)
-        _check_pixel_length(file, ds, frames)
         common = _common(file, ds)
+        _check_pixel_length(file, ds, common["rows"], common["columns"], frames)
         if "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds:
             return [_enhanced_frame(file, ds, common, index) for index in range(frames)]
-        if "ImageOrientationPatient" in ds and "PixelSpacing" in ds:
-            orientation = _floats(_numbers(ds, "ImageOrientationPatient"), 6, file, "ImageOrientationPatient")
-            tiles = tile_layout(file, ds, orientation, _spacing(ds, file), common["image_type"])
-            if tiles is not None:
-                return _tiled(file, ds, common, orientation, tiles, frames)
         missing = [k for k in ("ImagePositionPatient", "ImageOrientationPatient") if k not in ds]
-        if missing:
-            if sop_class in _GEOMETRY_REQUIRED:
-                raise CorruptFileError(f"{file}: {sop_class.name} without {' or '.join(missing)} (its IOD requires them)")
-            return None  # an image without patient geometry (secondary capture, photo): not a volume slice
+        if "ImageOrientationPatient" in missing or "PixelSpacing" not in ds:
+            return _without_geometry(file, sop_class, missing)
         geometry = {
             "orientation": _floats(_numbers(ds, "ImageOrientationPatient"), 6, file, "ImageOrientationPatient"),
-            "position": _floats(_numbers(ds, "ImagePositionPatient"), 3, file, "ImagePositionPatient"),
             "pixel_spacing": _spacing(ds, file),
             "slope": _number(ds, "RescaleSlope") or 1.0,
             "intercept": _number(ds, "RescaleIntercept") or 0.0,
         }
+        tiles = tile_layout(file, ds, geometry["orientation"], geometry["pixel_spacing"], common["image_type"],
+                            common["manufacturer"])
+        if tiles is not None:
+            return _tiled(file, ds, common, geometry, tiles, frames)
+        if missing:
+            return _without_geometry(file, sop_class, missing)
+        geometry["position"] = _floats(_numbers(ds, "ImagePositionPatient"), 3, file, "ImagePositionPatient")
         if frames == 1:
             return [SliceRecord(frame=None, **common, **geometry, **_raw_pixels(ds))]
         return _legacy_frames(file, ds, common, geometry, frames)
@@ -307,7 +307,15 @@ def _records(file: Path, ds: pydicom.Dataset) -> list[SliceRecord] | None:
         raise CorruptFileError(f"{file}: broken image geometry ({type(exc).__name__}: {exc})") from exc
 
 
-def _check_pixel_length(file: Path, ds: pydicom.Dataset, frames: int) -> None:
+def _without_geometry(file: Path, sop_class: UID, missing: list[str]) -> None:
+    """An image without patient geometry: broken when its IOD requires it, else not a volume slice."""
+    if sop_class in _GEOMETRY_REQUIRED:
+        names = " or ".join(missing) or "PixelSpacing"
+        raise CorruptFileError(f"{file}: {sop_class.name} without {names} (its IOD requires them)")
+    return None  # a secondary capture, a photo: skipped
+
+
+def _check_pixel_length(file: Path, ds: pydicom.Dataset, rows: int, columns: int, frames: int) -> None:
     """Uncompressed pixel data must hold what Rows x Columns x frames promise (a damaged header can
     promise gigabytes that are not there)."""
     if "PixelData" not in ds or UID(str(ds.file_meta.get("TransferSyntaxUID", ""))).is_compressed:
@@ -316,7 +324,6 @@ def _check_pixel_length(file: Path, ds: pydicom.Dataset, frames: int) -> None:
     length = getattr(element, "length", None)
     if length is None or length == 0xFFFFFFFF:
         return
-    rows, columns = int(_raw(ds, "Rows")), int(_raw(ds, "Columns"))
     bits, samples = int(_raw(ds, "BitsAllocated") or 16), int(_raw(ds, "SamplesPerPixel") or 1)
     expected = (rows * columns * frames * samples * bits + 7) // 8
     if length < expected:
@@ -326,16 +333,10 @@ def _check_pixel_length(file: Path, ds: pydicom.Dataset, frames: int) -> None:
         )
 
 
-def _tiled(file: Path, ds, common: dict, orientation, tiles: list[Tile], frames: int) -> list[SliceRecord]:
+def _tiled(file: Path, ds, common: dict, geometry: dict, tiles: list[Tile], frames: int) -> list[SliceRecord]:
     """One record per tile of a MOSAIC or grid image; its pixels are cut from the decoded frame."""
     if frames != 1:
         raise CorruptFileError(f"{file}: tiled (MOSAIC or grid) image with {frames} frames; expected 1")
-    geometry = {
-        "orientation": orientation,
-        "pixel_spacing": _spacing(ds, file),
-        "slope": _number(ds, "RescaleSlope") or 1.0,
-        "intercept": _number(ds, "RescaleIntercept") or 0.0,
-    }
     fields = dict(common, **_raw_pixels(ds))  # the direct read covers the whole frame; tiles are cut from it
     return [
         SliceRecord(frame=None, **dict(fields, rows=t.rows, columns=t.columns), **geometry, position=t.position, tile=t)
@@ -453,10 +454,8 @@ def _common(file: Path, ds: pydicom.Dataset) -> dict:
 
 def _ge_sequence_name(ds: pydicom.Dataset) -> str:
     """GE's pulse sequence name, private element (0019,109C) of the ``GEMS_ACQU_01`` block."""
-    try:
-        return str(ds.private_block(0x0019, "GEMS_ACQU_01")[0x9C].value).strip()
-    except (KeyError, ValueError, TypeError):
-        return ""
+    value = private_value(ds, 0x0019, "GEMS_ACQU_01", 0x9C)
+    return "" if value is None else str(value).strip()
 
 
 def _floats(value, count: int, file: Path, keyword: str) -> tuple[float, ...]:

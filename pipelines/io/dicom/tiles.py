@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
+from pipelines.io.dicom.private import private_value
 from pipelines.io.errors import CorruptFileError
 
 __all__ = ["Tile", "tile_layout"]
@@ -43,7 +44,7 @@ class Tile:
 
 
 def tile_layout(file: Path, ds: pydicom.Dataset, orientation: tuple[float, ...], spacing: tuple[float, float],
-                image_type: tuple[str, ...]) -> list[Tile] | None:
+                image_type: tuple[str, ...], manufacturer: str = "") -> list[Tile] | None:
     """The tiles of a MOSAIC or UIH grid image, or None for an ordinary image.
 
     Args:
@@ -52,6 +53,7 @@ def tile_layout(file: Path, ds: pydicom.Dataset, orientation: tuple[float, ...],
         orientation: ImageOrientationPatient (row direction, column direction).
         spacing: PixelSpacing (between rows, between columns) in mm.
         image_type: ImageType values, upper case.
+        manufacturer: Manufacturer (only UIH images are looked at for a grid).
 
     Raises:
         CorruptFileError: the image says it is tiled but its tile information is missing or does
@@ -59,7 +61,7 @@ def tile_layout(file: Path, ds: pydicom.Dataset, orientation: tuple[float, ...],
     """
     if "MOSAIC" in image_type:
         return _siemens_mosaic(file, ds, orientation, spacing)
-    if _uih_block(ds) is not None and "ImagePositionPatient" not in ds:
+    if manufacturer.upper().startswith("UIH") and "ImagePositionPatient" not in ds:
         return _uih_grid(file, ds)
     return None
 
@@ -107,22 +109,12 @@ def _siemens_mosaic(file: Path, ds, orientation, spacing) -> list[Tile]:
     ]
 
 
-def _uih_block(ds: pydicom.Dataset):
-    try:
-        return ds.private_block(0x0065, _UIH_CREATOR)
-    except (KeyError, ValueError):
-        return None
-
-
 def _uih_grid(file: Path, ds) -> list[Tile] | None:
-    block = _uih_block(ds)
+    size, items = private_value(ds, 0x0065, _UIH_CREATOR, 0x04), private_value(ds, 0x0065, _UIH_CREATOR, 0x51)
+    if size is None or items is None:
+        return None  # no tile grid: an ordinary image (without patient geometry)
     try:
-        size = str(block[0x04].value)
-        items = block[0x51].value
-    except KeyError:
-        return None  # UIH private header without a tile grid: an ordinary image
-    try:
-        rows, columns = (int(v) for v in size.split("*"))
+        rows, columns = (int(v) for v in str(size).split("*"))
         positions = [tuple(float(v) for v in item.ImagePositionPatient) for item in items]
     except (AttributeError, TypeError, ValueError) as exc:
         raise CorruptFileError(f"{file}: UIH grid image with unreadable tile size {size!r} or tile positions") from exc
