@@ -19,7 +19,7 @@ from pipelines.io import (
     dicom_references,
     load_volume,
 )
-from pipelines.io.dicom import SeriesRules
+from pipelines.io.dicom import SeriesRules, scan_dicom
 from tests.unprivileged import open_up, run_unprivileged
 from tests.io.dicom_factory import SeriesSpec, write_series
 
@@ -110,6 +110,23 @@ def test_nested_folders_and_dicomdir(tmp_path):
     assert np.allclose(dicomdir.affine, reference.affine)
     # the folder holding the DICOMDIR loads too: the directory file itself is skipped
     assert np.array_equal(load_volume(tmp_path / "media").numpy(), reference.numpy())
+
+
+def test_dicomdir_listing_a_missing_file_is_an_error_not_a_lost_slice(tmp_path, recwarn):
+    paths = write_series(tmp_path / "flat", SeriesSpec())
+    fileset = FileSet()
+    for path in paths:
+        fileset.add(path)
+    fileset.write(tmp_path / "media")
+    stored = sorted(p for p in (tmp_path / "media").rglob("IM*") if p.is_file())
+    stored[1].rename(stored[1].with_name(stored[1].name.lower()))  # media copied between file systems
+    assert load_volume(tmp_path / "media" / "DICOMDIR").shape[-1] == 7
+    stored[0].unlink()
+    with pytest.raises(InputNotFoundError, match=f"{stored[0]}: missing \\(listed by a DICOMDIR"):
+        load_volume(tmp_path / "media" / "DICOMDIR")
+    assert not recwarn.list  # pydicom's warning (with the path) is kept, not printed
+    assert "does not exist" in "".join(scan_dicom(tmp_path / "media" / "DICOMDIR", errors=[]).warnings[
+        str(tmp_path / "media" / "DICOMDIR")])
 
 
 def test_identifiers_kept_but_never_logged(tmp_path, caplog):

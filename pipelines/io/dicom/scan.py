@@ -186,7 +186,7 @@ def _read_outcome(file: Path) -> tuple[list[SliceRecord] | None | Exception, lis
         warnings.simplefilter("always")
         try:
             outcome = _read_records(file)
-        except (InvalidDicomError, CorruptFileError, NoImageDataError, InputPermissionError) as exc:
+        except (InvalidDicomError, CorruptFileError, NoImageDataError, InputPermissionError, InputNotFoundError) as exc:
             outcome = exc
     return outcome, _messages(caught)
 
@@ -200,6 +200,8 @@ def _read_records(file: Path) -> list[SliceRecord] | None:
         ds = pydicom.dcmread(file, defer_size=_DEFER)
     except PermissionError as exc:
         raise InputPermissionError(f"{file}: not readable (permission denied)") from exc
+    except FileNotFoundError as exc:  # listed by a DICOMDIR, or removed while the scan ran
+        raise InputNotFoundError(f"{file}: missing (listed by a DICOMDIR, or removed during the scan)") from exc
     except InvalidDicomError as exc:
         _refuse_broken_dicom(file, exc)
         raise
@@ -253,16 +255,42 @@ def _folder_error(folder: Path, exc: OSError) -> InputPermissionError:
 
 
 def _dicomdir_files(path: Path, caught: dict[str, list[str]]) -> Iterator[Path]:
+    """The files a DICOMDIR lists, including those that are missing (reading them then says so:
+    pydicom leaves them out with a warning, which would lose slices without a word)."""
     with warnings.catch_warnings(record=True) as raised:
         warnings.simplefilter("always")
         try:
-            fileset = FileSet(pydicom.dcmread(path))
-            instances = [Path(instance.path) for instance in fileset]
+            directory = pydicom.dcmread(path)
+            instances = [Path(instance.path) for instance in FileSet(directory)]
         except Exception as exc:  # pydicom raises many types for a broken DICOMDIR
             raise CorruptFileError(f"{path}: unreadable DICOMDIR ({type(exc).__name__}: {exc})") from exc
     if raised:
         caught[str(path)] = _messages(raised)
+    found = {str(p) for p in instances}
+    for record in directory.get("DirectoryRecordSequence", []):
+        file_id = record.get("ReferencedFileID")
+        if file_id is None:
+            continue
+        listed = _referenced_file(path.parent, [file_id] if isinstance(file_id, str) else list(file_id))
+        if str(listed) not in found:
+            instances.append(listed)
+            found.add(str(listed))
     yield from instances
+
+
+def _referenced_file(root: Path, parts: list[str]) -> Path:
+    """A DICOMDIR's file ID under ``root``, matching names without regard to case (media written on
+    one system and copied to another often change it)."""
+    target = root.joinpath(*parts)
+    if target.exists():
+        return target
+    folder = root
+    for part in parts:
+        matches = [p for p in folder.iterdir() if p.name.upper() == part.upper()] if folder.is_dir() else []
+        if not matches:
+            return target
+        folder = matches[0]
+    return folder
 
 
 def _records(file: Path, ds: pydicom.Dataset) -> list[SliceRecord] | None:
