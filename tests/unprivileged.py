@@ -31,3 +31,15 @@ def run_unprivileged(code: str, timeout: float = 120, **kwargs) -> subprocess.Co
         command = [setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *command]
     env = {**os.environ, "HOME": "/tmp", **kwargs.pop("env", {})}
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, **kwargs)
+
+
+def load_volume_unprivileged(path: Path) -> str:
+    """What ``load_volume(path)`` does for an unprivileged user: ``"LOADED"`` or ``"REFUSED <message>"``."""
+    code = (
+        "from pipelines.io import load_volume, InputDataError\n"
+        f"try:\n    load_volume({str(path)!r})\n    print('LOADED')\n"
+        "except InputDataError as e:\n    print('REFUSED', e)\n"
+    )
+    result = run_unprivileged(code)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout.strip()
