@@ -51,6 +51,8 @@ def _series_rules(args: argparse.Namespace) -> dict:
     rules = {k: v for k, v in rules.items() if v}
     if args.min_slices is not None:
         rules["min_slices"] = args.min_slices
+    if args.volume is not None:
+        rules["volume"] = args.volume
     return rules
 
 
@@ -62,6 +64,8 @@ def _add_series_rule_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-type-exclude", nargs="+", help="DICOM series rule: ImageType values refused")
     parser.add_argument("--min-slices", type=int, help="DICOM series rule: fewest slices")
     parser.add_argument("--orientation", choices=("axial", "coronal", "sagittal", "oblique"), help="DICOM series rule")
+    parser.add_argument("--volume", type=int, help="DICOM series rule: the k-th volume (0-based, in acquisition "
+                        "order) of a series holding several (time points, echoes, magnitude and phase)")
 
 
 def _manifest_build(args: argparse.Namespace) -> int:
@@ -142,7 +146,7 @@ def _batch(args: argparse.Namespace) -> int:
 
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from pipelines.batch import BatchAbortedError, run_batch
+    from pipelines.batch import BatchAbortedError, BatchInterrupted, run_batch
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("pipelines").setLevel(logging.WARNING if args.quiet else logging.INFO)
@@ -155,9 +159,12 @@ def _batch(args: argparse.Namespace) -> int:
                 image_key=args.image_key, push=args.push, fail_on_error=args.fail_on_error,
                 min_free_mb=args.min_free_mb, progress=not args.quiet,
             )
-        except BatchAbortedError as exc:
+        except BatchAbortedError as exc:  # disk full, read-only or permission denied mid-run
             print(f"unet-pipelines batch: stopped: {exc.strerror}", file=sys.stderr)
             return 3
+        except BatchInterrupted as stop:  # SIGINT, SIGTERM: the shell's 128 + signal number
+            print(f"unet-pipelines batch: {stop}", file=sys.stderr)
+            return 128 + stop.signum
     print(f"{summary.cases} cases: {summary.done} segmented, {summary.skipped} already complete, "
           f"{len(summary.failed)} failed" + (f" ({', '.join(summary.failed)})" if summary.failed else ""))
     for report in summary.reports:
@@ -173,7 +180,9 @@ def _add_batch_command(commands) -> None:
         "DICOMweb server. Writes <output>/<case_id>/{mask.nii.gz,seg.dcm,qc.png,qc_thumbnail.png,record.json} and "
         "<output>/report.{csv,html}. Rerunning skips complete cases. Exit code 0 unless every case "
         "failed (or any, with --fail-on-error); 2 for unusable input or output, 3 when the output "
-        "disk filled up. A bundle's configs run Python code: use bundles you trust.",
+        "stopped taking writes mid-run (disk full, read-only, permission denied), 130 and 143 when "
+        "stopped by SIGINT and SIGTERM (finished cases stay complete; rerun to resume). A bundle's "
+        "configs run Python code: use bundles you trust.",
     )
     batch.add_argument("--bundle", required=True, help="bundle folder (configs/inference.json, models/model.pt)")
     batch.add_argument("--input", required=True, help="folder, manifest .json, or DICOMweb URL (http://.../dicom-web)")

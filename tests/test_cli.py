@@ -44,3 +44,23 @@ def test_importing_the_package_does_no_work():
     code = "import sys, pipelines, pipelines.cli; print('torch' in sys.modules, 'monai' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.split() == ["False", "False"]
+
+
+def test_series_rules_reach_the_loader_volume_included(tmp_path, capsys):
+    """`--volume` picks a volume of a 4D study; without it the study is reported as ambiguous."""
+    import json
+
+    from pydicom.uid import generate_uid
+
+    from tests.io.dicom_factory import SeriesSpec, write_series
+
+    series, study = generate_uid(), generate_uid()
+    for t in (1, 2):
+        write_series(tmp_path / "data" / "images" / "case1" / f"t{t}",
+                     SeriesSpec(modality="MR", temporal_position=t, series_uid=series, study_uid=study))
+    build = ["manifest", "build", str(tmp_path / "data"), "--images", "images", "--quiet", "--modality", "MR"]
+    main([*build, "--output", str(tmp_path / "all.json")])
+    assert "the series holds 2 volumes" in capsys.readouterr().err
+    assert main([*build, "--volume", "1", "--output", str(tmp_path / "second.json")]) == 0
+    (entry,) = json.loads((tmp_path / "second.json").read_text())["training"]
+    assert entry["case_id"] == "case1" and entry["shape"] == [10, 12, 7]

@@ -7,11 +7,12 @@ from .measures import dice_scores, lesion_measurements, max_diameter_mm
 from .model import BundleModel, bundle_hash
 from .qc import qc_picture, save_qc_picture
 from .report import read_records, write_reports
-from .runner import BatchAbortedError, BatchSummary, run_batch
+from .runner import BatchAbortedError, BatchInterrupted, BatchSummary, run_batch
 
 __all__ = [
     "BatchAbortedError",
     "BatchInputError",
+    "BatchInterrupted",
     "BatchSummary",
     "BundleModel",
     "Case",

@@ -61,6 +61,11 @@ class CoreShare:
             with self._busy.get_lock():
                 self._busy.value -= 1
 
+    def forget(self, helpers: int) -> None:
+        """``helpers`` died inside :meth:`working` (a loader process killed by a signal): they hold no core."""
+        with self._busy.get_lock():
+            self._busy.value = max(0, self._busy.value - helpers)
+
     @contextmanager
     def serving(self, network: torch.nn.Module) -> Iterator[None]:
         """While inside, ``network`` resizes the thread pool before each of its layers; on exit the

@@ -172,11 +172,13 @@ def test_exit_codes(tmp_path):
     result = _cli("--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--quiet")
     assert result.returncode == 1, result.stderr  # every case failed
     assert "1 cases: 0 segmented, 0 already complete, 1 failed" in result.stdout
+    # two studies beside it (with one, the stray file would count as part of that study: it could be)
     copy_study("test", 0, tmp_path / "in" / "study")
+    copy_study("test", 1, tmp_path / "in" / "other")
     result = _cli("--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--quiet", "--workers", "0")
     assert result.returncode == 0, result.stderr
     result = _cli("--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--quiet", "--fail-on-error")
-    assert result.returncode == 1 and "1 already complete, 1 failed" in result.stdout
+    assert result.returncode == 1 and "2 already complete, 1 failed" in result.stdout
 
 
 def test_unusable_output_is_refused_before_work(tmp_path):
