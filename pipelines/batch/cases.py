@@ -4,9 +4,10 @@ A case is one study (its series chosen by the selection rules) or one image file
 pseudonymous (a hash of the StudyInstanceUID or of the file's relative path; a manifest's own
 ``case_id``), so no patient name or ID reaches a file name or a log line.
 
-Nothing found is dropped without a record: a file or folder that cannot be read fails the study
-whose files sit nearest to it (the study that alone has files in the closest folder above it), or,
-with no study beside it, becomes a failed case of its own, one per folder. A study whose series the
+Nothing found is dropped without a record: a DICOM file that cannot be used fails the study its
+header names; a file or folder that cannot be read at all fails the study whose files sit nearest
+to it (the study that alone has files in the closest folder above it), or, with no study beside
+it, becomes a failed case of its own, one per folder. A study whose series the
 rules cannot choose from, or that holds one instance twice with different pixels, is a failed case.
 """
 
@@ -211,6 +212,11 @@ def _study_cases(root: Path, records: list, errors: list, rules: Mapping, warnin
     warnings = dict(warnings or {})
     known = {str(r.path) for r in records}
     general = [w for path, found in warnings.items() if path not in known for w in found]  # e.g. the DICOMDIR's
+    for uid in broken.keys() - studies.keys():  # not one of its files could be read as a slice
+        folders = [Path(getattr(e, "path", root)).parent for e in errors if getattr(e, "study_instance_uid", "") == uid]
+        cases.append(Case(case_id=pseudonym(uid), kind="error", path=os.path.commonpath([str(f) for f in folders]),
+                          study_uid=uid, warnings=list(general), error="study has unreadable DICOM files: "
+                          + "; ".join(broken[uid])))
     for uid, study_records in studies.items():
         case_id = pseudonym(uid)
         folder = Path(os.path.commonpath([str(r.path.parent) for r in study_records]))
@@ -253,6 +259,9 @@ def _assign_errors(root: Path, studies: Mapping[str, list], errors: list) -> tup
     orphans: dict[Path, list[str]] = defaultdict(list)
     for error in errors:
         path = Path(getattr(error, "path", root))
+        if getattr(error, "study_instance_uid", ""):  # its header named its study
+            broken[error.study_instance_uid].append(str(error))
+            continue
         owner = None
         for above in (path.parent, *path.parent.parents):
             if under.get(above):

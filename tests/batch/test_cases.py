@@ -95,7 +95,7 @@ def test_unreadable_file_fails_its_study_only(tree):
     first.write_bytes(first.read_bytes()[:1200])  # truncated inside the header or pixel data
     lone = tree / "lost" / "broken.dcm"
     lone.parent.mkdir()
-    lone.write_bytes(first.read_bytes())
+    lone.write_bytes(first.read_bytes()[:300])  # no header left that names a study
     cases = {c.case_id: c for c in discover_cases(tree)}
     healthy = cases[pseudonym(_study_uid(tree / "site_a" / "p1"))]
     assert healthy.kind == "dicom"
@@ -103,6 +103,18 @@ def test_unreadable_file_fails_its_study_only(tree):
     assert len(errors) == 2
     assert any(str(first) in c.error and c.path == str(study_b) for c in errors)
     assert any(c.path == str(lone.parent) and str(lone) in c.error for c in errors)
+
+
+def test_a_study_whose_every_file_is_broken_keeps_its_case_id(tree):
+    """Its files' headers name the study: the failed case has the id a healthy run would give it."""
+    study_b = tree / "site_b" / "x" / "y"
+    uid = _study_uid(study_b)
+    for file in study_b.glob("*.dcm"):
+        ds = pydicom.dcmread(file)
+        del ds.ImagePositionPatient
+        ds.save_as(file)
+    case = {c.case_id: c for c in discover_cases(tree)}[pseudonym(uid)]
+    assert case.kind == "error" and "without ImagePositionPatient" in case.error and case.path == str(study_b)
 
 
 def test_two_identical_copies_of_a_study_make_one_case(tree):

@@ -124,7 +124,7 @@ def test_dicomdir_listing_a_missing_file_is_an_error_not_a_lost_slice(tmp_path, 
     stored[0].unlink()
     with pytest.raises(InputNotFoundError, match=f"{stored[0]}: missing \\(listed by a DICOMDIR"):
         load_volume(tmp_path / "media" / "DICOMDIR")
-    assert not recwarn.list  # pydicom's warning (with the path) is kept, not printed
+    assert not [w for w in recwarn.list if str(tmp_path) in str(w.message)]  # pydicom's is kept, not printed
     assert "does not exist" in "".join(scan_dicom(tmp_path / "media" / "DICOMDIR", errors=[]).warnings[
         str(tmp_path / "media" / "DICOMDIR")])
 

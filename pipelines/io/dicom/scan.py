@@ -125,8 +125,9 @@ def scan_dicom(path: str | os.PathLike, errors: list[CorruptFileError] | None = 
     Args:
         path: what to scan.
         errors: when given, a DICOM file that cannot be read is appended here (a
-            :class:`CorruptFileError` with its ``path`` attribute set) and the scan goes on; the
-            batch job uses this to fail only the study that holds the file.
+            :class:`CorruptFileError` with its ``path`` attribute set, and ``study_instance_uid``
+            when its header could be read) and the scan goes on; the batch job uses this to fail
+            only the study that holds the file.
         pool: a process pool to read the headers in, :data:`PARALLEL_MIN_FILES` or more of them in
             chunks of :data:`PARALLEL_CHUNK` (each header takes about 0.7 ms, nearly all of it in
             Python). The result is the same as without it.
@@ -207,7 +208,12 @@ def _read_records(file: Path) -> list[SliceRecord] | None:
         raise
     except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError, IndexError, OverflowError) as exc:
         raise CorruptFileError(f"{file}: unreadable DICOM file ({type(exc).__name__}: {exc})") from exc
-    return _records(file, ds)
+    try:
+        return _records(file, ds)
+    except (CorruptFileError, NoImageDataError) as exc:
+        # the header was read: which study the broken file belongs to is known (callers group by it)
+        exc.study_instance_uid = _text(ds, "StudyInstanceUID")  # type: ignore[attr-defined]
+        raise
 
 
 def _refuse_broken_dicom(file: Path, exc: InvalidDicomError) -> None:
