@@ -8,7 +8,8 @@ Nothing found is dropped without a record: a DICOM file that cannot be used fail
 header names; a file or folder that cannot be read at all fails the study whose files sit nearest
 to it (the study that alone has files in the closest folder above it), or, with no study beside
 it, becomes a failed case of its own, one per folder. A study whose series the
-rules cannot choose from, or that holds one instance twice with different pixels, is a failed case.
+rules cannot choose from, that holds one instance twice with different pixels, or whose DICOM files
+hold no image volume at all (reports, screenshots), is a failed case.
 """
 
 from __future__ import annotations
@@ -186,16 +187,17 @@ def _from_folder(root: Path, rules: Mapping, pool: Executor | None = None) -> li
     errors: list[InputDataError] = []
     try:
         scan = scan_dicom(root, errors=errors, pool=pool)
-    except NoImageDataError:
-        if not errors:
+    except NoImageDataError as exc:
+        scan = getattr(exc, "scan", None)
+        if scan is None or not (errors or scan.skipped):
             return cases
-        scan = None
-    records = scan.records if scan else []
-    return cases + _study_cases(root, records, errors, rules, scan.warnings if scan else {})
+    return cases + _study_cases(root, scan.records, errors, rules, scan.warnings, scan.skipped)
 
 
-def _study_cases(root: Path, records: list, errors: list, rules: Mapping, warnings: Mapping | None = None) -> list[Case]:
-    """One case per StudyInstanceUID; a study with an unreadable file or folder near it fails."""
+def _study_cases(root: Path, records: list, errors: list, rules: Mapping, warnings: Mapping | None = None,
+                 skipped: Mapping | None = None) -> list[Case]:
+    """One case per StudyInstanceUID; a study with an unreadable file or folder near it fails, and so
+    does one whose DICOM files hold no volume slice (``skipped``: per study, ``(file, what)``)."""
     from pipelines.io.dicom import SeriesRules, group_series, select_series
     from pipelines.io.errors import InputDataError
 
@@ -212,6 +214,12 @@ def _study_cases(root: Path, records: list, errors: list, rules: Mapping, warnin
     warnings = dict(warnings or {})
     known = {str(r.path) for r in records}
     general = [w for path, found in warnings.items() if path not in known for w in found]  # e.g. the DICOMDIR's
+    for uid in sorted((skipped or {}).keys() - studies.keys() - broken.keys()):  # nothing there to segment
+        files = skipped[uid]
+        kinds = sorted({what for _, what in files})
+        cases.append(Case(case_id=pseudonym(uid), kind="error", path=os.path.commonpath([str(f.parent) for f, _ in files]),
+                          study_uid=uid, warnings=list(general),
+                          error=f"study holds no image volume: its {len(files)} DICOM file(s) are " + ", ".join(kinds)))
     for uid in broken.keys() - studies.keys():  # not one of its files could be read as a slice
         folders = [Path(getattr(e, "path", root)).parent for e in errors if getattr(e, "study_instance_uid", "") == uid]
         cases.append(Case(case_id=pseudonym(uid), kind="error", path=os.path.commonpath([str(f) for f in folders]),

@@ -192,3 +192,20 @@ def test_nothing_to_do(tmp_path):
         discover_cases(tmp_path)
     with pytest.raises(BatchInputError, match="no such file"):
         discover_cases(tmp_path / "missing")
+
+
+def test_a_study_with_no_image_volume_gets_a_failed_case(tree):
+    """Only screenshots of it were exported: the study is reported, not silently absent."""
+    shots = tree / "site_c" / "screenshots"
+    shots.mkdir(parents=True)
+    uid = generate_uid()
+    for index, file in enumerate(sorted((tree / "site_a" / "p1").glob("*.dcm"))[:3]):
+        ds = pydicom.dcmread(file)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = uid, generate_uid(), generate_uid()
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = pydicom.uid.SecondaryCaptureImageStorage
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        del ds.ImagePositionPatient, ds.ImageOrientationPatient
+        ds.save_as(shots / f"shot{index}.dcm")
+    case = {c.case_id: c for c in discover_cases(tree)}[pseudonym(uid)]
+    assert case.kind == "error" and case.path == str(shots)
+    assert case.error == "study holds no image volume: its 3 DICOM file(s) are Secondary Capture Image Storage without patient geometry"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -120,6 +121,12 @@ def second_series_unreadable(folder: Path) -> None:
         ds.save_as(folder / "series2" / file.name)
 
 
+def screenshot(ds, k: int, count: int) -> None:
+    """Slice k as a secondary capture: pixels without patient geometry."""
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = pydicom.uid.SecondaryCaptureImageStorage
+    del ds.ImagePositionPatient, ds.ImageOrientationPatient
+
+
 def nifti(path: Path, data: np.ndarray, affine=np.eye(4)) -> str:
     nib.save(nib.Nifti1Image(data, affine), path)
     return path.name
@@ -142,7 +149,7 @@ def hostile(tmp_path_factory):
     demo_case("validation", 0)  # skips without the demo data
     root = tmp_path_factory.mktemp("hostile")
     clean, inbox = root / "clean", root / "in"
-    expected: dict[str, str] = {}
+    expected: dict[str, tuple[str, str]] = {}  # name -> (case id, cause)
     for name, (section, index) in GOOD.items():
         shutil.copytree(DEMO / demo_case(section, index)["dicom"], clean / name)
         shutil.copytree(DEMO / demo_case(section, index)["dicom"], inbox / name)
@@ -156,16 +163,24 @@ def hostile(tmp_path_factory):
         ("blank", None, r"blank image: all .* voxels hold the value 0"),
         ("short_of_frames", one_multiframe_file_short_of_frames, r"multiframe\.dcm: pixel data holds fewer frames"),
         ("unreadable_series", second_series_unreadable, r"series2: folder not readable"),
+        ("screenshots_only", None, r"study holds no image volume: its \d+ DICOM file\(s\) are Secondary Capture"),
     ]
     edits = {
         "no_orientation": lambda ds, k, n: delattr(ds, "ImageOrientationPatient"),
         "blank": lambda ds, k, n: setattr(ds, "PixelData", bytes(len(ds.PixelData))),
+        "screenshots_only": screenshot,
     }
     for k, (name, change, cause) in enumerate(bad):
         case_id = new_study("test", k % 8, inbox / "bad" / name, edits.get(name))
         if change is not None:
             change(inbox / "bad" / name)
-        expected[case_id] = cause
+        expected[name] = (case_id, cause)
+    # a good study exported with some of its files twice: read once, the correction recorded (the loader
+    # used to log it at INFO with the study's folder, which can name the patient)
+    resent = new_study("validation", 5, inbox / "resent")
+    (inbox / "resent" / "again").mkdir()
+    for file in sorted((inbox / "resent").glob("*.dcm"))[:3]:
+        shutil.copy(file, inbox / "resent" / "again" / file.name)
     files = inbox / "files"
     files.mkdir()
     huge = files / nifti(files / "huge_header.nii.gz", np.zeros((2, 2, 2), np.float32))
@@ -173,9 +188,9 @@ def hostile(tmp_path_factory):
     flat = files / nifti(files / "zero_affine.nii.gz", np.arange(64, dtype=np.float32).reshape(4, 4, 4))
     nifti_header_patch(flat, affine=np.zeros((4, 4)))
     nifti(files / "one_voxel.nii.gz", np.full((1, 1, 1), 3.0, np.float32))
-    expected[pseudonym("files/huge_header.nii.gz")] = r"promises 68,719,476,736 voxels"
-    expected[pseudonym("files/zero_affine.nii.gz")] = r"affine is singular or not finite"
-    expected[pseudonym("files/one_voxel.nii.gz")] = r"blank image: all 1 voxels hold the value 3"
+    expected["huge_header"] = (pseudonym("files/huge_header.nii.gz"), r"promises 68,719,476,736 voxels")
+    expected["zero_affine"] = (pseudonym("files/zero_affine.nii.gz"), r"affine is singular or not finite")
+    expected["one_voxel"] = (pseudonym("files/one_voxel.nii.gz"), r"blank image: all 1 voxels hold the value 3")
 
     subprocess.run([sys.executable, "-m", "pipelines", "batch", "--bundle", str(BUNDLE), "--input", str(clean),
                     "--output", str(root / "clean_out"), "--quiet"], check=True, cwd=REPO, timeout=600)
@@ -188,11 +203,11 @@ def hostile(tmp_path_factory):
     code = (
         "import sys\nfrom pipelines.cli import main\n"
         f"sys.exit(main(['batch', '--bundle', {str(BUNDLE)!r}, '--input', {str(inbox)!r}, "
-        f"'--output', {str(root / 'out')!r}, '--quiet']))\n"
+        f"'--output', {str(root / 'out')!r}]))\n"  # not --quiet: INFO lines must not name inputs either
     )
     result = run_unprivileged(code, timeout=900, cwd=REPO)
     os.chmod(inbox / "bad" / "unreadable_series" / "series2", 0o755)
-    return {"root": root, "result": result, "expected": expected, "inbox": inbox}
+    return {"root": root, "result": result, "expected": expected, "inbox": inbox, "resent": resent}
 
 
 def records(folder: Path) -> dict[str, dict]:
@@ -202,7 +217,7 @@ def records(folder: Path) -> dict[str, dict]:
 def test_the_run_goes_on_and_exits_0(hostile):
     result = hostile["result"]
     assert result.returncode == 0, result.stderr[-3000:]
-    assert len(records(hostile["root"] / "out")) == len(hostile["expected"]) + 2
+    assert len(records(hostile["root"] / "out")) == len(hostile["expected"]) + 3
 
 
 def test_good_studies_come_out_as_in_a_clean_run(hostile):
@@ -217,14 +232,26 @@ def test_good_studies_come_out_as_in_a_clean_run(hostile):
         assert np.allclose(ours.affine, reference.affine)
 
 
-@pytest.mark.parametrize("which", range(12))
-def test_each_bad_input_fails_with_its_cause(hostile, which):
-    case_id, cause = sorted(hostile["expected"].items(), key=lambda kv: kv[1])[which]
+BAD = ["empty_file", "no_position", "no_orientation", "conflicting_copy", "damaged_j2k", "huge_rows", "blank",
+       "short_of_frames", "unreadable_series", "screenshots_only", "huge_header", "zero_affine", "one_voxel"]
+
+
+@pytest.mark.parametrize("name", BAD)
+def test_each_bad_input_fails_with_its_cause(hostile, name):
+    case_id, cause = hostile["expected"][name]
     record = records(hostile["root"] / "out")[case_id]
     assert record["status"] == "failed"
-    import re
-
     assert re.search(cause, record["error"]), record["error"]
+
+
+def test_the_list_of_bad_inputs_is_whole(hostile):
+    assert sorted(hostile["expected"]) == sorted(BAD)
+
+
+def test_a_study_exported_twice_in_part_is_read_once(hostile):
+    record = records(hostile["root"] / "out")[hostile["resent"]]
+    assert record["status"] == "ok"
+    assert {"type": "duplicate_instances_dropped", "count": 3} in record["geometry_corrections"]
 
 
 def test_no_log_line_names_an_input_path(hostile):

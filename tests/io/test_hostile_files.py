@@ -202,3 +202,17 @@ def test_blank_images_are_refused_when_asked(tmp_path):
     with pytest.raises(InvalidValuesError, match=r"blank: blank image: all 840 voxels hold the value -1000"):
         load_volume(tmp_path / "blank", allow_blank=False)
     assert load_volume(tmp_path / "blank").shape == (1, 10, 12, 7)  # a label may be blank: allowed by default
+
+
+def test_a_dicom_seg_beside_its_series_is_not_an_image_to_load(tmp_path):
+    """A folder holding the series and a SEG made from it (a PACS export of a reviewed study)."""
+    from pipelines.io.dicom_seg import SegmentCode, write_dicom_seg
+
+    write_series(tmp_path / "study", SeriesSpec(modality="MR"))
+    volume = load_volume(tmp_path / "study")
+    labels = np.zeros(volume.shape[1:], dtype=np.uint8)
+    labels[2:5, 3:6, 1:4] = 1
+    tumor = SegmentCode(1, "tumor", ("49755003", "SCT", "Morphologically Altered Structure"), ("108369006", "SCT", "Neoplasm"))
+    write_dicom_seg(labels, volume.meta, [tumor], tmp_path / "study" / "seg.dcm", "test", "1")
+    again = load_volume(tmp_path / "study")
+    assert np.array_equal(again.numpy(), volume.numpy())

@@ -37,7 +37,7 @@ from pipelines.io.dicom.private import private_value
 from pipelines.io.dicom.tiles import Tile, tile_layout
 from pipelines.io.errors import CorruptFileError, InputNotFoundError, InputPermissionError, NoImageDataError
 
-__all__ = ["PARALLEL_CHUNK", "PARALLEL_MIN_FILES", "ScanResult", "SliceRecord", "scan_dicom"]
+__all__ = ["PARALLEL_CHUNK", "PARALLEL_MIN_FILES", "ScanResult", "Skipped", "SliceRecord", "scan_dicom"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +58,12 @@ _GEOMETRY_REQUIRED = {
     "1.2.840.10008.5.1.4.1.1.128",  # Positron Emission Tomography Image
     "1.2.840.10008.5.1.4.1.1.128.1",  # Legacy Converted Enhanced PET Image
     "1.2.840.10008.5.1.4.1.1.130",  # Enhanced PET Image
+}
+# objects with pixel data that are not images to segment: results (ours among them), dose grids
+_NOT_IMAGES = {
+    "1.2.840.10008.5.1.4.1.1.66.4",  # Segmentation
+    "1.2.840.10008.5.1.4.1.1.66.7",  # Label Map Segmentation
+    "1.2.840.10008.5.1.4.1.1.481.2",  # RT Dose
 }
 # file names that say "DICOM": such a file that is empty is a broken slice, not a stray file
 _DICOM_SUFFIXES = (".dcm", ".dicom", ".dic", ".ima")
@@ -102,6 +108,14 @@ class SliceRecord:
     pixel_unused_bits: int = field(default=0, compare=False, repr=False)
 
 
+@dataclass(frozen=True)
+class Skipped:
+    """A DICOM file that holds no volume slice: which study it belongs to, and what it is."""
+
+    study_instance_uid: str
+    what: str
+
+
 @dataclass
 class ScanResult:
     """Attributes:
@@ -109,6 +123,8 @@ class ScanResult:
         skipped_non_dicom, skipped_non_image: files skipped, by reason.
         files: files looked at.
         warnings: per file path, the warnings pydicom raised while reading it.
+        skipped: per StudyInstanceUID, the DICOM files of that study skipped as holding no volume
+            slice, and what they are (a study of only these yields no volume: callers can say so).
     """
 
     records: list[SliceRecord]
@@ -116,6 +132,7 @@ class ScanResult:
     skipped_non_image: int = 0
     files: int = 0
     warnings: dict[str, list[str]] = field(default_factory=dict)
+    skipped: dict[str, list[tuple[Path, str]]] = field(default_factory=dict)
 
 
 def scan_dicom(path: str | os.PathLike, errors: list[CorruptFileError] | None = None,
@@ -161,15 +178,19 @@ def scan_dicom(path: str | os.PathLike, errors: list[CorruptFileError] | None = 
                 raise outcome
             outcome.path = file  # type: ignore[attr-defined]
             errors.append(outcome)
-        elif outcome is None:
+        elif outcome is None or isinstance(outcome, Skipped):
             result.skipped_non_image += 1
+            if outcome is not None and outcome.study_instance_uid:
+                result.skipped.setdefault(outcome.study_instance_uid, []).append((file, outcome.what))
         else:
             result.records.extend(outcome)
     if not result.records:
-        raise NoImageDataError(
+        error = NoImageDataError(
             f"{path}: no DICOM image found ({result.files} files; {result.skipped_non_dicom} not DICOM, "
             f"{result.skipped_non_image} DICOM without an image)"
         )
+        error.scan = result  # type: ignore[attr-defined]  # what was found all the same
+        raise error
     if result.skipped_non_dicom or result.skipped_non_image:  # the path may name the patient: debug only
         logger.debug(
             "%s: skipped %d non-DICOM and %d non-image DICOM files",
@@ -180,7 +201,7 @@ def scan_dicom(path: str | os.PathLike, errors: list[CorruptFileError] | None = 
     return result
 
 
-def _read_outcome(file: Path) -> tuple[list[SliceRecord] | None | Exception, list[str]]:
+def _read_outcome(file: Path) -> tuple[list[SliceRecord] | Skipped | None | Exception, list[str]]:
     """:func:`_read_records` and the warnings it raised, with the errors the scan handles returned
     rather than raised (so they come back from a pool's worker in order with the rest)."""
     with warnings.catch_warnings(record=True) as caught:
@@ -196,7 +217,7 @@ def _messages(caught) -> list[str]:
     return list(dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in caught))
 
 
-def _read_records(file: Path) -> list[SliceRecord] | None:
+def _read_records(file: Path) -> list[SliceRecord] | Skipped | None:
     try:
         ds = pydicom.dcmread(file, defer_size=_DEFER)
     except PermissionError as exc:
@@ -299,17 +320,20 @@ def _referenced_file(root: Path, parts: list[str]) -> Path:
     return folder
 
 
-def _records(file: Path, ds: pydicom.Dataset) -> list[SliceRecord] | None:
+def _records(file: Path, ds: pydicom.Dataset) -> list[SliceRecord] | Skipped | None:
+    """The file's slices; :class:`Skipped` for DICOM that holds none; None for a DICOMDIR."""
     sop_class = UID(_text(ds, "SOPClassUID") or str(getattr(ds.get("file_meta"), "MediaStorageSOPClassUID", "")))
     if sop_class == _DIRECTORY_SOP_CLASS:
         return None
     if not sop_class:  # every DICOM instance names its SOP class: this file is DICOM by its marker only
         raise CorruptFileError(f"{file}: unreadable DICOM file (no SOPClassUID; damaged or empty after its header)")
+    if sop_class in _NOT_IMAGES:
+        return Skipped(_text(ds, "StudyInstanceUID"), sop_class.name)
     if "PixelData" not in ds and "FloatPixelData" not in ds:
         if sop_class.name.endswith("Image Storage") or "ImagePositionPatient" in ds:
             # an image SOP class without pixels: stripped, or the file ends early (pydicom stops quietly)
             raise NoImageDataError(f"{file}: DICOM image header without pixel data ({sop_class.name}; truncated?)")
-        return None
+        return Skipped(_text(ds, "StudyInstanceUID"), sop_class.name)
     try:
         frames = int(_number(ds, "NumberOfFrames") or 1)
         common = _common(file, ds)
@@ -318,7 +342,7 @@ def _records(file: Path, ds: pydicom.Dataset) -> list[SliceRecord] | None:
             return [_enhanced_frame(file, ds, common, index) for index in range(frames)]
         missing = [k for k in ("ImagePositionPatient", "ImageOrientationPatient") if k not in ds]
         if "ImageOrientationPatient" in missing or "PixelSpacing" not in ds:
-            return _without_geometry(file, sop_class, missing)
+            return _without_geometry(file, ds, sop_class, missing)
         geometry = {
             "orientation": _floats(_numbers(ds, "ImageOrientationPatient"), 6, file, "ImageOrientationPatient"),
             "pixel_spacing": _spacing(ds, file),
@@ -330,7 +354,7 @@ def _records(file: Path, ds: pydicom.Dataset) -> list[SliceRecord] | None:
         if tiles is not None:
             return _tiled(file, ds, common, geometry, tiles, frames)
         if missing:
-            return _without_geometry(file, sop_class, missing)
+            return _without_geometry(file, ds, sop_class, missing)
         geometry["position"] = _floats(_numbers(ds, "ImagePositionPatient"), 3, file, "ImagePositionPatient")
         if frames == 1:
             return [SliceRecord(frame=None, **common, **geometry, **_raw_pixels(ds))]
@@ -341,12 +365,12 @@ def _records(file: Path, ds: pydicom.Dataset) -> list[SliceRecord] | None:
         raise CorruptFileError(f"{file}: broken image geometry ({type(exc).__name__}: {exc})") from exc
 
 
-def _without_geometry(file: Path, sop_class: UID, missing: list[str]) -> None:
+def _without_geometry(file: Path, ds: pydicom.Dataset, sop_class: UID, missing: list[str]) -> Skipped:
     """An image without patient geometry: broken when its IOD requires it, else not a volume slice."""
     if sop_class in _GEOMETRY_REQUIRED:
         names = " or ".join(missing) or "PixelSpacing"
         raise CorruptFileError(f"{file}: {sop_class.name} without {names} (its IOD requires them)")
-    return None  # a secondary capture, a photo: skipped
+    return Skipped(_text(ds, "StudyInstanceUID"), f"{sop_class.name} without patient geometry")  # a screenshot
 
 
 def _check_pixel_length(file: Path, ds: pydicom.Dataset, rows: int, columns: int, frames: int) -> None:
