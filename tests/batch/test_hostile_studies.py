@@ -75,6 +75,12 @@ def damaged_j2k(folder: Path) -> None:
     ds.save_as(victim)
 
 
+def truncated(folder: Path) -> None:
+    """A copy cut short inside its header (pydicom warns about it, naming the file)."""
+    victim = sorted(folder.glob("*.dcm"))[9]
+    victim.write_bytes(victim.read_bytes()[:1200])
+
+
 def huge_rows(folder: Path) -> None:
     victim = sorted(folder.glob("*.dcm"))[2]
     ds = pydicom.dcmread(victim)
@@ -164,6 +170,7 @@ def hostile(tmp_path_factory):
         ("short_of_frames", one_multiframe_file_short_of_frames, r"multiframe\.dcm: pixel data holds fewer frames"),
         ("unreadable_series", second_series_unreadable, r"series2: folder not readable"),
         ("screenshots_only", None, r"study holds no image volume: its \d+ DICOM file\(s\) are Secondary Capture"),
+        ("truncated", truncated, r"IM00010\.dcm: DICOM image header without pixel data .*truncated"),
     ]
     edits = {
         "no_orientation": lambda ds, k, n: delattr(ds, "ImageOrientationPatient"),
@@ -233,7 +240,8 @@ def test_good_studies_come_out_as_in_a_clean_run(hostile):
 
 
 BAD = ["empty_file", "no_position", "no_orientation", "conflicting_copy", "damaged_j2k", "huge_rows", "blank",
-       "short_of_frames", "unreadable_series", "screenshots_only", "huge_header", "zero_affine", "one_voxel"]
+       "short_of_frames", "unreadable_series", "screenshots_only", "truncated", "huge_header", "zero_affine",
+       "one_voxel"]
 
 
 @pytest.mark.parametrize("name", BAD)
