@@ -41,38 +41,31 @@ def _per_axis(values: Sequence[int], dims: int, flag: str) -> tuple[int, ...]:
 
 
 def _series_rules(args: argparse.Namespace) -> dict:
-    rules = {
-        "modality": args.modality,
-        "description": args.description,
-        "image_type_include": args.image_type_include,
-        "image_type_exclude": args.image_type_exclude,
-        "orientation": args.orientation,
-    }
-    rules = {k: v for k, v in rules.items() if v}
-    if args.min_slices is not None:
-        rules["min_slices"] = args.min_slices
-    if args.volume is not None:
-        rules["volume"] = args.volume
-    return rules
+    """The DICOM series rules given by the flags of :func:`_add_series_rule_arguments`, by name: the
+    overrides a caller applies with ``SeriesRules.of(base, **overrides)`` (``dataclasses.replace``)."""
+    from pipelines.io.rules import SeriesRules
+
+    return {name: value for name in SeriesRules.names() if (value := getattr(args, name)) is not None}
 
 
 def _add_series_rule_arguments(parser: argparse.ArgumentParser) -> None:
-    """The DICOM series selection flags read by :func:`_series_rules`."""
-    parser.add_argument("--modality", nargs="+", help="DICOM series rule: modality")
-    parser.add_argument("--description", help="DICOM series rule: SeriesDescription regular expression")
-    parser.add_argument("--image-type-include", nargs="+", help="DICOM series rule: ImageType values required")
-    parser.add_argument("--image-type-exclude", nargs="+", help="DICOM series rule: ImageType values refused")
-    parser.add_argument("--min-slices", type=int, help="DICOM series rule: fewest slices")
-    parser.add_argument("--orientation", choices=("axial", "coronal", "sagittal", "oblique"), help="DICOM series rule")
-    parser.add_argument("--volume", type=int, help="DICOM series rule: the k-th volume (0-based, in acquisition "
-                        "order) of a series holding several (time points, echoes, magnitude and phase)")
+    """One flag per DICOM series rule (``--modality``, ..., ``--volume``), as SeriesRules declares them."""
+    from dataclasses import fields
+
+    from pipelines.io.rules import SeriesRules
+
+    for rule in fields(SeriesRules):
+        how = {k: v for k, v in rule.metadata.items() if k != "help"}
+        parser.add_argument(f"--{rule.name.replace('_', '-')}", **how, help=f"DICOM series rule: {rule.metadata['help']}")
 
 
 def _manifest_build(args: argparse.Namespace) -> int:
     from pipelines.data import build_manifest, write_manifest
+    from pipelines.io.rules import SeriesRules
 
     manifest, problems = build_manifest(
-        args.dataset_dir, images=args.images, labels=args.labels, progress=not args.quiet, **_series_rules(args)
+        args.dataset_dir, images=args.images, labels=args.labels, progress=not args.quiet,
+        rules=SeriesRules.of(**_series_rules(args)),
     )
     write_manifest(manifest, args.output)
     print(f"wrote {args.output}: {len(manifest['training'])} cases")

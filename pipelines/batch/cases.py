@@ -24,9 +24,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipelines.io.formats import is_image_file
+
 __all__ = ["BatchInputError", "Case", "discover_cases", "is_dicomweb_url", "pseudonym"]
 
-_IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 
 class BatchInputError(ValueError):
@@ -87,10 +88,6 @@ def _stat_hash(paths, extra: str = "") -> str:
     return digest.hexdigest()
 
 
-def _is_image_file(path: Path) -> bool:
-    return path.name.lower().endswith(_IMAGE_SUFFIXES) and not path.name.lower().endswith(".raw")
-
-
 def is_dicomweb_url(source) -> bool:
     """Whether a batch input names a DICOMweb service (an http or https URL) rather than a path."""
     return str(source).startswith(("http://", "https://"))
@@ -129,7 +126,7 @@ def discover_cases(source: str | os.PathLike, rules: Mapping | None = None, sect
                 cases = _from_manifest(path, section, dataset_dir, image_key, rules, pool)
             elif path.is_dir():
                 cases = _from_folder(path, rules, pool)
-            elif _is_image_file(path):
+            elif is_image_file(path):
                 cases = [_file_case(path, path.parent)]
             else:
                 cases = _from_folder(path, rules, pool)  # a single DICOM file or a DICOMDIR
@@ -183,7 +180,7 @@ def _from_folder(root: Path, rules: Mapping, pool: Executor | None = None) -> li
     if root.is_dir():
         for folder, dirs, files in os.walk(root):
             dirs.sort()
-            cases.extend(_file_case(Path(folder) / name, root) for name in sorted(files) if _is_image_file(Path(name)))
+            cases.extend(_file_case(Path(folder) / name, root) for name in sorted(files) if is_image_file(Path(name)))
     errors: list[InputDataError] = []
     try:
         scan = scan_dicom(root, errors=errors, pool=pool)
@@ -310,7 +307,7 @@ def _from_manifest(path: Path, section: str, dataset_dir, image_key: str | None,
         if not image.exists():
             cases.append(Case(case_id=case_id, kind="error", path=str(image), error=f"{image}: no such file or folder"))
             continue
-        if image.is_dir() or not _is_image_file(image):
+        if image.is_dir() or not is_image_file(image):
             found = _from_folder(image, rules, pool)
             studies = [c for c in found if c.kind in ("dicom", "error")]
             if len(found) != 1:

@@ -25,7 +25,7 @@ def bundle_hash(bundle_dir: str | os.PathLike, weights: str | os.PathLike | None
     do not change the results, and a training run next to a batch job must not make its rerun redo
     every case (nor cost a read of gigabytes of checkpoints at each start).
     """
-    from pipelines.data.manifest import content_hash
+    from pipelines.io.hashing import content_hash
 
     root = Path(bundle_dir)
     weights_path = Path(weights) if weights else root / "models" / "model.pt"
@@ -34,7 +34,7 @@ def bundle_hash(bundle_dir: str | os.PathLike, weights: str | os.PathLike | None
 
 def _bundle_digest(root: Path, weights_sha256: str) -> str:
     """:func:`bundle_hash` from the weights' SHA-256 already computed."""
-    from pipelines.data.manifest import content_hash
+    from pipelines.io.hashing import content_hash
 
     configs = root / "configs"
     parts = [content_hash(configs) if configs.exists() else "", weights_sha256]
@@ -61,7 +61,7 @@ class BundleModel:
         from monai.bundle import ConfigParser
         from monai.transforms import Compose
 
-        from pipelines.data.manifest import content_hash
+        from pipelines.io.hashing import content_hash
         from pipelines.transforms import LoadVolumed
 
         self.root = Path(bundle_dir).resolve()

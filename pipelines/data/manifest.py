@@ -20,6 +20,8 @@ from importlib import resources
 from pathlib import Path
 
 from pipelines.io.errors import InputDataError, ManifestError
+from pipelines.io.formats import image_stem, is_image_file
+from pipelines.io.hashing import content_hash
 
 __all__ = [
     "SECTIONS",
@@ -38,7 +40,6 @@ logger = logging.getLogger(__name__)
 
 SECTIONS = ("training", "validation", "test")
 _PATH_KEYS = ("image", "label", "dicom")
-_IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 
 def manifest_schema() -> dict:
@@ -119,33 +120,12 @@ def write_manifest(manifest: Mapping, path: str | os.PathLike) -> Path:
     return path
 
 
-def content_hash(path: Path) -> str:
-    """SHA-256 of a file, or of every file under a folder (relative names and bytes, in sorted order)."""
-    digest = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    for file in files:
-        if path.is_dir():
-            digest.update(str(file.relative_to(path)).encode() + b"\0")
-        with open(file, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
-
-
-def _case_id(path: Path) -> str:
-    name = path.name
-    for suffix in sorted(_IMAGE_SUFFIXES, key=len, reverse=True):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
 def _cases_in(folder: Path) -> list[Path]:
-    """Image files (NIfTI, NRRD, MHA/MHD) and study folders (anything else that is a folder)."""
+    """Image files (NIfTI, NRRD, MHA/MHD, PNG, TIFF) and study folders (anything else that is a folder)."""
     if not folder.is_dir():
         raise InputDataError(f"{folder}: not a folder")
     found = [p for p in sorted(folder.iterdir()) if not p.name.startswith(".")]
-    return [p for p in found if p.is_dir() or p.name.lower().endswith(_IMAGE_SUFFIXES)]
+    return [p for p in found if p.is_dir() or is_image_file(p)]
 
 
 def _progress(items: list, description: str, show: bool) -> Iterable:
@@ -179,10 +159,10 @@ def build_manifest(
     image_dir = resolve_path(root, images, "--images")
     label_files = {}
     if labels is not None:
-        label_files = {_case_id(p): p for p in _cases_in(resolve_path(root, labels, "--labels")) if p.is_file()}
+        label_files = {image_stem(p): p for p in _cases_in(resolve_path(root, labels, "--labels")) if p.is_file()}
     cases, problems = [], []
     for path in _progress(_cases_in(image_dir), "scanning", progress):
-        case_id = _case_id(path)
+        case_id = image_stem(path)
         try:
             volume = load_volume(path, **load_options)
         except (InputDataError, OSError) as exc:
@@ -220,7 +200,7 @@ def check_manifest(path: str | os.PathLike, dataset_dir: str | os.PathLike, prog
     """Every path exists, stays inside ``dataset_dir`` and loads; every label matches its image's grid;
     recorded hashes still match; no file, content or patient appears twice across cases or sections."""
     from pipelines.io import load_volume
-    from pipelines.transforms.io import check_same_grid
+    from pipelines.io.grid import check_same_grid
 
     report = CheckReport()
     try:

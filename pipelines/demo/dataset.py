@@ -21,11 +21,11 @@ from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from pipelines.demo.synthetic import LABELS, load_template, make_case
+from pipelines.io.grid import LPS_TO_RAS
 
 __all__ = ["DEFAULT_SPLIT", "write_demo_data", "write_dicom_series"]
 
 DEFAULT_SPLIT = {"training": 24, "validation": 8, "test": 8}
-_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
 def _uid(*parts: object) -> str:
@@ -53,7 +53,7 @@ def write_dicom_series(
     stored = np.asarray(stored)
     if stored.ndim != 3 or stored.min() < 0 or stored.max() > 4095:
         raise ValueError(f"stored must be a 3D array of 12-bit values, got shape {stored.shape}")
-    lps = _LPS @ np.asarray(affine, dtype=float)
+    lps = LPS_TO_RAS @ np.asarray(affine, dtype=float)  # its own inverse: RAS to LPS
     # flip axes 0 and 1 where they run against LPS, so rows run left and columns posterior
     for axis in (0, 1):
         if lps[axis, axis] < 0:
@@ -137,7 +137,7 @@ def write_demo_data(
         progress: called with a line per case.
     """
     from pipelines.data import write_manifest
-    from pipelines.data.manifest import content_hash
+    from pipelines.io.hashing import content_hash
     from pipelines.io.writers import save_nifti
 
     split = dict(DEFAULT_SPLIT if split is None else split)

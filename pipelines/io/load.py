@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +11,8 @@ import torch
 from monai.data import MetaTensor
 from monai.utils import SpaceKeys
 
+from pipelines.io.formats import volume_format
+from pipelines.io.grid import LPS_TO_RAS
 from pipelines.io.metadata import uniform_metadata
 from pipelines.io.errors import (
     CorruptFileError,
@@ -25,50 +26,32 @@ __all__ = ["DEFAULT_MAX_VOXELS", "check_not_blank", "load_series", "load_volume"
 
 logger = logging.getLogger(__name__)
 
-_NIFTI = (".nii", ".nii.gz")
-_ITK = (".nrrd", ".nhdr", ".mha", ".mhd")
-_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 DEFAULT_MAX_VOXELS = 2**30  # 4 GiB as float32: beyond any CT or MR series; raise it for micro-CT
 _GZIP_MAX_RATIO = 1100  # deflate expands at most about 1032 times: a smaller .gz cannot hold the data
 
 
-def volume_format(path: str | os.PathLike) -> str:
-    """``"nifti"``, ``"itk"`` or ``"dicom"`` (folders, DICOMDIRs and any other file)."""
-    name = Path(path).name.lower()
-    if name.endswith(_NIFTI):
-        return "nifti"
-    if name.endswith(_ITK):
-        return "itk"
-    return "dicom"
-
-
 def load_volume(
     path: str | os.PathLike,
+    rules=None,
     *,
-    modality: str | Sequence[str] | None = None,
-    description: str | None = None,
-    image_type_include: Sequence[str] = (),
-    image_type_exclude: Sequence[str] = (),
-    min_slices: int = 1,
-    orientation: str | None = None,
-    volume: int | None = None,
     strict: bool = False,
     allow_nonfinite: bool = False,
     allow_blank: bool = True,
     max_voxels: int | None = DEFAULT_MAX_VOXELS,
     dtype: np.dtype | str | None = None,
+    **rule_options,
 ) -> MetaTensor:
-    """Load an image volume as a channel-first ``MetaTensor`` ``(C, X, Y, Z)`` with an RAS affine.
+    """Load an image volume as a channel-first ``MetaTensor`` ``(C, X, Y, Z)`` with an RAS affine
+    (``(C, X, Y)`` for a single 2D picture).
 
     Args:
-        path: a NIfTI file (``.nii``, ``.nii.gz``), an NRRD/MHA/MHD file, a DICOM file (one slice or
-            a multi-frame image), a folder of DICOM files (any nesting; other files are skipped and
-            counted) or a DICOMDIR.
-        modality, description, image_type_include, image_type_exclude, min_slices, orientation:
-            DICOM series selection rules (see :class:`pipelines.io.dicom.SeriesRules`); a path with
-            several candidate series and no rule that picks one is an error listing them.
-        volume: the ``volume``-th volume (0-based, in acquisition order) of a series that holds
-            several (time points, echoes, diffusion directions, magnitude and phase).
+        path: a NIfTI file (``.nii``, ``.nii.gz``), an NRRD/MHA/MHD file, a PNG or TIFF picture (a
+            multi-page TIFF is a stack), a DICOM file (one slice or a multi-frame image), a folder
+            of DICOM files (any nesting; other files are skipped and counted) or a DICOMDIR.
+        rules: a :class:`pipelines.io.SeriesRules` (DICOM series selection) or None.
+        rule_options: rules given one by one (``modality="CT"``, ``volume=1``, ...; see
+            :class:`~pipelines.io.SeriesRules`), over ``rules``. A path with several candidate
+            volumes and no rule that picks one is an error listing them.
         strict: refuse DICOM stacks with gantry tilt or uneven slice spacing instead of resampling
             them onto a regular grid.
         allow_nonfinite: accept NaN or infinite voxels (refused by default).
@@ -104,23 +87,17 @@ def load_volume(
         raise InputNotFoundError(f"{path}: no such file or folder")
     if not os.access(path, os.R_OK) or (path.is_dir() and not os.access(path, os.X_OK)):
         raise InputPermissionError(f"{path}: not readable (permission denied)")
+    from pipelines.io.dicom import SeriesRules, load_dicom
+
+    rules = SeriesRules.of(rules, **rule_options)  # checked whatever the format: a typo is an error
     kind = volume_format(path)
     if kind == "nifti":
         array, affine, meta = _load_nifti(path, max_voxels)
     elif kind == "itk":
         array, affine, meta = _load_itk(path, max_voxels)
+    elif kind == "picture":
+        array, affine, meta = _load_picture(path, max_voxels)
     else:
-        from pipelines.io.dicom import SeriesRules, load_dicom
-
-        rules = SeriesRules(
-            modality=modality,
-            description=description,
-            image_type_include=tuple(image_type_include),
-            image_type_exclude=tuple(image_type_exclude),
-            min_slices=min_slices,
-            orientation=orientation,
-            volume=volume,
-        )
         stack, affine, meta = load_dicom(path, rules, strict=strict, max_voxels=max_voxels)
         array = stack[None]
     return _as_metatensor(array, affine, meta, path, dtype, allow_nonfinite, allow_blank)
@@ -265,6 +242,37 @@ def _load_nifti(path: Path, max_voxels: int | None = DEFAULT_MAX_VOXELS) -> tupl
     return _channel_first(data, path), np.asarray(image.affine, dtype=np.float64), {"source_format": "nifti"}
 
 
+def _load_picture(path: Path, max_voxels: int | None = DEFAULT_MAX_VOXELS) -> tuple[np.ndarray, np.ndarray, dict]:
+    """A PNG or TIFF picture as ``(C, X, Y)`` (a multi-page TIFF as ``(C, X, Y, pages)``), x along
+    its columns as MONAI's ``LoadImage`` gives it. Pictures carry no patient geometry: one unit per
+    pixel, identity affine."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as picture:
+            pages = getattr(picture, "n_frames", 1)
+            width, height = picture.size
+            voxels = width * height * len(picture.getbands()) * pages
+            if max_voxels is not None and voxels > max_voxels:
+                raise CorruptFileError(f"{path}: {width}x{height} pixels x {pages} page(s) are {voxels:,} values, more "
+                                       f"than the limit of {max_voxels:,} (max_voxels)")
+            planes = []
+            for page in range(pages):
+                picture.seek(page)
+                planes.append(np.asarray(picture))
+    except CorruptFileError:
+        raise
+    except (OSError, ValueError, EOFError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise CorruptFileError(f"{path}: unreadable picture ({type(exc).__name__}: {exc})") from exc
+    data = np.stack(planes, axis=-1) if pages > 1 else planes[0]  # (H, W[, C][, pages])
+    if data.ndim == 2 or (pages > 1 and data.ndim == 3):
+        data = data[None]
+    else:
+        data = np.moveaxis(data, 2, 0)  # colour planes first
+    data = np.swapaxes(data, 1, 2)  # (C, W, H[, pages]): x is the column
+    return np.ascontiguousarray(data), np.eye(4), {"source_format": "picture"}
+
+
 def _load_itk(path: Path, max_voxels: int | None = DEFAULT_MAX_VOXELS) -> tuple[np.ndarray, np.ndarray, dict]:
     import SimpleITK as sitk
 
@@ -289,4 +297,4 @@ def _load_itk(path: Path, max_voxels: int | None = DEFAULT_MAX_VOXELS) -> tuple[
     affine = np.eye(4)
     affine[:dims, :dims] = direction * np.asarray(image.GetSpacing())
     affine[:dims, 3] = image.GetOrigin()
-    return _channel_first(data, path), _LPS_TO_RAS @ affine, {"source_format": "itk"}
+    return _channel_first(data, path), LPS_TO_RAS @ affine, {"source_format": "itk"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from .elastic import RandCoarseElastic, RandCoarseElasticd
 from .intensity import ModalityNormalize, ModalityNormalized
-from .io import LoadVolume, LoadVolumed, check_same_grid
+from .io import LoadVolume, LoadVolumed
 from .membrane import MembraneWatershed, MembraneWatershedd, membrane_watershed
 from .weight_map import UNetWeightMap, UNetWeightMapd, unet_weight_map
 
@@ -20,7 +20,6 @@ __all__ = [
     "RandCoarseElasticd",
     "UNetWeightMap",
     "UNetWeightMapd",
-    "check_same_grid",
     "membrane_watershed",
     "unet_weight_map",
 ]

@@ -120,7 +120,7 @@ def test_cli_writes_the_data_set(tmp_path, capsys):
 def test_generated_data_set_matches_the_committed_manifest():
     """`make test` runs `make demo-data` first: the files must hash to what the committed manifest
     records, i.e. the data set is the same on this machine as on the one that trained the weights."""
-    from pipelines.data.manifest import content_hash
+    from pipelines.io.hashing import content_hash
     from tests.conftest import REPO
 
     data = REPO / "demo_data"

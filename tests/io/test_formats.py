@@ -150,3 +150,34 @@ def test_nibabel_sample_files(name):
     first = volume[0].numpy()
     np.testing.assert_allclose(first, expected[..., 0] if expected.ndim == 4 else expected, rtol=1e-6)
     np.testing.assert_allclose(volume.affine.numpy(), image.affine, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode, channels", [("L", 1), ("I;16", 1), ("RGB", 3)])
+def test_pictures_load_as_monai_loads_them(tmp_path, mode, channels):
+    """x along the columns, as MONAI's LoadImage (PIL reader) gives them: a bundle trained on
+    LoadImage's arrays sees the same pixels through load_volume."""
+    from monai.transforms import EnsureChannelFirst, LoadImage
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    shape = (13, 17, 3) if channels == 3 else (13, 17)
+    pixels = rng.integers(0, 250 if mode != "I;16" else 4000, shape).astype(np.uint16 if mode == "I;16" else np.uint8)
+    path = tmp_path / "section.png"
+    Image.fromarray(pixels).save(path)
+    ours = load_volume(path)
+    theirs = EnsureChannelFirst()(LoadImage(image_only=True)(path))
+    assert ours.shape == (channels, 17, 13) == tuple(theirs.shape)
+    assert np.array_equal(ours.numpy(), theirs.numpy()) and ours.meta["source_format"] == "picture"
+
+
+def test_a_multi_page_tiff_is_a_stack(tmp_path):
+    from PIL import Image
+
+    pages = [np.full((5, 7), k, dtype=np.uint8) for k in range(4)]
+    Image.fromarray(pages[0]).save(tmp_path / "stack.tif", save_all=True,
+                                   append_images=[Image.fromarray(p) for p in pages[1:]])
+    volume = load_volume(tmp_path / "stack.tif")
+    assert volume.shape == (1, 7, 5, 4) and [int(volume[0, 0, 0, k]) for k in range(4)] == [0, 1, 2, 3]
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+    with pytest.raises(CorruptFileError, match=r"broken\.png: unreadable picture"):
+        load_volume(tmp_path / "broken.png")

@@ -17,23 +17,23 @@ hold the same pixels; copies that differ are an error naming both files.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import combinations
-from pathlib import Path
 
 import numpy as np
 
 from pipelines.io.dicom.scan import SliceRecord
+from pipelines.io.rules import ORIENTATIONS as _ORIENTATIONS
+from pipelines.io.rules import SeriesRules
 from pipelines.io.errors import AmbiguousSeriesError, DuplicateInstanceError, NoImageDataError
+from pipelines.io.hashing import content_hash
 
 __all__ = ["SeriesCandidate", "SeriesRules", "drop_duplicate_instances", "group_series", "orientation_label",
            "select_series"]
 
-_ORIENTATIONS = ("sagittal", "coronal", "axial", "oblique")
 _MAIN_AXIS = 0.9  # |normal component| at least this (about 26 degrees) names a main plane
 _POSITION_DECIMALS = 3  # positions closer than 1 micrometre are the same position
 _SPLIT_KEYS = ("temporal_position", "echo_number", "echo_time", "acquisition_number")
@@ -137,72 +137,6 @@ class SeriesCandidate:
         )
 
 
-@dataclass(frozen=True)
-class SeriesRules:
-    """Which volume to load when a path holds several. Every given rule must hold.
-
-    Args:
-        modality: a Modality or a list of them, e.g. ``"CT"`` or ``["MR"]``.
-        description: regular expression searched in SeriesDescription, e.g. ``"(?i)t1.*post"``.
-        image_type_include: ImageType values that must all be present, e.g. ``["ORIGINAL"]``
-            (an enhanced image's per-frame FrameType counts as its frames' ImageType).
-        image_type_exclude: ImageType values none of which may be present, e.g. ``["LOCALIZER"]``.
-        min_slices: fewest slices a series may have.
-        orientation: ``"axial"``, ``"coronal"``, ``"sagittal"`` or ``"oblique"``.
-        volume: when one series holds several volumes (time points, echoes, diffusion directions,
-            magnitude and phase), the ``volume``-th of those the other rules leave, 0-based, in
-            acquisition order (temporal position, echo, then instance number). Without it a
-            series' magnitude image is preferred to its phase, real, imaginary or field-map images;
-            several volumes left are an :class:`AmbiguousSeriesError` listing them.
-    """
-
-    modality: str | Sequence[str] | None = None
-    description: str | None = None
-    image_type_include: Sequence[str] = field(default_factory=tuple)
-    image_type_exclude: Sequence[str] = field(default_factory=tuple)
-    min_slices: int = 1
-    orientation: str | None = None
-    volume: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.orientation is not None and self.orientation not in _ORIENTATIONS:
-            raise ValueError(f"`orientation` must be one of {_ORIENTATIONS}, got {self.orientation!r}")
-        if not isinstance(self.min_slices, int) or self.min_slices < 1:
-            raise ValueError(f"`min_slices` must be a positive integer, got {self.min_slices!r}")
-        if self.volume is not None and (isinstance(self.volume, bool) or not isinstance(self.volume, int)
-                                        or self.volume < 0):
-            raise ValueError(f"`volume` must be a non-negative integer or None, got {self.volume!r}")
-        if self.description is not None:
-            try:
-                re.compile(self.description)
-            except re.error as exc:
-                raise ValueError(f"`description` must be a regular expression, got {self.description!r}: {exc}") from exc
-
-    @property
-    def given(self) -> bool:
-        return self != SeriesRules()
-
-    def rejects(self, candidate: SeriesCandidate) -> str | None:
-        """Why ``candidate`` fails the rules (all but ``volume``), or None when it passes."""
-        r = candidate.first
-        modalities = [self.modality] if isinstance(self.modality, str) else self.modality
-        if modalities is not None and r.modality not in modalities:
-            return f"modality {r.modality} not in {list(modalities)}"
-        if self.description is not None and not re.search(self.description, r.series_description):
-            return f"description does not match {self.description!r}"
-        missing = [t for t in self.image_type_include if t.upper() not in candidate.image_type]
-        if missing:
-            return f"ImageType lacks {missing}"
-        excluded = [t for t in self.image_type_exclude if t.upper() in candidate.image_type]
-        if excluded:
-            return f"ImageType has {excluded}"
-        if len(candidate.records) < self.min_slices:
-            return f"{len(candidate.records)} slices < {self.min_slices}"
-        if self.orientation is not None and candidate.orientation != self.orientation:
-            return f"orientation {candidate.orientation}, not {self.orientation}"
-        return None
-
-
 def _projected(record: SliceRecord) -> float:
     normal = np.cross(record.orientation[:3], record.orientation[3:])
     return round(float(np.dot(normal, record.position)), _POSITION_DECIMALS)
@@ -297,16 +231,8 @@ def drop_duplicate_instances(records: Sequence[SliceRecord]) -> tuple[list[Slice
     return kept, dict(dropped)
 
 
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _check_same_instance(a: SliceRecord, b: SliceRecord) -> None:
-    if _file_digest(a.path) == _file_digest(b.path):
+    if content_hash(a.path) == content_hash(b.path):
         return
     from pipelines.io.dicom.decode import decode_slice
 

@@ -22,10 +22,9 @@ from pipelines.io.dicom.decode import decode_slice
 from pipelines.io.dicom.geometry import StackGeometry
 from pipelines.io.dicom.scan import SliceRecord
 from pipelines.io.errors import CorruptFileError
+from pipelines.io.grid import LPS_TO_RAS
 
 __all__ = ["assemble_volume", "source_geometry"]
-
-_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
 def assemble_volume(geometry: StackGeometry, max_voxels: int | None = None,
@@ -57,15 +56,15 @@ def assemble_volume(geometry: StackGeometry, max_voxels: int | None = None,
     affine[:3, 1] = geometry.col * geometry.spacing_y
     affine[:3, 2] = geometry.normal * geometry.slice_spacing
     affine[:3, 3] = origin + x0 * affine[:3, 0] + y0 * affine[:3, 1]
-    return stack.transpose(2, 1, 0), _LPS_TO_RAS @ affine
+    return stack.transpose(2, 1, 0), LPS_TO_RAS @ affine
 
 
 def _empty(shape: tuple[int, ...], dtype) -> np.ndarray:
     """An uninitialised array in its own anonymous mapping, with ordinary pages.
 
     numpy asks the kernel for transparent huge pages on large arrays; when memory is fragmented the
-    kernel then compacts memory on first touch, which measured 0.44 s for a 150 MiB CT stack against
-    0.08 s with ordinary pages (2-vCPU virtual machine, THP ``madvise``).
+    kernel then compacts memory on first touch, several times slower than faulting in ordinary pages
+    (README, "Benchmarks", loading).
     """
     nbytes = math.prod(shape) * np.dtype(dtype).itemsize
     if nbytes < 2**22:
