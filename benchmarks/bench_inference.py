@@ -1,14 +1,18 @@
 """Benchmark BlendedSlidingWindowInferer against monai.inferers.sliding_window_inference (same run).
 
 1. speed: a 3D UNet(padding="same", norm="instance", features=(16, 32, 64, 128)), the size planned
-   for the tumor bundle (it must train on 2 CPU cores in minutes), on a 1x1x256x256x160 volume, roi 96^3, overlap 0.5, Gaussian blending; median wall time of each, in
-   fresh processes, with peak resident memory; and each one's mean absolute difference from a
-   whole-volume forward pass (on a smaller volume that fits one pass).
+   for the tumor bundle (it must train on 2 CPU cores in minutes), on a 1x1x256x256x160 volume, roi
+   96^3, overlap 0.5, Gaussian blending; median wall time of each, in fresh processes, with peak
+   resident memory; and each one's mean absolute difference from a whole-volume forward pass (on a
+   smaller volume that fits one pass). Both run the U-Net with its CPU inference kernels: ours swaps
+   them in for its call, MONAI's is given the network after ``for_cpu_inference``.
 2. memory: a 2-class 512x512x400 output (a 1x1x1 convolution as the network, so buffers dominate):
    peak resident memory of MONAI, ours in float32, float16 and streaming to disk.
 3. physical limit: the network's achieved GFLOP/s (FLOPs from torch.utils.flop_counter) against
    this machine's float32 matrix-multiply GFLOP/s, measured in the same run.
 4. the sw_batch_size / channels-last sweep behind the inferer's defaults (on a volume of 2x2x1 windows).
+5. layers: each CPU inference kernel of pipelines.networks.layers against its torch.nn layer, at
+   the sizes where it matters in the 96^3 window (median milliseconds).
 
 Ratios are MONAI / ours for time and memory (above 1: ours is better).
 """
@@ -29,11 +33,13 @@ torch.manual_seed(0)
 config = json.loads(sys.argv[1])
 from monai.inferers import sliding_window_inference
 from pipelines.inference import BlendedSlidingWindowInferer
-from pipelines.networks import UNet
+from pipelines.networks import UNet, for_cpu_inference
 if config["network"] == "unet":
     net = UNet(3, 1, 3, features=tuple(config["features"]), padding="same", norm="instance", act="leakyrelu").eval()
 else:
     net = torch.nn.Conv3d(1, 2, 1).eval()
+if config["impl"] == "monai":
+    for_cpu_inference(net)  # the same kernels ours swaps in for its call: both run the same network
 shape = config["shape"]
 x = torch.rand(1, 1, *shape)
 baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -91,10 +97,11 @@ def faithfulness(features: tuple[int, ...], shape: tuple[int, ...], roi: int) ->
     from monai.inferers import sliding_window_inference
 
     from pipelines.inference import BlendedSlidingWindowInferer
-    from pipelines.networks import UNet
+    from pipelines.networks import UNet, for_cpu_inference
 
     torch.manual_seed(0)
     net = UNet(3, 1, 3, features=features, padding="same", norm="instance", act="leakyrelu").eval()
+    for_cpu_inference(net)
     x = torch.rand(1, 1, *shape)
     with torch.inference_mode():
         whole = net(x)
@@ -105,14 +112,15 @@ def faithfulness(features: tuple[int, ...], shape: tuple[int, ...], roi: int) ->
 
 def network_gflops(features: tuple[int, ...], roi: int, batch: int, keep: bool) -> tuple[float, float]:
     """GFLOP per call and GFLOP/s of the network alone; ``keep``: as the inferer runs it, with freed
-    memory kept for the next call (pipelines.inference.heap.keep_freed_memory)."""
+    memory kept for the next call (pipelines.runtime.keep_freed_memory); both with the CPU inference
+    kernels, as the inferers run it."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from pipelines.inference.heap import keep_freed_memory
-    from pipelines.networks import UNet
+    from pipelines.networks import UNet, for_cpu_inference
+    from pipelines.runtime import keep_freed_memory
 
-    net = UNet(3, 1, 3, features=features, padding="same", norm="instance", act="leakyrelu").eval()
+    net = for_cpu_inference(UNet(3, 1, 3, features=features, padding="same", norm="instance", act="leakyrelu").eval())
     x = torch.rand(batch, 1, roi, roi, roi)
     counter = FlopCounterMode(display=False)
     with torch.inference_mode(), counter:
@@ -133,8 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to check the script runs")
     parser.add_argument("--streaming-dir", default="bench_output")
-    parser.add_argument("--sections", nargs="+", default=["sweep", "speed", "memory", "limit", "strategy"],
-                        choices=["sweep", "speed", "memory", "limit", "strategy"])
+    parser.add_argument("--sections", nargs="+", default=["sweep", "speed", "memory", "limit", "strategy", "layers"],
+                        choices=["sweep", "speed", "memory", "limit", "strategy", "layers"])
     parser.add_argument("--strategy-cases", type=int, default=8, help="validation cases of the tumor bundle")
     args = parser.parse_args(argv)
     import os
@@ -173,7 +181,52 @@ def main(argv: list[str] | None = None) -> int:
               f"the network (goal >= 0.5); {statistics.median(fractions[False]):.2f} for the network alone")
     if "strategy" in args.sections:
         strategy_table(2 if args.quick else args.strategy_cases, quick=args.quick)
+    if "layers" in args.sections:
+        layer_table(args.repeats, quick=args.quick)
     return 0
+
+
+def layer_table(repeats: int, quick: bool = False) -> None:
+    """Each CPU inference kernel against its torch.nn layer (the same weights, the same input), with
+    channels-first and channels-last input (the 3D U-Net runs channels-last, the 2D one channels-first)."""
+    import copy
+
+    import torch
+    from torch import nn
+
+    from pipelines.networks import layers
+
+    size = 32 if quick else 96
+    s, h = (size,) * 3, (size // 2,) * 3
+    rows = [  # (what, torch.nn layer, variant, input shape)
+        (f"3x3x3 conv 16->16 at {size}^3", nn.Conv3d(16, 16, 3, padding=1, bias=False), layers.OneDNNConv3d, (1, 16, *s)),
+        (f"3x3x3 conv 1->16 at {size}^3", nn.Conv3d(1, 16, 3, padding=1, bias=False), layers.OneDNNConv3d, (1, 1, *s)),
+        (f"1x1x1 conv 16->3 at {size}^3 (the head)", nn.Conv3d(16, 3, 1), layers.PointwiseConv3d, (1, 16, *s)),
+        (f"2x2x2 up-convolution 32->16 from {size // 2}^3", nn.ConvTranspose3d(32, 16, 2, stride=2), layers.UpConv3d,
+         (1, 32, *h)),
+        (f"2x2x2 max pooling, 16 channels at {size}^3", nn.MaxPool3d(2, 2), layers.MaxPool2x3d, (1, 16, *s)),
+    ]
+    runs = max(repeats, 5)
+    print(f"\n## layers: CPU inference kernel against the torch.nn layer (median ms of {runs}, inference mode)")
+    print(f"{'layer':<48}{'channels-first':>18}{'channels-last':>18}")
+    print(f"{'':<48}{'torch.nn  kernel':>18}{'torch.nn  kernel':>18}")
+    for what, plain, variant, shape in rows:
+        plain.eval()
+        fast = copy.deepcopy(plain)
+        fast.__class__ = variant
+        x = torch.rand(shape)
+        cells = []
+        for data in (x, layers.channels_last(x)):
+            for layer in (plain, fast):
+                with torch.inference_mode():
+                    layer(data)
+                    times = []
+                    for _ in range(runs):
+                        start = time.perf_counter()
+                        layer(data)
+                        times.append(time.perf_counter() - start)
+                cells.append(statistics.median(times) * 1e3)
+        print(f"{what:<48}{cells[0]:>9.1f}{cells[1]:>9.1f}{cells[2]:>9.1f}{cells[3]:>9.1f}")
 
 
 STRATEGIES = {

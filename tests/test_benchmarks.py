@@ -28,7 +28,7 @@ def test_inference_bench_runs(tmp_path):
          "--streaming-dir", str(tmp_path)],
         capture_output=True, text=True, timeout=900, check=True,
     )
-    for heading in ("## sw_batch_size", "## speed", "## memory", "## physical limit", "## strategy"):
+    for heading in ("## sw_batch_size", "## speed", "## memory", "## physical limit", "## strategy", "## layers"):
         assert heading in result.stdout
     assert "speed-up vs MONAI default:" in result.stdout and "achieved fraction" in result.stdout
 

@@ -20,8 +20,9 @@ from monai.data import MetaTensor
 from monai.inferers import Inferer
 from monai.utils import convert_to_dst_type, ensure_tuple_rep
 
-from pipelines.inference.heap import keep_freed_memory
 from pipelines.inference.windows import gather_window, mirror_indices
+from pipelines.networks.cpu import cpu_inference
+from pipelines.runtime.heap import keep_freed_memory
 
 __all__ = ["OverlapTileInferer", "TilePlan"]
 
@@ -64,8 +65,12 @@ class OverlapTileInferer(Inferer):
             mirroring), ``"symmetric"``, ``"replicate"`` or ``"constant"`` (zeros).
         progress: optional callable ``(tiles_done, tiles_total)`` called after each network call.
         reuse_memory: when the network runs on the CPU, keep the memory each tile frees in the process for
-            the next tile, from the second network call on (:func:`pipelines.inference.heap.keep_freed_memory`;
+            the next tile, from the second network call on (:func:`pipelines.runtime.keep_freed_memory`;
             glibc only).
+
+    When the network runs on the CPU, every :class:`pipelines.networks.UNet` in it takes its CPU
+    inference kernels for the call (:func:`pipelines.networks.cpu_inference`; they need autograd off,
+    as in an evaluator) and is left as it was found afterwards.
 
     Returns from ``__call__``: the stitched network output ``(B, C_out, *spatial)`` on the input's
     device, a ``MetaTensor`` with the input's metadata when the input is one.
@@ -131,6 +136,8 @@ class OverlapTileInferer(Inferer):
         jobs = [(b, starts) for b in range(data.shape[0]) for starts in product(*(range(c) for c in plan.counts))]
         output: torch.Tensor | None = None
         with ExitStack() as stack:
+            if data.device.type == "cpu":
+                stack.enter_context(cpu_inference(network))  # the U-Net's CPU kernels, for this call
             for first in range(0, len(jobs), self.sw_batch_size):
                 chunk = jobs[first : first + self.sw_batch_size]
                 tiles = torch.stack([

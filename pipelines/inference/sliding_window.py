@@ -22,8 +22,9 @@ from monai.data import MetaTensor
 from monai.inferers import Inferer
 from monai.utils import convert_to_dst_type, ensure_tuple_rep
 
-from pipelines.inference.heap import keep_freed_memory
 from pipelines.inference.windows import blend_weights_1d, even_starts, gather_window, mirror_indices
+from pipelines.networks.cpu import cpu_inference
+from pipelines.runtime.heap import keep_freed_memory
 
 __all__ = ["BlendedSlidingWindowInferer"]
 
@@ -59,9 +60,13 @@ class BlendedSlidingWindowInferer(Inferer):
         progress: optional callable ``(windows_done, windows_total)``.
         reuse_memory: when the network runs on the CPU, keep the memory each window frees in the process
             for the next window instead of giving it back to the system and page-faulting it in
-            again (:func:`pipelines.inference.heap.keep_freed_memory`; glibc only), from the second
-            network call on, once the output is allocated: about a sixth of a window's time on the
-            development VM. The kept memory is returned when the call ends.
+            again (:func:`pipelines.runtime.keep_freed_memory`; glibc only), from the second
+            network call on, once the output is allocated. The kept memory is returned when the
+            call ends.
+
+    When the network runs on the CPU, every :class:`pipelines.networks.UNet` in it takes its CPU
+    inference kernels for the call (:func:`pipelines.networks.cpu_inference`) and is left as it was
+    found afterwards.
 
     Returns from ``__call__``: the blended output ``(B, C_out, *spatial)`` (a tuple or dict of them
     for networks that return several), a ``MetaTensor`` with the input's metadata when the input is
@@ -153,6 +158,8 @@ class BlendedSlidingWindowInferer(Inferer):
         released: dict[tuple, int] = {}  # streaming: rows already dropped from memory, per output and item
         returned: type | None = None  # what the network returns: a tensor, a tuple/list or a dict
         with torch.inference_mode(), ExitStack() as stack:
+            if sw_device.type == "cpu":
+                stack.enter_context(cpu_inference(network))  # the U-Net's CPU kernels, for this call
             for first in range(0, len(windows), self.sw_batch_size):
                 chunk = windows[first : first + self.sw_batch_size]
                 batch = torch.stack([

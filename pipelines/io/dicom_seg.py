@@ -8,7 +8,6 @@ images by list order.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -19,6 +18,7 @@ import numpy as np
 from pipelines.io.errors import InputDataError
 from pipelines.io.metadata import dicom_references
 from pipelines.io.writers import atomic_path, labels_on_source_slices
+from pipelines.runtime.iod_memo import memoise_iod_lookups
 from pipelines.segment_codes import SegmentCode, segments_from_metadata
 
 __all__ = ["SegmentCode", "segments_from_metadata", "write_dicom_seg"]
@@ -66,7 +66,7 @@ def write_dicom_seg(
 
     from pipelines import __version__
 
-    _memoise_iod_lookups()
+    memoise_iod_lookups()  # highdicom scans its tables for every source image otherwise
     references = dicom_references(meta)
     if not references:
         raise InputDataError(f"{meta.get('filename_or_obj', '?')}: DICOM SEG needs a DICOM source, got {meta.get('source_format')}")
@@ -118,36 +118,6 @@ def write_dicom_seg(
     with atomic_path(path) as tmp:
         seg.save_as(tmp, enforce_file_format=True)
     return path
-
-
-def _memoise_iod_lookups() -> None:
-    """Memoise highdicom's ``is_attribute_in_iod`` (once per process).
-
-    For every source image highdicom asks whether its IOD holds the pixel data and frame attributes:
-    each answer is a linear scan of the standard's module tables, about 0.4 ms, some 120 of them for
-    a 60-slice series, a quarter of the SEG's cost. The answer depends only on the arguments and on
-    the tables shipped with highdicom (pinned), so it is cached; errors (an unknown SOP class) are
-    not. highdicom's own modules call it through ``highdicom._standard_utils``, where it is replaced.
-    """
-    from highdicom import _standard_utils as standard
-
-    original = getattr(standard, "is_attribute_in_iod", None)
-    if original is None or getattr(original, "memoised", False):
-        if original is None:
-            logger.debug("highdicom has no _standard_utils.is_attribute_in_iod; IOD lookups are not cached")
-        return
-
-    @functools.lru_cache(maxsize=4096)
-    def cached(attribute: str, sop_class_uid: str, exclude: tuple[str, ...] | None) -> bool:
-        return original(attribute, sop_class_uid, exclude_path_elements=None if exclude is None else list(exclude))
-
-    @functools.wraps(original)
-    def is_attribute_in_iod(attribute, sop_class_uid, exclude_path_elements=None) -> bool:
-        exclude = None if exclude_path_elements is None else tuple(exclude_path_elements)
-        return cached(str(attribute), str(sop_class_uid), exclude)
-
-    is_attribute_in_iod.memoised = True  # type: ignore[attr-defined]
-    standard.is_attribute_in_iod = is_attribute_in_iod
 
 
 def _source_images(references: Mapping) -> list:

@@ -1,26 +1,29 @@
-"""Convolution layers with faster CPU kernels for inference; the same layers (and weights) otherwise.
+"""CPU inference variants of ``torch.nn`` layers: the same parameters, a faster forward in inference.
 
-On the CPU, in float32 and without autograd, four of the U-Net's layers run through kernels that
-PyTorch does not pick by itself (measured on a 2-vCPU VM, ``bench_inference.py --sections limit``):
+:func:`pipelines.networks.cpu.for_cpu_inference` swaps these into a U-Net; each is a subclass of its
+``torch.nn`` layer that adds no parameter or buffer, so a module's class can change back and forth
+and its state dict stays the same. On the CPU, in float32, in eval mode and without autograd, each
+takes a kernel that PyTorch does not pick by itself:
 
-- 3D convolutions stay on oneDNN at batch 1: PyTorch sends those with ``N*C*D*H <= 20480`` (in the
-  tumor U-Net at 96^3: 1->16 at 96^3, 32->64 at 24^3 and both at 12^3) to its slow reference
-  kernel, about 6% of the network's time;
-- 1x1 convolutions are one 2D matrix product per batch item (the head, 16->3 at 96^3: 9 ms instead
-  of 44); a batched ``torch.matmul`` would compute the transposed product and copy it;
-- 2x2 up-convolutions (kernel = stride) are one 2D matrix product per batch item and an
-  interleaving copy (32->16 from 48^3: 79 ms instead of 109);
-- 2x2 max pooling is an elementwise maximum of neighbours, axis by axis, without the int64 index
-  map PyTorch's CPU kernel also writes (16 channels at 96^3: 5 ms instead of 33).
+- :class:`OneDNNConv3d`: 3D convolutions stay on oneDNN at any batch size; PyTorch sends those
+  with ``N*C*D*H <= 20480`` (the first and the deepest convolutions of a 3D U-Net on one window)
+  to its slow reference kernel;
+- :class:`PointwiseConv2d`, :class:`PointwiseConv3d`: a 1x1 convolution is one 2D matrix product
+  per batch item (a batched ``torch.matmul`` would compute the transposed product and copy it);
+- :class:`UpConv2d`, :class:`UpConv3d`: an up-convolution whose kernel equals its stride is one 2D
+  matrix product per batch item and an interleaving copy, and can write straight into a slice of
+  a larger tensor (:meth:`UpConv3d.into`: its half of a skip concatenation);
+- :class:`MaxPool2x2d`, :class:`MaxPool2x3d`: 2x2 max pooling is an elementwise maximum of
+  neighbours, axis by axis, without the int64 index map PyTorch's CPU kernel also writes.
 
-Each of these takes channels-first or channels-last input (:func:`channels_last`); the 3D U-Net
-runs channels-last in CPU inference, where oneDNN convolves without reordering its input and output
-to its blocked layout and back (16->16 at 96^3: 77 ms instead of 200, each output in newly mapped
-memory). :func:`instance_norm_` normalises a convolution's fresh output in place in either layout.
+Each takes channels-first or channels-last input (:func:`channels_last`). In channels-last 3D
+convolutions oneDNN reads and writes its own layout directly, instead of reordering input and
+output into its blocked layout and back into newly mapped memory. :func:`instance_norm_` normalises
+a convolution's fresh output in place in either layout. Figures: README, "Benchmarks".
 
-Everywhere else (training, other devices or dtypes, TorchScript, tracing, ``torch.export``,
-``torch.compile``, and under a dispatch mode such as ``FlopCounterMode``, which must see the
-layer's own operator) each layer is exactly its ``torch.nn`` parent. State dicts are unchanged.
+Everywhere else (autograd on, training mode, other devices or dtypes, TorchScript, tracing,
+``torch.export``, ``torch.compile``, and under a dispatch mode such as ``FlopCounterMode``, which
+must see the layer's own operator) each layer runs exactly its ``torch.nn`` parent's forward.
 """
 
 from __future__ import annotations
@@ -33,13 +36,18 @@ from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 __all__ = [
     "MaxPool2x2d", "MaxPool2x3d", "OneDNNConv3d", "PointwiseConv2d", "PointwiseConv3d", "UpConv2d", "UpConv3d",
-    "channels_last", "cpu_inference_path", "instance_norm_", "layer_type", "memory_format",
+    "channels_last", "cpu_inference_path", "instance_norm_", "memory_format",
 ]
 
 
-def cpu_inference_path(x: torch.Tensor, dims: int) -> bool:
-    """Whether ``x`` (batched, ``dims`` spatial axes) may take the hand-routed CPU kernels."""
-    return (
+def cpu_inference_path(x: torch.Tensor, dims: int, module: nn.Module | None = None) -> bool:
+    """Whether ``x`` (batched, ``dims`` spatial axes) may take the hand-routed CPU kernels, in ``module``.
+
+    True for a float32 CPU tensor without autograd, outside scripting, tracing, export, compilation
+    and dispatch modes; with ``module``, also only in eval mode and when the module's own parameters
+    have ``x``'s device and dtype.
+    """
+    if not (
         x.device.type == "cpu"
         and x.dtype == torch.float32
         and x.dim() == dims + 2
@@ -48,7 +56,18 @@ def cpu_inference_path(x: torch.Tensor, dims: int) -> bool:
         and not torch.jit.is_tracing()
         and not torch.compiler.is_compiling()
         and not is_in_torch_dispatch_mode()
+    ):
+        return False
+    if module is None:
+        return True
+    return not module.training and all(
+        p.device == x.device and p.dtype == x.dtype for p in module.parameters(recurse=False)
     )
+
+
+def _each(value, dims: int) -> tuple:
+    """A layer setting given as one value or one per spatial axis, as a tuple of ``dims`` values."""
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * dims
 
 
 _NORM_BLOCK_BYTES = 2 << 20  # instance_norm_: voxels per block, in bytes; fits a core's L2 cache
@@ -88,9 +107,9 @@ def instance_norm_(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Ten
     ``F.instance_norm`` runs, writing into ``x``. Channels-last: in blocks of voxels that stay in
     the CPU cache, each block is shifted by a sampled mean and its sum and sum of squares are added
     up; the shift keeps a large mean from cancelling digits (PyTorch's channels-last batch-norm
-    kernel, which sums in one float32 pass, is off by 4e-4 at a mean of 0 and by 5 at a mean of 1000
-    with a standard deviation of 1; this is within 2e-6 of a float64 reference for both). Other
-    layouts are normalised out of place and copied back.
+    kernel sums in one float32 pass and loses every digit at a mean of 1000 with a standard
+    deviation of 1; this stays within float32 rounding of a float64 reference). Other layouts are
+    normalised out of place and copied back.
 
     Args:
         x: a float tensor nothing else needs unnormalised, such as a convolution's output.
@@ -135,11 +154,15 @@ def instance_norm_(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Ten
 class OneDNNConv3d(nn.Conv3d):
     """``nn.Conv3d`` that uses oneDNN on the CPU in inference whatever the batch size."""
 
+    @staticmethod
+    def fits(layer: nn.Module) -> bool:
+        """Whether ``layer``'s settings suit this kernel: a 3D convolution with numeric zero padding."""
+        return isinstance(layer, nn.Conv3d) and layer.padding_mode == "zeros" and not isinstance(layer.padding, str)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (
-            cpu_inference_path(x, 3)
-            and self.padding_mode == "zeros"
-            and not isinstance(self.padding, str)
+            cpu_inference_path(x, 3, self)
+            and self.fits(self)
             and torch.backends.mkldnn.is_available()
             and torch.backends.mkldnn.enabled
         ):
@@ -149,25 +172,31 @@ class OneDNNConv3d(nn.Conv3d):
 
 
 class _Pointwise:
-    """1x1 convolution as ``weight (out, in) @ x (N, in, voxels)`` in CPU inference (``x`` transposed
-    when channels-last); the output is channels-first."""
+    """1x1 convolution (stride 1, no padding, one group) as ``weight (out, in) @ x (N, in, voxels)``
+    in CPU inference (``x`` transposed when channels-last); the output is channels-first."""
 
-    def __init__(self, in_channels: int, out_channels: int, bias: bool = True) -> None:
-        super().__init__(in_channels, out_channels, kernel_size=1, bias=bias)  # type: ignore[call-arg]
+    @staticmethod
+    def fits(layer: nn.Module) -> bool:
+        """Whether ``layer`` is a 1x1 convolution: kernel and stride 1, no padding, one group."""
+        if not isinstance(layer, (nn.Conv2d, nn.Conv3d)) or isinstance(layer.padding, str):
+            return False
+        dims = len(layer.kernel_size)
+        return (_each(layer.kernel_size, dims) == (1,) * dims and _each(layer.stride, dims) == (1,) * dims
+                and _each(layer.padding, dims) == (0,) * dims and layer.groups == 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not cpu_inference_path(x, len(self.kernel_size)):
+        if not (cpu_inference_path(x, len(self.kernel_size), self) and self.fits(self)):  # type: ignore[attr-defined]
             return super().forward(x)  # type: ignore[misc]
         n, channels = x.shape[:2]
-        weight = self.weight.view(self.out_channels, channels)
+        weight = self.weight.view(self.out_channels, channels)  # type: ignore[attr-defined]
         flat = x.view(n, channels, -1) if x.is_contiguous() else _voxels_by_channel(x).transpose(1, 2)
-        y = torch.empty(n, self.out_channels, flat.shape[2], dtype=x.dtype)
+        y = torch.empty(n, self.out_channels, flat.shape[2], dtype=x.dtype)  # type: ignore[attr-defined]
         for item in range(n):  # 2D products: a batched matmul transposes the (voxels, out) result in a copy
-            if self.bias is None:
+            if self.bias is None:  # type: ignore[attr-defined]
                 torch.mm(weight, flat[item], out=y[item])
             else:
-                torch.addmm(self.bias.view(-1, 1), weight, flat[item], out=y[item])
-        return y.view(n, self.out_channels, *x.shape[2:])
+                torch.addmm(self.bias.view(-1, 1), weight, flat[item], out=y[item])  # type: ignore[attr-defined]
+        return y.view(n, self.out_channels, *x.shape[2:])  # type: ignore[attr-defined]
 
 
 class PointwiseConv2d(_Pointwise, nn.Conv2d):
@@ -179,17 +208,26 @@ class PointwiseConv3d(_Pointwise, nn.Conv3d):
 
 
 class _Up:
-    """Up-convolution whose kernel equals its stride (no overlap): in CPU inference one product
-    ``weight (out * taps, in) @ x (N, in, voxels)`` (transposed for channels-last ``x``), then each
-    tap's output interleaved into place; the output has the input's memory format."""
+    """Up-convolution whose kernel equals its stride (no overlap, no padding, one group): in CPU
+    inference one product ``weight (out * taps, in) @ x (N, in, voxels)`` (transposed for
+    channels-last ``x``), then each tap's output interleaved into place; the output has the input's
+    memory format."""
 
-    def __init__(self, in_channels: int, out_channels: int, factor: int = 2) -> None:
-        super().__init__(in_channels, out_channels, kernel_size=factor, stride=factor)  # type: ignore[call-arg]
+    @staticmethod
+    def fits(layer: nn.Module) -> bool:
+        """Whether ``layer`` is a transposed convolution whose kernel equals its stride, without
+        padding, dilation or groups."""
+        if not isinstance(layer, (nn.ConvTranspose2d, nn.ConvTranspose3d)):
+            return False
+        dims = len(layer.kernel_size)
+        return (_each(layer.kernel_size, dims) == _each(layer.stride, dims)
+                and _each(layer.padding, dims) == (0,) * dims and _each(layer.output_padding, dims) == (0,) * dims
+                and _each(layer.dilation, dims) == (1,) * dims and layer.groups == 1 and layer.padding_mode == "zeros")
 
     def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
-        if output_size is not None or not cpu_inference_path(x, len(self.kernel_size)):
+        if output_size is not None or not (cpu_inference_path(x, len(self.kernel_size), self) and self.fits(self)):  # type: ignore[attr-defined]
             return super().forward(x, output_size)  # type: ignore[misc]
-        shape = (x.shape[0], self.out_channels, *(s * k for s, k in zip(x.shape[2:], self.kernel_size)))
+        shape = (x.shape[0], self.out_channels, *(s * k for s, k in zip(x.shape[2:], self.kernel_size)))  # type: ignore[attr-defined]
         return self.into(x, torch.empty(shape, dtype=x.dtype, memory_format=memory_format(x)))
 
     def into(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -199,31 +237,32 @@ class _Up:
         Returns:
             ``out``.
         """
-        dims = len(self.kernel_size)
+        kernel = self.kernel_size  # type: ignore[attr-defined]
+        dims = len(kernel)
         n, channels = x.shape[:2]
         spatial = tuple(x.shape[2:])
-        weight = self.weight.reshape(channels, -1)  # (in, out * taps), output channel major
+        weight = self.weight.reshape(channels, -1)  # type: ignore[attr-defined]  # (in, out * taps), output channel major
         if x.is_contiguous():
             flat = x.view(n, channels, -1)
             y = torch.empty(n, weight.shape[1], flat.shape[2], dtype=x.dtype)
             for item in range(n):  # 2D products, as in the 1x1 convolution
                 torch.mm(weight.t(), flat[item], out=y[item])
-            taps = y.view(n, self.out_channels, *self.kernel_size, *spatial)
+            taps = y.view(n, self.out_channels, *kernel, *spatial)  # type: ignore[attr-defined]
         else:
             flat = _voxels_by_channel(x)
             y = torch.empty(n, flat.shape[1], weight.shape[1], dtype=x.dtype)
             for item in range(n):
                 torch.mm(flat[item], weight, out=y[item])
             # (N, d1, d2, d3, out, k1, k2, k3) -> (N, out, k1, k2, k3, d1, d2, d3)
-            taps = y.view(n, *spatial, self.out_channels, *self.kernel_size).permute(
+            taps = y.view(n, *spatial, self.out_channels, *kernel).permute(  # type: ignore[attr-defined]
                 0, dims + 1, *range(dims + 2, 2 * dims + 2), *range(1, dims + 1))
         # tap k of voxel d lands at d * k_size + k: out as (N, out, d1, k1, d2, k2, d3, k3)
         target = out
-        for axis, (size, k) in enumerate(zip(spatial, self.kernel_size)):
+        for axis, (size, k) in enumerate(zip(spatial, kernel)):
             target = target.unflatten(2 + 2 * axis, (size, k))
         target.copy_(taps.permute(0, 1, *itertools.chain.from_iterable((2 + dims + i, 2 + i) for i in range(dims))))
-        if self.bias is not None:
-            out.add_(self.bias.view(1, -1, *([1] * dims)))
+        if self.bias is not None:  # type: ignore[attr-defined]
+            out.add_(self.bias.view(1, -1, *([1] * dims)))  # type: ignore[attr-defined]
         return out
 
 
@@ -240,12 +279,21 @@ class _PairMax:
     inference the maximum of neighbouring pairs along each axis in turn (the same values), in the
     input's memory format."""
 
-    def __init__(self) -> None:
-        super().__init__(kernel_size=2, stride=2)  # type: ignore[call-arg]
+    @staticmethod
+    def fits(layer: nn.Module) -> bool:
+        """Whether ``layer`` is a 2x2(x2) max pooling of stride 2 without padding, dilation, ceil mode
+        or indices."""
+        if not isinstance(layer, (nn.MaxPool2d, nn.MaxPool3d)):
+            return False
+        dims = 3 if isinstance(layer, nn.MaxPool3d) else 2
+        stride = layer.stride if layer.stride is not None else layer.kernel_size
+        return (_each(layer.kernel_size, dims) == (2,) * dims and _each(stride, dims) == (2,) * dims
+                and _each(layer.padding, dims) == (0,) * dims and _each(layer.dilation, dims) == (1,) * dims
+                and not layer.ceil_mode and not layer.return_indices)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dims = 3 if isinstance(self, nn.MaxPool3d) else 2
-        if not cpu_inference_path(x, dims):
+        if not (cpu_inference_path(x, dims, self) and self.fits(self)):  # type: ignore[arg-type]
             return super().forward(x)  # type: ignore[misc]
         layout = memory_format(x)  # kept: PyTorch would pick channels-first for the strided pairs
         for axis in reversed(range(2, 2 + dims)):  # the last axis first: the most data, read in order
@@ -261,21 +309,3 @@ class MaxPool2x2d(_PairMax, nn.MaxPool2d):
 
 class MaxPool2x3d(_PairMax, nn.MaxPool3d):
     """``nn.MaxPool3d(2, 2)`` with a faster CPU inference path."""
-
-
-_LAYER_TYPES: dict[str, dict[int, type[nn.Module]]] = {
-    "conv": {2: nn.Conv2d, 3: OneDNNConv3d},
-    "pointwise": {2: PointwiseConv2d, 3: PointwiseConv3d},
-    "up": {2: UpConv2d, 3: UpConv3d},
-    "pool": {2: MaxPool2x2d, 3: MaxPool2x3d},
-}
-
-
-def layer_type(kind: str, spatial_dims: int) -> type[nn.Module]:
-    """The layer class of ``kind`` for 2 or 3 spatial dimensions: ``"conv"`` (any convolution),
-    ``"pointwise"`` (1x1), ``"up"`` (kernel = stride up-convolution) or ``"pool"`` (2x2 max pooling)."""
-    try:
-        return _LAYER_TYPES[kind][spatial_dims]
-    except KeyError:
-        raise ValueError(f"no {kind!r} layer for {spatial_dims} spatial dimensions; kinds: {sorted(_LAYER_TYPES)}, "
-                         f"spatial dimensions 2 or 3") from None

@@ -4,6 +4,9 @@ The paper's network is ``UNet(2, 1, 2)``: unpadded ("valid") 3x3 convolutions, 2
 2x2 up-convolutions that halve the channels, copy-and-crop concatenation skips and a final 1x1
 convolution; 572x572 in, 388x388 out, 31,030,658 parameters. ``padding="same"`` with a
 normalisation is the variant most modern work uses (nnU-Net, MONAI's BasicUNet).
+
+Every layer is a plain ``torch.nn`` layer from MONAI's factories; faster CPU inference kernels are
+swapped in by :func:`pipelines.networks.cpu.for_cpu_inference` (our inferers do it by themselves).
 """
 
 from __future__ import annotations
@@ -14,19 +17,10 @@ from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
+from monai.networks.layers.factories import Conv, Pool
 from monai.networks.layers.utils import get_act_layer, get_norm_layer
 from torch import nn
 from torch.nn import functional as F
-
-from pipelines.networks.layers import (
-    UpConv2d,
-    UpConv3d,
-    channels_last,
-    cpu_inference_path,
-    instance_norm_,
-    layer_type,
-    memory_format,
-)
 
 __all__ = ["UNet"]
 
@@ -41,7 +35,6 @@ _GROUPS = 8  # default number of groups for norm="group" (reduced to a divisor o
 _PADDINGS = ("valid", "same")
 _UP_MODES = ("transpose", "upsample")
 _SKIPS = ("concat", "sum")
-_INSTANCE_NORMS = (nn.InstanceNorm2d, nn.InstanceNorm3d)
 
 
 def _norm_args(norm: str | tuple | None, channels: int) -> tuple | None:
@@ -83,36 +76,20 @@ def _center_crop(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
 
 
 class _DoubleConv(nn.Sequential):
-    """Two 3x3(x3) convolutions, each followed by the optional normalisation and the activation.
-
-    In CPU inference an instance normalisation that uses the input's statistics runs in place on the
-    convolution's output (:func:`~pipelines.networks.layers.instance_norm_`), which nothing else holds.
-    """
+    """Two 3x3(x3) convolutions, each followed by the optional normalisation and the activation."""
 
     def __init__(
         self, spatial_dims: int, in_channels: int, out_channels: int, padding: str, norm, act: tuple
     ) -> None:
         layers: OrderedDict[str, nn.Module] = OrderedDict()
         for i, channels in enumerate((in_channels, out_channels), start=1):
-            layers[f"conv{i}"] = layer_type("conv", spatial_dims)(
+            layers[f"conv{i}"] = Conv["conv", spatial_dims](
                 channels, out_channels, kernel_size=3, padding=1 if padding == "same" else 0, bias=norm is None
             )
             if norm is not None:
                 layers[f"norm{i}"] = get_norm_layer(_norm_args(norm, out_channels), spatial_dims, out_channels)
             layers[f"act{i}"] = get_act_layer(act)
         super().__init__(layers)
-        self.spatial_dims = spatial_dims
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        norms = [getattr(self, f"norm{i}", None) for i in (1, 2)]
-        if not cpu_inference_path(x, self.spatial_dims) or not all(
-            isinstance(m, _INSTANCE_NORMS) and not m.track_running_stats for m in norms
-        ):
-            return super().forward(x)
-        for i, norm in enumerate(norms, start=1):
-            x = instance_norm_(getattr(self, f"conv{i}")(x), norm.weight, norm.bias, norm.eps)
-            x = getattr(self, f"act{i}")(x)
-        return x
 
 
 class _Up(nn.Module):
@@ -138,10 +115,10 @@ class _Up(nn.Module):
     ) -> None:
         super().__init__()
         if up_mode == "transpose":
-            self.up = layer_type("up", spatial_dims)(in_channels, skip_channels)
+            self.up = Conv["convtrans", spatial_dims](in_channels, skip_channels, kernel_size=2, stride=2)
         else:
             self.up = nn.Sequential(
-                layer_type("pointwise", spatial_dims)(in_channels, skip_channels),
+                Conv["conv", spatial_dims](in_channels, skip_channels, kernel_size=1),
                 nn.Upsample(scale_factor=2, mode="nearest"),
             )
         self.skip = skip
@@ -149,13 +126,6 @@ class _Up(nn.Module):
         self.convs = _DoubleConv(spatial_dims, merged, skip_channels, padding, norm, act)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        if self.skip == "concat" and isinstance(self.up, (UpConv2d, UpConv3d)) and cpu_inference_path(x, x.dim() - 2):
-            # CPU inference: the up-convolution writes straight into its half of the concatenation
-            channels, size = skip.shape[1], [s * k for s, k in zip(x.shape[2:], self.up.kernel_size)]
-            merged = torch.empty((x.shape[0], 2 * channels, *size), dtype=x.dtype, memory_format=memory_format(x))
-            merged[:, :channels] = _center_crop(skip, size)
-            self.up.into(x, merged[:, channels:])
-            return self.convs(merged)
         x = self.up(x)
         skip = _center_crop(skip, x.shape[2:])
         x = torch.cat([skip, x], dim=1) if self.skip == "concat" else x + skip
@@ -247,13 +217,13 @@ class UNet(nn.Module):
         for level, channels in enumerate(features):
             previous = in_channels if level == 0 else features[level - 1]
             self.encoder.append(_DoubleConv(spatial_dims, previous, channels, padding, norm, act_args))
-        self.pool = layer_type("pool", spatial_dims)()
+        self.pool = Pool["max", spatial_dims](kernel_size=2, stride=2)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.decoder = nn.ModuleList(
             _Up(spatial_dims, features[level + 1], features[level], padding, norm, act_args, up_mode, skip)
             for level in reversed(range(self.depth))
         )
-        self.head = layer_type("pointwise", spatial_dims)(features[0], out_channels)
+        self.head = Conv["conv", spatial_dims](features[0], out_channels, kernel_size=1)
         self._init_weights()
 
     @property
@@ -364,8 +334,6 @@ class UNet(nn.Module):
                 # F.pad takes (last axis low, last axis high, ...)
                 flat = [p for total in reversed(pads) for p in (total // 2, total - total // 2)]
                 x = F.pad(x, flat)
-        if self.spatial_dims == 3 and cpu_inference_path(x, 3):
-            x = channels_last(x)  # oneDNN's 3D convolutions need no reorders (layers.py); the head returns channels-first
 
         skips = []
         for level, block in enumerate(self.encoder):

@@ -1,4 +1,4 @@
-"""The CPU inference paths of pipelines.networks.layers give their torch.nn parent's results."""
+"""The CPU inference variants in pipelines.networks.layers give their torch.nn parent's results."""
 
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ from pipelines.networks.layers import (
     UpConv3d,
     channels_last,
     instance_norm_,
-    layer_type,
     memory_format,
 )
 
@@ -29,11 +28,13 @@ def _pairs(dims: int) -> list[tuple[nn.Module, nn.Module, tuple[int, ...]]]:
     spatial = (9, 8, 7)[:dims]
     if dims == 3:
         ours = [OneDNNConv3d(1, 4, 3, padding=1, bias=False), OneDNNConv3d(3, 5, 3, padding=0),
-                PointwiseConv3d(6, 3), UpConv3d(6, 4), MaxPool2x3d()]
+                PointwiseConv3d(6, 3, 1), UpConv3d(6, 4, 2, stride=2), MaxPool2x3d(2, 2)]
     else:
-        ours = [PointwiseConv2d(6, 3), PointwiseConv2d(6, 2, bias=False), UpConv2d(6, 4), MaxPool2x2d()]
+        ours = [PointwiseConv2d(6, 3, 1), PointwiseConv2d(6, 2, 1, bias=False), UpConv2d(6, 4, 2, stride=2),
+                MaxPool2x2d(2, 2)]
     pairs = []
     for layer in ours:
+        layer.eval()
         parent = next(c for c in type(layer).__mro__ if c.__module__.startswith("torch.nn") and c is not nn.Module)
         plain = parent.__new__(parent)
         plain.__dict__.update(layer.__dict__)  # the same parameters and settings, the parent's forward
@@ -65,7 +66,7 @@ def test_channels_last_one_channel_makes_onednn_write_channels_last():
     y = channels_last(x)
     assert y.stride()[1] == 1 and torch.equal(y, x)
     assert memory_format(channels_last(torch.randn(2, 3, 4, 5))) == torch.channels_last
-    conv = OneDNNConv3d(1, 4, 3, padding=1)
+    conv = OneDNNConv3d(1, 4, 3, padding=1).eval()
     with torch.inference_mode():
         assert memory_format(conv(y)) == torch.channels_last_3d
         assert memory_format(conv(x)) == torch.contiguous_format  # PyTorch's strides: oneDNN writes channels-first
@@ -105,7 +106,7 @@ def test_instance_norm_in_place_keeps_digits_at_a_large_mean(layout):
 @pytest.mark.parametrize("layout", ["channels-first", "channels-last"])
 def test_up_convolution_writes_into_a_concatenation(dims, layout):
     torch.manual_seed(0)
-    up = layer_type("up", dims)(6, 4)
+    up = (UpConv2d, UpConv3d)[dims - 2](6, 4, 2, stride=2).eval()
     x, skip = torch.randn(2, 6, *(4, 5, 3)[:dims]), torch.randn(2, 4, *(8, 10, 6)[:dims])
     if layout == "channels-last":
         x, skip = channels_last(x), channels_last(skip)
@@ -126,50 +127,68 @@ def _ops(module: nn.Module, x: torch.Tensor) -> dict[str, int]:
 
 def test_fast_paths_are_taken_in_inference_only():
     x = torch.randn(1, 1, 24, 24, 24)
-    conv = OneDNNConv3d(1, 4, 3, padding=1)  # N*C*D*H = 576: PyTorch's own choice is its slow kernel
+    conv = OneDNNConv3d(1, 4, 3, padding=1).eval()  # N*C*D*H = 576: PyTorch's own choice is its slow kernel
+    pointwise, up, pool = PointwiseConv3d(1, 3, 1).eval(), UpConv3d(1, 2, 2, stride=2).eval(), MaxPool2x3d(2, 2).eval()
     with torch.inference_mode():
         assert "aten::mkldnn_convolution" in _ops(conv, x)
         assert "aten::slow_conv3d_forward" in _ops(nn.Conv3d.forward.__get__(conv), x)
-        assert "aten::convolution" not in _ops(PointwiseConv3d(1, 3), x)
-        assert "aten::convolution" not in _ops(UpConv3d(1, 2), x)
-        assert "aten::max_pool3d_with_indices" not in _ops(MaxPool2x3d(), x)
+        assert "aten::convolution" not in _ops(pointwise, x)
+        assert "aten::convolution" not in _ops(up, x)
+        assert "aten::max_pool3d_with_indices" not in _ops(pool, x)
         # one 2D product per item straight into the output: no batched product, no result transposed in a
         # copy (torch.matmul does one or the other, depending on the shapes)
         for batch in (torch.randn(1, 4, 8, 8, 8), torch.randn(2, 4, 8, 8, 8)):
-            for layer, copies in ((PointwiseConv3d(4, 3, bias=False), 0), (UpConv3d(4, 2), 1)):  # up: the interleaving
-                ops = _ops(layer, batch)
+            for layer, copies in ((PointwiseConv3d(4, 3, 1, bias=False), 0), (UpConv3d(4, 2, 2, stride=2), 1)):  # up: the interleaving
+                ops = _ops(layer.eval(), batch)
                 counts = {name: ops.get(name, 0) for name in ("aten::mm", "aten::bmm", "aten::copy_")}
                 assert counts == {"aten::mm": len(batch), "aten::bmm": 0, "aten::copy_": copies}, type(layer).__name__
+        # training mode, or parameters of another dtype: the parent's operators
+        for layer, parent_op in ((conv, "aten::convolution"), (pointwise, "aten::convolution"), (up, "aten::convolution"),
+                                 (pool, "aten::max_pool3d_with_indices")):
+            assert parent_op in _ops(layer.train(), x), type(layer).__name__
+            layer.eval()
+        assert "aten::slow_conv3d_forward" not in _ops(conv, x)
     # with autograd on: the parent's operators, and gradients flow
-    for layer in (conv, PointwiseConv3d(1, 3), UpConv3d(1, 2)):
+    for layer in (conv, pointwise, up):
         assert "aten::convolution" in _ops(layer, x)
         layer(x.requires_grad_()).sum().backward()
         assert x.grad is not None and layer.weight.grad is not None
         x = x.detach()
 
 
-def test_flop_counter_sees_the_parent_operators():
-    for dims in (2, 3):
-        for ours, plain, shape in _pairs(dims):
-            x = torch.randn(shape)
-            counts = []
-            for layer in (ours, plain):
-                counter = FlopCounterMode(display=False)
-                with torch.inference_mode(), counter:
-                    layer(x)
-                counts.append(counter.get_total_flops())
-            assert counts[0] == counts[1], type(ours).__name__
-            assert counts[0] > 0 or isinstance(ours, (MaxPool2x2d, MaxPool2x3d))
-
-
-def test_unet_layers_come_from_one_lookup():
-    from pipelines.networks import UNet
-
-    for dims, (conv, pointwise, up, pool) in {2: (nn.Conv2d, PointwiseConv2d, UpConv2d, MaxPool2x2d),
-                                             3: (OneDNNConv3d, PointwiseConv3d, UpConv3d, MaxPool2x3d)}.items():
-        assert [layer_type(k, dims) for k in ("conv", "pointwise", "up", "pool")] == [conv, pointwise, up, pool]
-        net = UNet(dims, 1, 2, features=(4, 8), padding="same")
-        assert type(net.pool) is pool and type(net.head) is pointwise and type(net.decoder[0].up) is up
-        assert {type(m) for m in net.modules() if isinstance(m, nn.Conv2d | nn.Conv3d)} == {conv, pointwise}
-    with pytest.raises(ValueError, match="no 'up' layer for 1 spatial dimensions"):
-        layer_type("up", 1)
+@pytest.mark.parametrize(
+    "layer",
+    [
+        nn.Conv3d(4, 3, 3, padding="same"),  # a string padding: PyTorch's own padding logic
+        nn.Conv3d(4, 3, 1, stride=2),  # 1x1 but strided
+        nn.Conv2d(4, 2, 1, groups=2),
+        nn.ConvTranspose3d(4, 2, 2, stride=1),  # kernel != stride: the taps overlap
+        nn.ConvTranspose2d(4, 2, 2, stride=2, padding=1),
+        nn.MaxPool3d(3, 2),
+        nn.MaxPool2d(2, 2, ceil_mode=True),
+        nn.MaxPool2d(2, 2, return_indices=True),
+    ],
+    ids=str,
+)
+def test_layers_whose_settings_do_not_fit_keep_the_parent_forward(layer):
+    """A variant whose kernel does not fit the layer's settings runs its parent's forward, even when given
+    that class (variants are swapped in only where they fit: pipelines.networks.cpu)."""
+    plain = type(layer)
+    variants = {nn.Conv3d: (OneDNNConv3d, PointwiseConv3d), nn.Conv2d: (PointwiseConv2d,),
+                nn.ConvTranspose3d: (UpConv3d,), nn.ConvTranspose2d: (UpConv2d,),
+                nn.MaxPool3d: (MaxPool2x3d,), nn.MaxPool2d: (MaxPool2x2d,)}[plain]
+    torch.manual_seed(0)
+    x = torch.randn(1, 4, *(9, 8, 7)[: 3 if "3d" in plain.__name__ else 2])
+    layer.eval()
+    with torch.inference_mode():
+        expected = layer(x)
+        for variant in variants:
+            if variant is OneDNNConv3d and layer.padding_mode == "zeros" and not isinstance(layer.padding, str):
+                continue  # every zero-padded 3D convolution fits oneDNN
+            assert not variant.fits(layer), variant.__name__
+            layer.__class__ = variant
+            try:
+                result = layer(x)
+            finally:
+                layer.__class__ = plain
+            torch.testing.assert_close(result, expected, rtol=0, atol=0, msg=variant.__name__)

@@ -146,8 +146,8 @@ def scan_dicom(path: str | os.PathLike, errors: list[CorruptFileError] | None = 
             when its header could be read) and the scan goes on; the batch job uses this to fail
             only the study that holds the file.
         pool: a process pool to read the headers in, :data:`PARALLEL_MIN_FILES` or more of them in
-            chunks of :data:`PARALLEL_CHUNK` (each header takes about 0.7 ms, nearly all of it in
-            Python). The result is the same as without it.
+            chunks of :data:`PARALLEL_CHUNK` (reading a header is nearly all Python, so threads would
+            not help). The result is the same as without it.
 
     Raises:
         NoImageDataError: no DICOM image is found; the message says what was skipped.

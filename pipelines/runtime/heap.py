@@ -1,15 +1,16 @@
 """Keep freed memory in the process for the next window instead of giving it back to the system.
 
-A 3D network's window allocates and frees hundreds of megabytes of activations (a U-Net of 16 to 128
-features on a 96^3 window). glibc's ``malloc`` serves every block above its mmap threshold (at most
-32 MiB) with a fresh ``mmap`` and unmaps it on ``free``, and trims the heap's top when more than its
-trim threshold is free. Every window then writes to new pages, and the kernel zeroes and maps each
-4 KiB page on first touch: on the development VM the tumor U-Net reaches 0.79 of the float32
-matmul rate that way and 0.96 with its freed memory kept (``bench_inference.py --sections limit``). While :func:`keep_freed_memory` is active, glibc serves large blocks
-from the heap and never trims it (``mallopt(M_MMAP_MAX, 0)``, ``mallopt(M_TRIM_THRESHOLD, ...)``),
-so the next window reuses pages already mapped; on exit the freed memory goes back to the system
-(``malloc_trim(0)``). This is what jemalloc or tcmalloc, which PyTorch's performance guide suggests
-preloading, do for the whole process; here it lasts one inference call.
+A 3D network's window allocates and frees hundreds of megabytes of activations. glibc's ``malloc``
+serves every block above its mmap threshold (at most 32 MiB) with a fresh ``mmap`` and unmaps it on
+``free``, and trims the heap's top when more than its trim threshold is free. Every window then
+writes to new pages, and the kernel zeroes and maps each 4 KiB page on first touch, a sizeable part
+of a window's time (README, "Benchmarks": ``bench_inference.py --sections limit``). While
+:func:`keep_freed_memory` is active, glibc serves large blocks from the heap and never trims it
+(``mallopt(M_MMAP_MAX, 0)``, ``mallopt(M_TRIM_THRESHOLD, ...)``), so the next window reuses pages
+already mapped; on exit the freed memory goes back to the system (``malloc_trim(0)``). This is what
+jemalloc or tcmalloc, which PyTorch's performance guide suggests preloading, do for the whole
+process; here it lasts one inference call: the inferers enter it for each call, once their output
+is allocated.
 
 Caveats: the settings are process-wide (allocations of other threads are served the same way
 meanwhile); glibc offers no way to read its thresholds or to restore their adaptation, so on exit

@@ -1,7 +1,7 @@
 """Scenarios for test_heap.py, each run in a fresh interpreter: what the C library keeps depends on
 everything the process allocated before, so only a new process gives counts that can be asserted.
 
-``python -m tests.inference.heap_probe SCENARIO`` prints a JSON object.
+``python -m tests.runtime.heap_probe SCENARIO`` prints a JSON object.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import threading
 import torch
 
 from pipelines.inference import BlendedSlidingWindowInferer, OverlapTileInferer
-from pipelines.inference.heap import keep_freed_memory
+from pipelines.runtime import keep_freed_memory
 
 MIB = 1 << 20
 

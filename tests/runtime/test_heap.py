@@ -1,6 +1,6 @@
 """keep_freed_memory: freed blocks are reused without page faults inside, and given back on exit.
 
-Each scenario runs in a fresh interpreter (tests/inference/heap_probe.py): what the C library keeps
+Each scenario runs in a fresh interpreter (tests/runtime/heap_probe.py): what the C library keeps
 depends on everything the process allocated before.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.inference.heap import _glibc
+from pipelines.runtime.heap import _glibc
 
 pytestmark = pytest.mark.skipif(_glibc() is None, reason="glibc's mallopt is needed")
 
@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _probe(scenario: str) -> dict:
-    result = subprocess.run([sys.executable, "-m", "tests.inference.heap_probe", scenario], cwd=ROOT,
+    result = subprocess.run([sys.executable, "-m", "tests.runtime.heap_probe", scenario], cwd=ROOT,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
