@@ -34,10 +34,11 @@ def _inference_only(bundle: Path, manifest: Path, data: Path) -> float:
     import torch
 
     from pipelines.batch import BundleModel, discover_cases
-    from pipelines.io import load_series
 
     model = BundleModel(bundle)
-    inputs = [model.preprocess(load_series(c.series, c.path)) for c in discover_cases(manifest, dataset_dir=data)]
+    cases = discover_cases(manifest, model.series_rules, dataset_dir=data)
+    inputs = [model.preprocess(c.load(model.series_rules, model.load_options, Path(tempfile.gettempdir())))
+              [model.network_input_key] for c in cases]
     total = 0.0
     with torch.inference_mode():
         model.inferer(inputs[0].as_tensor()[None], model.network)  # warm-up, not counted

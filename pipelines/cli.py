@@ -56,7 +56,8 @@ def _add_series_rule_arguments(parser: argparse.ArgumentParser) -> None:
 
     for rule in fields(SeriesRules):
         how = {k: v for k, v in rule.metadata.items() if k != "help"}
-        parser.add_argument(f"--{rule.name.replace('_', '-')}", **how, help=f"DICOM series rule: {rule.metadata['help']}")
+        flag = f"--{rule.name.replace('_', '-')}"
+        parser.add_argument(flag, **how, help=f"DICOM series rule: {rule.metadata['help']}")
 
 
 def _manifest_build(args: argparse.Namespace) -> int:

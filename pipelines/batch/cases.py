@@ -1,15 +1,16 @@
 """The cases of a batch run: found in a folder tree, a manifest or a DICOMweb server.
 
-A case is one study (its series chosen by the selection rules) or one image file. Case ids are
-pseudonymous (a hash of the StudyInstanceUID or of the file's relative path; a manifest's own
-``case_id``), so no patient name or ID reaches a file name or a log line.
+A case is one study (a series chosen for each of the bundle's inputs by that input's rules) or one
+image file, or, from a manifest, one entry. Case ids are pseudonymous (a hash of the
+StudyInstanceUID or of the file's relative path; a manifest's own ``case_id``), so no patient name
+or ID reaches a file name or a log line.
 
 Nothing found is dropped without a record: a DICOM file that cannot be used fails the study its
 header names; a file or folder that cannot be read at all fails the study whose files sit nearest
 to it (the study that alone has files in the closest folder above it), or, with no study beside
-it, becomes a failed case of its own, one per folder. A study whose series the
-rules cannot choose from, that holds one instance twice with different pixels, or whose DICOM files
-hold no image volume at all (reports, screenshots), is a failed case.
+it, becomes a failed case of its own, one per folder. A study where an input's rules find no series
+or several, that holds one instance twice with different pixels, or whose DICOM files hold no image
+volume at all (reports, screenshots), is a failed case.
 """
 
 from __future__ import annotations
@@ -24,14 +25,18 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipelines.batch.errors import BatchInputError
+from pipelines.batch.sources import (
+    DicomSeriesSource,
+    DicomWebSeriesSource,
+    DicomWebStudy,
+    ImageFileSource,
+    Source,
+)
 from pipelines.io.formats import is_image_file
+from pipelines.io.rules import SeriesRules
 
 __all__ = ["BatchInputError", "Case", "discover_cases", "is_dicomweb_url", "pseudonym"]
-
-
-
-class BatchInputError(ValueError):
-    """The run cannot start: its input or output is unusable as a whole (not one bad case)."""
 
 
 @dataclass
@@ -40,38 +45,60 @@ class Case:
 
     Attributes:
         case_id: pseudonymous id; the output folder's name.
-        kind: ``"dicom"`` (``series`` holds the chosen series), ``"file"`` (``path`` is an image
-            file), ``"dicomweb"`` (``study_uid`` on the server ``url``) or ``"error"`` (``error``
-            says why it cannot be read; recorded as failed without loading).
-        path: the source file or folder (study folder for DICOM).
-        input_hash: identifies the input's content; a rerun with the same hash and model skips the case.
+        sources: per input key, where that input comes from; empty when ``error`` says why the case
+            cannot be read (it is then recorded as failed without loading).
+        path: the study folder, file or study URL the case came from (its record's ``source``).
+        study_uid: the StudyInstanceUID, for studies.
         label: optional reference label file (from a manifest): the record then holds the Dice.
+        error: why the case cannot be read, or None.
         warnings: what pydicom warned of while reading the case's files (they can name the files,
             so they go to the case's record, not to the log).
     """
 
     case_id: str
-    kind: str
+    sources: dict[str, Source] = field(default_factory=dict)
     path: str = ""
-    input_hash: str = ""
-    series: object | None = None
-    series_instance_uid: str = ""
     study_uid: str = ""
-    url: str = ""
     label: str | None = None
     error: str | None = None
     warnings: list[str] = field(default_factory=list)
 
+    @property
+    def kind(self) -> str:
+        """``"error"``, or the sources' kind (``"dicom"``, ``"file"``, ``"dicomweb"``; ``"mixed"``)."""
+        if self.error is not None:
+            return "error"
+        kinds = {source.kind for source in self.sources.values()}
+        return kinds.pop() if len(kinds) == 1 else "mixed"
+
+    @property
+    def input_hash(self) -> str:
+        """Identifies the inputs' content: a rerun with the same hash and model skips the case."""
+        hashes = [f"{key}:{source.input_hash()}" for key, source in sorted(self.sources.items())]
+        if len(hashes) == 1:
+            return self.sources[next(iter(self.sources))].input_hash()
+        return hashlib.sha256("\n".join(hashes).encode()).hexdigest()
+
+    def load(self, rules: Mapping[str, SeriesRules], options: Mapping, cache_dir: Path) -> dict:
+        """Each input, loaded: key -> ``(C, *spatial)`` MetaTensor.
+
+        Raises:
+            ValueError: the case cannot be read (``error``); the loaders' errors otherwise.
+        """
+        if self.error is not None:
+            raise ValueError(self.error)
+        return {key: source.load(rules[key], options, cache_dir / self.case_id) for key, source in self.sources.items()}
+
     def source(self) -> dict:
         """What ``record.json`` says about where the case came from."""
-        out = {"kind": self.kind, "path": self.path}
-        if self.series_instance_uid:
-            out["series_instance_uid"] = self.series_instance_uid
-        if self.study_uid:
-            out["study_instance_uid"] = self.study_uid
-        if self.url:
-            out["url"] = self.url
-        return out
+        if self.error is not None or not self.sources:
+            out = {"kind": "error", "path": self.path}
+            return {**out, "study_instance_uid": self.study_uid} if self.study_uid else out
+        described = {key: source.describe() for key, source in self.sources.items()}
+        if len(described) == 1:
+            return next(iter(described.values()))
+        out = {"kind": self.kind, "path": self.path, "inputs": described}
+        return {**out, "study_instance_uid": self.study_uid} if self.study_uid else out
 
 
 def pseudonym(key: str, prefix: str = "case") -> str:
@@ -79,57 +106,50 @@ def pseudonym(key: str, prefix: str = "case") -> str:
     return f"{prefix}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
-def _stat_hash(paths, extra: str = "") -> str:
-    """Hash of the files' names, sizes and modification times: changes when a file is replaced."""
-    digest = hashlib.sha256(extra.encode())
-    for path in sorted(str(p) for p in paths):
-        stat = os.stat(path)
-        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()
-
-
 def is_dicomweb_url(source) -> bool:
     """Whether a batch input names a DICOMweb service (an http or https URL) rather than a path."""
     return str(source).startswith(("http://", "https://"))
 
 
-def discover_cases(source: str | os.PathLike, rules: Mapping | None = None, section: str = "test",
+def discover_cases(source: str | os.PathLike, inputs: Mapping[str, SeriesRules], section: str = "test",
                    dataset_dir: str | os.PathLike | None = None, image_key: str | None = None) -> list[Case]:
     """The cases under ``source``: a folder, a manifest (``.json``) or a DICOMweb URL.
 
     Args:
         source: a folder tree of DICOM studies (any nesting, series mixed) and/or image files
-            (NIfTI, NRRD, MHA); a manifest file; or an ``http(s)://`` DICOMweb service root.
-        rules: DICOM series selection rules (:class:`pipelines.io.dicom.SeriesRules` fields).
+            (NIfTI, NRRD, MHA, PNG, TIFF); a manifest file; or an ``http(s)://`` DICOMweb service root.
+        inputs: the bundle's input keys, each with its DICOM series rules (a study gives each input
+            the series its rules choose; an image file is a case only for a bundle of one input).
         section, dataset_dir, image_key: manifest section, base folder (default: the manifest's)
-            and the key of each entry's image (default: ``dicom`` when the entries have it, else
-            ``image``).
+            and, for a bundle of one input, the key of each entry's path (default: ``dicom`` when
+            the entries have it, else ``image``); a bundle of several inputs finds each under its
+            own key.
 
     Returns:
-        Cases sorted by id. Studies that cannot be used (ambiguous series, unreadable files) come
-        back as ``kind="error"`` cases, so they are recorded as failed and the rest proceed.
+        Cases sorted by id. Those that cannot be used come back with ``error`` set, so they are
+        recorded as failed and the rest proceed.
 
     Raises:
         BatchInputError: nothing to do, or two inputs map to one case id.
     """
-    rules = dict(rules or {})
+    inputs = {str(key): SeriesRules.of(rules) for key, rules in inputs.items()}
+    if not inputs:
+        raise ValueError("`inputs` must name at least one input key")
     if is_dicomweb_url(source):
-        from pipelines.batch.dicomweb import discover_dicomweb
-
-        cases = discover_dicomweb(str(source), rules)
+        cases = _from_dicomweb(str(source), inputs)
     else:
         path = Path(source)
         if not path.exists():
             raise BatchInputError(f"{path}: no such file or folder")
         with _header_pool() as pool:
             if path.is_file() and path.suffix.lower() == ".json":
-                cases = _from_manifest(path, section, dataset_dir, image_key, rules, pool)
+                cases = _from_manifest(path, section, dataset_dir, image_key, inputs, pool)
             elif path.is_dir():
-                cases = _from_folder(path, rules, pool)
+                cases = _from_folder(path, inputs, pool)
             elif is_image_file(path):
-                cases = [_file_case(path, path.parent)]
+                cases = [_file_case(path, path.parent, inputs)]
             else:
-                cases = _from_folder(path, rules, pool)  # a single DICOM file or a DICOMDIR
+                cases = _from_folder(path, inputs, pool)  # a single DICOM file or a DICOMDIR
     if not cases:
         raise BatchInputError(f"{source}: no studies or image files found")
     _check_unique(cases)
@@ -153,24 +173,43 @@ def _check_unique(cases: list[Case]) -> None:
     for case in cases:
         if case.case_id in seen:
             raise BatchInputError(
-                f"two inputs map to case id {case.case_id}: {seen[case.case_id].path or seen[case.case_id].study_uid} "
-                f"and {case.path or case.study_uid}; give them distinct case ids (or remove the duplicate)"
+                f"two inputs map to case id {case.case_id}: {seen[case.case_id].path} and {case.path}; give them "
+                f"distinct case ids (or remove the duplicate)"
             )
         seen[case.case_id] = case
 
 
-def _file_case(path: Path, root: Path, case_id: str | None = None, label: str | None = None) -> Case:
-    relative = os.path.relpath(path, root)
-    return Case(
-        case_id=case_id or pseudonym(relative),
-        kind="file",
-        path=str(path),
-        input_hash=_stat_hash([path]),
-        label=label,
-    )
+def _file_case(path: Path, root: Path, inputs: Mapping, case_id: str | None = None, label: str | None = None) -> Case:
+    case_id = case_id or pseudonym(os.path.relpath(path, root))
+    if len(inputs) != 1:
+        return Case(case_id=case_id, path=str(path), error=(
+            f"{path}: an image file is one input, and this bundle reads {len(inputs)} ({', '.join(inputs)}): give "
+            f"a manifest naming each input's file, or DICOM studies"))
+    return Case(case_id=case_id, sources={next(iter(inputs)): ImageFileSource(str(path))}, path=str(path), label=label)
 
 
-def _from_folder(root: Path, rules: Mapping, pool: Executor | None = None) -> list[Case]:
+def _from_dicomweb(url: str, inputs: Mapping[str, SeriesRules]) -> list[Case]:
+    """One case per study on the server with an image series (of the rules' modalities, when they
+    all name some); each input's series is chosen by its rules once the study is fetched."""
+    from pipelines.batch.dicomweb import discover_studies
+
+    named = [rules.modality for rules in inputs.values()]
+    modalities = None
+    if all(named):
+        modalities = {m.upper() for wanted in named for m in ([wanted] if isinstance(wanted, str) else wanted)}
+    try:
+        found = discover_studies(url, modalities)
+    except ValueError as exc:
+        raise BatchInputError(str(exc)) from exc
+    cases = []
+    for uid, listing_hash, _ in found:
+        study = DicomWebStudy(url, uid, listing_hash, tuple(sorted(modalities)) if modalities else None)
+        cases.append(Case(case_id=pseudonym(uid), sources={key: DicomWebSeriesSource(study) for key in inputs},
+                          path=study.path, study_uid=uid))
+    return cases
+
+
+def _from_folder(root: Path, inputs: Mapping[str, SeriesRules], pool: Executor | None = None) -> list[Case]:
     """Image files are cases; DICOM files are grouped by study, one case per study (headers read
     in ``pool`` when given)."""
     from pipelines.io.dicom import scan_dicom
@@ -180,7 +219,8 @@ def _from_folder(root: Path, rules: Mapping, pool: Executor | None = None) -> li
     if root.is_dir():
         for folder, dirs, files in os.walk(root):
             dirs.sort()
-            cases.extend(_file_case(Path(folder) / name, root) for name in sorted(files) if is_image_file(Path(name)))
+            cases.extend(_file_case(Path(folder) / name, root, inputs) for name in sorted(files)
+                         if is_image_file(Path(name)))
     errors: list[InputDataError] = []
     try:
         scan = scan_dicom(root, errors=errors, pool=pool)
@@ -188,71 +228,75 @@ def _from_folder(root: Path, rules: Mapping, pool: Executor | None = None) -> li
         scan = getattr(exc, "scan", None)
         if scan is None or not (errors or scan.skipped):
             return cases
-    return cases + _study_cases(root, scan.records, errors, rules, scan.warnings, scan.skipped)
+    return cases + _study_cases(root, scan.records, errors, inputs, scan.warnings, scan.skipped)
 
 
-def _study_cases(root: Path, records: list, errors: list, rules: Mapping, warnings: Mapping | None = None,
-                 skipped: Mapping | None = None) -> list[Case]:
+def _study_cases(root: Path, records: list, errors: list, inputs: Mapping[str, SeriesRules],
+                 warnings: Mapping | None = None, skipped: Mapping | None = None) -> list[Case]:
     """One case per StudyInstanceUID; a study with an unreadable file or folder near it fails, and so
     does one whose DICOM files hold no volume slice (``skipped``: per study, ``(file, what)``)."""
-    from pipelines.io.dicom import SeriesRules, group_series, select_series
-    from pipelines.io.errors import InputDataError
-
     studies: dict[str, list] = defaultdict(list)
     for record in records:
         studies[record.study_instance_uid].append(record)
     broken, orphans = _assign_errors(root, studies, errors)
     cases = [
-        Case(case_id=pseudonym(os.path.relpath(folder, root) if folder != root else "."), kind="error",
-             path=str(folder), error="unreadable DICOM files, with no readable study beside them: " + "; ".join(found))
+        Case(case_id=pseudonym(os.path.relpath(folder, root) if folder != root else "."), path=str(folder),
+             error="unreadable DICOM files, with no readable study beside them: " + "; ".join(found))
         for folder, found in sorted(orphans.items())
     ]
-    selection = SeriesRules(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in rules.items()})
     warnings = dict(warnings or {})
     known = {str(r.path) for r in records}
     general = [w for path, found in warnings.items() if path not in known for w in found]  # e.g. the DICOMDIR's
     for uid in sorted((skipped or {}).keys() - studies.keys() - broken.keys()):  # nothing there to segment
         files = skipped[uid]
         kinds = sorted({what for _, what in files})
-        cases.append(Case(case_id=pseudonym(uid), kind="error", path=os.path.commonpath([str(f.parent) for f, _ in files]),
+        cases.append(Case(case_id=pseudonym(uid), path=os.path.commonpath([str(f.parent) for f, _ in files]),
                           study_uid=uid, warnings=list(general),
                           error=f"study holds no image volume: its {len(files)} DICOM file(s) are " + ", ".join(kinds)))
     for uid in broken.keys() - studies.keys():  # not one of its files could be read as a slice
         folders = [Path(getattr(e, "path", root)).parent for e in errors if getattr(e, "study_instance_uid", "") == uid]
-        cases.append(Case(case_id=pseudonym(uid), kind="error", path=os.path.commonpath([str(f) for f in folders]),
-                          study_uid=uid, warnings=list(general), error="study has unreadable DICOM files: "
-                          + "; ".join(broken[uid])))
+        cases.append(Case(case_id=pseudonym(uid), path=os.path.commonpath([str(f) for f in folders]), study_uid=uid,
+                          warnings=list(general), error="study has unreadable DICOM files: " + "; ".join(broken[uid])))
     for uid, study_records in studies.items():
-        case_id = pseudonym(uid)
-        folder = Path(os.path.commonpath([str(r.path.parent) for r in study_records]))
-        caught = list(dict.fromkeys(general + _study_warnings(study_records, warnings)))
+        folder = str(Path(os.path.commonpath([str(r.path.parent) for r in study_records])))
+        case = Case(case_id=pseudonym(uid), path=folder, study_uid=uid,
+                    warnings=list(dict.fromkeys(general + _study_warnings(study_records, warnings))))
         if broken[uid]:
-            cases.append(Case(case_id=case_id, kind="error", path=str(folder), study_uid=uid, warnings=caught,
-                              error="study has unreadable DICOM files: " + "; ".join(broken[uid])))
-            continue
-        try:
-            chosen = select_series(group_series(study_records), selection, f"study {case_id} ({folder})")
-        except InputDataError as exc:
-            cases.append(Case(case_id=case_id, kind="error", path=str(folder), study_uid=uid, error=str(exc),
-                              warnings=caught))
-            continue
-        cases.append(Case(
-            case_id=case_id,
-            kind="dicom",
-            path=str(folder),
-            series=chosen,
-            series_instance_uid=chosen.first.series_instance_uid,
-            study_uid=uid,
-            input_hash=_stat_hash({r.path for r in chosen.records}, extra=chosen.first.series_instance_uid),
-            warnings=caught,
-        ))
+            case.error = "study has unreadable DICOM files: " + "; ".join(broken[uid])
+        else:
+            _choose_series(case, study_records, inputs)
+        cases.append(case)
     return cases
 
 
+def _choose_series(case: Case, records: list, inputs: Mapping[str, SeriesRules]) -> None:
+    """Each input's series by its rules, into ``case.sources``; the first input that finds none or
+    several fails the case, naming the input and its rules."""
+    from pipelines.io.dicom import group_series, select_series
+    from pipelines.io.errors import InputDataError
+
+    try:
+        candidates = group_series(records)
+    except InputDataError as exc:  # one instance twice with different pixels
+        case.error = str(exc)
+        return
+    for key, rules in inputs.items():
+        name = f"study {case.case_id} ({case.path})"
+        if len(inputs) > 1:
+            name += f", input {key!r} (rules {rules.as_dict()})"
+        try:
+            chosen = select_series(candidates, rules, name)
+        except InputDataError as exc:
+            case.error, case.sources = str(exc), {}
+            return
+        case.sources[key] = DicomSeriesSource(chosen, case.path)
+
+
 def _assign_errors(root: Path, studies: Mapping[str, list], errors: list) -> tuple[dict, dict]:
-    """Each error's study: walking up from the unreadable file or folder, the first folder that holds
-    (at any depth) files of exactly one study. Errors with none, or with several studies, in their
-    nearest folder that has any, are grouped by their own folder as ``orphans``."""
+    """Each error's study: the one its header names, else, walking up from the unreadable file or
+    folder, the first folder that holds (at any depth) files of exactly one study. Errors with none,
+    or with several studies in their nearest folder that has any, are grouped by their own folder
+    as ``orphans``."""
     under: dict[Path, set[str]] = defaultdict(set)
     for uid, study_records in studies.items():
         for folder in {r.path.parent for r in study_records}:
@@ -286,38 +330,61 @@ def _study_warnings(records: list, warnings: Mapping[str, list[str]]) -> list[st
     return list(found)
 
 
-def _from_manifest(path: Path, section: str, dataset_dir, image_key: str | None, rules: Mapping,
+def _from_manifest(path: Path, section: str, dataset_dir, image_key: str | None, inputs: Mapping[str, SeriesRules],
                    pool: Executor | None = None) -> list[Case]:
     import json
 
     from pipelines.data import load_manifest
+    from pipelines.data.manifest import resolve_path
 
     with open(path) as handle:
         raw = json.load(handle)
     entries = raw.get(section) if isinstance(raw, dict) else None
     if not entries:
         raise BatchInputError(f"{path}: manifest has no entries in section {section!r}")
+    single = len(inputs) == 1
     key = image_key or ("dicom" if all("dicom" in e for e in entries) else "image")
     base = Path(dataset_dir) if dataset_dir is not None else path.parent
     cases = []
-    for entry in load_manifest(path, section, base, image_key=key):
-        image = Path(entry["image"])
-        label = entry.get("label")
-        case_id = str(entry.get("case_id") or pseudonym(os.path.relpath(image, base)))
-        if not image.exists():
-            cases.append(Case(case_id=case_id, kind="error", path=str(image), error=f"{image}: no such file or folder"))
-            continue
-        if image.is_dir() or not is_image_file(image):
-            found = _from_folder(image, rules, pool)
-            studies = [c for c in found if c.kind in ("dicom", "error")]
-            if len(found) != 1:
-                cases.append(Case(case_id=case_id, kind="error", path=str(image),
-                                  error=f"{image}: manifest entry holds {len(studies)} studies and "
-                                        f"{len(found) - len(studies)} image files; expected one study"))
-                continue
-            case = found[0]
-            case.case_id, case.label = case_id, label
+    for index, entry in enumerate(load_manifest(path, section, base, image_key=key)):
+        first = Path(entry["image"]) if single else None
+        unnamed = pseudonym(os.path.relpath(first, base) if single else f"{section}/{index}")
+        case_id = str(entry.get("case_id") or unnamed)
+        case = Case(case_id=case_id, path=str(first or path), label=entry.get("label"))
+        try:
+            paths = {next(iter(inputs)): first} if single else {
+                k: resolve_path(base, raw[section][index][k], path) for k in inputs}
+        except KeyError as exc:
+            case.error = (f"{path}: {section} entry {case_id} has no path for input {exc.args[0]!r} "
+                          f"({', '.join(inputs)})")
             cases.append(case)
-        else:
-            cases.append(_file_case(image, base, case_id=case_id, label=label))
+            continue
+        for input_key, where in paths.items():
+            error = _entry_source(case, input_key, Path(where), inputs, pool)
+            if error is not None:
+                case.error, case.sources = error, {}
+                break
+        cases.append(case)
     return cases
+
+
+def _entry_source(case: Case, key: str, where: Path, inputs: Mapping[str, SeriesRules],
+                  pool: Executor | None) -> str | None:
+    """Adds the source of one input of a manifest entry to ``case``; returns why it cannot, or None."""
+    if not where.exists():
+        return f"{where}: no such file or folder"
+    if where.is_file() and is_image_file(where):
+        case.sources[key] = ImageFileSource(str(where))
+        return None
+    found = _from_folder(where, {key: inputs[key]}, pool)
+    studies = [c for c in found if c.study_uid or c.error]
+    if len(found) != 1 or not studies:
+        return (f"{where}: manifest entry holds {len(studies)} studies and {len(found) - len(studies)} image files; "
+                f"expected one study")
+    study = found[0]
+    if study.error is not None:
+        return study.error
+    case.sources[key] = study.sources[key]
+    case.study_uid = case.study_uid or study.study_uid
+    case.warnings = list(dict.fromkeys(case.warnings + study.warnings))
+    return None

@@ -1,5 +1,6 @@
 """DICOMweb input and output for the batch job: QIDO-RS to find studies, WADO-RS to fetch their
-image series, STOW-RS to store DICOM SEGs back (``dicomweb-client``)."""
+image series, STOW-RS to store DICOM SEGs back (``dicomweb-client``). Plain data in and out: the
+cases are made from it by :mod:`pipelines.batch.cases`."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from collections import defaultdict
 from collections.abc import Mapping
 from pathlib import Path
 
-__all__ = ["discover_dicomweb", "download_study", "push_instance"]
+__all__ = ["discover_studies", "download_study", "push_instance"]
 
 # series that hold no image volume: our own SEGs (after --push), reports, presentation states...
 _NON_IMAGE_MODALITIES = {"SEG", "SR", "PR", "KO", "RTSTRUCT", "RTPLAN", "RTDOSE", "RTRECORD", "DOC", "REG", "OT"}
@@ -28,55 +29,44 @@ def _value(entry: Mapping, tag: str, default=""):
     return values[0]
 
 
-def _modalities(rules: Mapping) -> set[str] | None:
-    wanted = rules.get("modality")
-    if not wanted:
-        return None
-    return {wanted.upper()} if isinstance(wanted, str) else {m.upper() for m in wanted}
-
-
-def _image_series(entries, rules: Mapping) -> list[Mapping]:
-    wanted = _modalities(rules)
+def _image_series(entries, modalities: set[str] | None) -> list[Mapping]:
     return [
         e for e in entries
         if str(_value(e, _MODALITY)).upper() not in _NON_IMAGE_MODALITIES
-        and (wanted is None or str(_value(e, _MODALITY)).upper() in wanted)
+        and (modalities is None or str(_value(e, _MODALITY)).upper() in modalities)
     ]
 
 
-def discover_dicomweb(url: str, rules: Mapping) -> list:
-    """One case per study on the server that has an image series (passing the modality rule)."""
-    from pipelines.batch.cases import BatchInputError, Case, pseudonym
+def discover_studies(url: str, modalities: set[str] | None = None) -> list[tuple[str, str, list[str]]]:
+    """The studies on the server that have an image series (of ``modalities``, when given):
+    ``(StudyInstanceUID, hash of its series and instance counts, its image SeriesInstanceUIDs)``.
 
+    Raises:
+        ValueError: the query failed (the message names the server and the error).
+    """
     try:
         entries = _client(url).search_for_series(fields=["NumberOfSeriesRelatedInstances"])
     except Exception as exc:  # requests raises connection and HTTP errors of many types
-        raise BatchInputError(f"{url}: DICOMweb query (QIDO-RS) failed: {type(exc).__name__}: {exc}") from exc
+        raise ValueError(f"{url}: DICOMweb query (QIDO-RS) failed: {type(exc).__name__}: {exc}") from exc
     studies: dict[str, list[Mapping]] = defaultdict(list)
-    for entry in _image_series(entries, rules):
+    for entry in _image_series(entries, modalities):
         studies[str(_value(entry, _STUDY))].append(entry)
-    cases = []
+    found = []
     for uid, series in studies.items():
         listing = sorted(f"{_value(e, _SERIES)}:{_value(e, _COUNT, '?')}" for e in series)
-        cases.append(Case(
-            case_id=pseudonym(uid),
-            kind="dicomweb",
-            path=f"{url.rstrip('/')}/studies/{uid}",
-            study_uid=uid,
-            url=url,
-            input_hash=hashlib.sha256("\n".join(listing).encode()).hexdigest(),
-            series_instance_uid=str(_value(series[0], _SERIES)) if len(series) == 1 else "",
-        ))
-    return cases
+        found.append((uid, hashlib.sha256("\n".join(listing).encode()).hexdigest(),
+                      sorted(str(_value(e, _SERIES)) for e in series)))
+    return found
 
 
-def download_study(url: str, study_uid: str, folder: str | os.PathLike, rules: Mapping | None = None) -> Path:
+def download_study(url: str, study_uid: str, folder: str | os.PathLike, modalities=None) -> Path:
     """Fetch the study's image series (WADO-RS) into ``folder`` (replaced), one file per instance."""
     folder = Path(folder)
     shutil.rmtree(folder, ignore_errors=True)
     client = _client(url)
+    wanted = {m.upper() for m in modalities} if modalities else None
     try:
-        series = _image_series(client.search_for_series(study_instance_uid=study_uid), rules or {})
+        series = _image_series(client.search_for_series(study_instance_uid=study_uid), wanted)
         for entry in series:
             series_uid = str(_value(entry, _SERIES))
             target = folder / hashlib.sha256(series_uid.encode()).hexdigest()[:16]
@@ -101,4 +91,5 @@ def push_instance(url: str, path: str | os.PathLike) -> dict:
         _client(url).store_instances([dataset])
     except Exception as exc:
         raise ValueError(f"storing {Path(path).name} on {url} (STOW-RS) failed: {type(exc).__name__}: {exc}") from exc
-    return {"url": url, "series_instance_uid": str(dataset.SeriesInstanceUID), "sop_instance_uid": str(dataset.SOPInstanceUID)}
+    return {"url": url, "series_instance_uid": str(dataset.SeriesInstanceUID),
+            "sop_instance_uid": str(dataset.SOPInstanceUID)}

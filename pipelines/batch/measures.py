@@ -1,4 +1,5 @@
-"""What a report needs from a label map: volumes in mL, lesions, the largest lesion's diameter."""
+"""What a report needs from a label map: volumes in mL, lesions, the largest lesion's diameter for a
+3D volume; pixel counts, fractions and objects for a 2D section (a picture has no physical size)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-__all__ = ["dice_scores", "lesion_measurements", "max_diameter_mm"]
+__all__ = ["dice_scores", "lesion_measurements", "max_diameter_mm", "region_volumes", "section_measurements"]
 
 
 def _voxel_ml(affine) -> float:
@@ -63,6 +64,27 @@ def lesion_measurements(labels: np.ndarray, affine, names: Mapping[int, str]) ->
             "diameter_mm": round(max_diameter_mm(mask, affine), 2),
             "centre_voxel": [int(round(c)) for c in ndimage.center_of_mass(mask)],
         }
+    return result
+
+
+def region_volumes(labels: np.ndarray, affine, regions: Mapping[str, list[int]]) -> dict[str, float]:
+    """Volume in mL of each region (a name and the label values it covers, e.g. a whole tumor)."""
+    voxel_ml = _voxel_ml(affine)
+    return {name: round(float(np.isin(labels, values).sum()) * voxel_ml, 3) for name, values in regions.items()}
+
+
+def section_measurements(labels: np.ndarray, names: Mapping[int, str]) -> dict:
+    """Per label of a 2D label map ``(X, Y)``: ``areas_px`` (pixel count), ``area_fractions`` (of the
+    section) and ``objects`` (connected components, 8-connectivity: cells in a membrane map)."""
+    from scipy import ndimage
+
+    labels = np.asarray(labels)
+    counts = np.bincount(labels.ravel().astype(np.int64), minlength=max(names, default=0) + 1)
+    result = {"areas_px": {}, "area_fractions": {}, "objects": {}}
+    for value, name in sorted(names.items()):
+        result["areas_px"][name] = int(counts[value])
+        result["area_fractions"][name] = round(float(counts[value]) / max(labels.size, 1), 4)
+        result["objects"][name] = int(ndimage.label(labels == value, structure=np.ones((3, 3), bool))[1])
     return result
 
 

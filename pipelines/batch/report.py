@@ -29,17 +29,22 @@ def read_records(output_dir: str | os.PathLike) -> list[dict]:
     return sorted(records, key=lambda r: str(r.get("case_id")))
 
 
-def _label_names(records: list[dict]) -> list[str]:
+def _names(records: list[dict], field: str) -> list[str]:
+    """The names under ``field`` (a per-label or per-region mapping) over all records, in order met."""
     names: list[str] = []
     for record in records:
-        for name in record.get("volumes_ml") or {}:
+        for name in record.get(field) or {}:
             if name not in names:
                 names.append(name)
     return names
 
 
-def _row(record: dict, names: list[str]) -> dict:
-    largest = record.get("largest_lesion") or {}
+# per-name measures a record may hold (volumes for 3D volumes, areas and objects for 2D sections)
+_MEASURES = (("volumes_ml", "{}_ml"), ("regions_ml", "{}_ml"), ("areas_px", "{}_px"),
+             ("area_fractions", "{}_fraction"), ("objects", "{}_objects"))
+
+
+def _row(record: dict, names: dict[str, list[str]]) -> dict:
     row = {
         "case_id": record.get("case_id", ""),
         "status": record.get("status", ""),
@@ -47,12 +52,15 @@ def _row(record: dict, names: list[str]) -> dict:
         "study_instance_uid": (record.get("source") or {}).get("study_instance_uid", ""),
         "series_instance_uid": (record.get("source") or {}).get("series_instance_uid", ""),
     }
-    for name in names:
-        value = (record.get("volumes_ml") or {}).get(name)
-        row[f"{name}_ml"] = "" if value is None else value
-    row["lesion_count"] = record.get("lesion_count", "")
-    row["largest_lesion_ml"] = largest.get("volume_ml", "")
-    row["largest_lesion_diameter_mm"] = largest.get("diameter_mm", "")
+    for field, column in _MEASURES:
+        for name in names[field]:
+            value = (record.get(field) or {}).get(name)
+            row[column.format(name)] = "" if value is None else value
+    if names["volumes_ml"]:  # lesions are measured in volumes
+        largest = record.get("largest_lesion") or {}
+        row["lesion_count"] = record.get("lesion_count", "")
+        row["largest_lesion_ml"] = largest.get("volume_ml", "")
+        row["largest_lesion_diameter_mm"] = largest.get("diameter_mm", "")
     for name, value in (record.get("dice") or {}).items():
         row[f"dice_{name}"] = "" if value is None else value
     row["seconds"] = (record.get("timings") or {}).get("total_s", "")
@@ -64,7 +72,7 @@ def write_reports(output_dir: str | os.PathLike, title: str = "Segmentation batc
     case recorded under ``output_dir``; both atomically. Returns their paths."""
     output_dir = Path(output_dir)
     records = read_records(output_dir)
-    names = _label_names(records)
+    names = {field: _names(records, field) for field, _ in _MEASURES}
     rows = [_row(r, names) for r in records]
     columns: list[str] = []
     for row in rows:
@@ -118,7 +126,8 @@ def _html(output_dir: Path, records: list[dict], rows: list[dict], columns: list
     return (
         f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
         f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>"
-        f"<p>{len(records)} cases: {len(records) - failed} ok, {failed} failed. Volumes in mL; QC pictures are "
-        f"axial | coronal | sagittal through the largest lesion (radiological view).</p>"
+        f"<p>{len(records)} cases: {len(records) - failed} ok, {failed} failed. Volumes in mL, section areas in "
+        f"pixels; QC pictures of volumes are axial | coronal | sagittal through the largest lesion "
+        f"(radiological view).</p>"
         f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></body></html>\n"
     )

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from .checkpoints import ResumeTraining, latest_checkpoint
-from .distributed import end_process_group
-from .overlays import ValidationOverlays, overlay_slice
+from pipelines.runtime.distributed import end_process_group  # bundle configs call it from here
+from .overlays import ValidationOverlays
 from .prepare_batch import PrepareBatchWithWeights
 from .tracking import flatten_params, tracked_handlers
 from .tuning import tune_membrane_watershed
@@ -18,7 +18,6 @@ __all__ = [
     "flatten_params",
     "latest_checkpoint",
     "load_weights",
-    "overlay_slice",
     "save_weights",
     "tracked_handlers",
     "tune_membrane_watershed",

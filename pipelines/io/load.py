@@ -280,7 +280,8 @@ def _load_itk(path: Path, max_voxels: int | None = DEFAULT_MAX_VOXELS) -> tuple[
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(path))
         reader.ReadImageInformation()
-        size = tuple(reader.GetSize()) + ((reader.GetNumberOfComponents(),) if reader.GetNumberOfComponents() > 1 else ())
+        components = reader.GetNumberOfComponents()
+        size = tuple(reader.GetSize()) + ((components,) if components > 1 else ())
         if max_voxels is not None and int(np.prod(size, dtype=np.float64)) > max_voxels:
             raise CorruptFileError(
                 f"{path}: the header promises {int(np.prod(size, dtype=np.float64)):,} voxels (size {size}), more "

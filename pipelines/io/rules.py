@@ -39,7 +39,8 @@ class SeriesRules:
     # metadata: how the command line takes each rule (pipelines.cli builds its flags from these)
     modality: str | Sequence[str] | None = field(default=None, metadata={"nargs": "+", "help": "Modality, e.g. CT MR"})
     description: str | None = field(default=None, metadata={"help": "regular expression searched in SeriesDescription"})
-    image_type_include: Sequence[str] = field(default=(), metadata={"nargs": "+", "help": "ImageType values all required"})
+    image_type_include: Sequence[str] = field(default=(), metadata={"nargs": "+",
+                                                                    "help": "ImageType values all required"})
     image_type_exclude: Sequence[str] = field(default=(), metadata={"nargs": "+", "help": "ImageType values refused"})
     min_slices: int = field(default=1, metadata={"type": int, "help": "fewest slices"})
     orientation: str | None = field(default=None, metadata={"choices": ORIENTATIONS, "help": "main plane"})
@@ -77,7 +78,8 @@ class SeriesRules:
             try:
                 re.compile(self.description)
             except re.error as exc:
-                raise ValueError(f"`description` must be a regular expression, got {self.description!r}: {exc}") from exc
+                raise ValueError(
+                    f"`description` must be a regular expression, got {self.description!r}: {exc}") from exc
 
     @property
     def given(self) -> bool:

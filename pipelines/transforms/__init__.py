@@ -1,5 +1,5 @@
 """Transforms: loading volumes, the U-Net paper's training recipe (weight map, elastic deformation),
-and membrane post-processing."""
+and post-processing (membranes, probabilities)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,12 @@ from .elastic import RandCoarseElastic, RandCoarseElasticd
 from .intensity import ModalityNormalize, ModalityNormalized
 from .io import LoadVolume, LoadVolumed
 from .membrane import MembraneWatershed, MembraneWatershedd, membrane_watershed
+from .probabilities import FillBackground, FillBackgroundd, RegionsToLabels, RegionsToLabelsd
 from .weight_map import UNetWeightMap, UNetWeightMapd, unet_weight_map
 
 __all__ = [
+    "FillBackground",
+    "FillBackgroundd",
     "LoadVolume",
     "LoadVolumed",
     "MembraneWatershed",
@@ -18,6 +21,8 @@ __all__ = [
     "ModalityNormalized",
     "RandCoarseElastic",
     "RandCoarseElasticd",
+    "RegionsToLabels",
+    "RegionsToLabelsd",
     "UNetWeightMap",
     "UNetWeightMapd",
     "membrane_watershed",

@@ -10,7 +10,10 @@ import pytest
 from pydicom.uid import generate_uid
 
 from pipelines.batch import BatchInputError, discover_cases, pseudonym
+from pipelines.io import SeriesRules
 from tests.batch.conftest import DEMO, MANIFEST, copy_study, demo_case
+
+ONE = {"image": SeriesRules()}  # a bundle of one input, no rules
 
 
 def _study_uid(folder: Path) -> str:
@@ -41,7 +44,7 @@ def tree(tmp_path):
 
 
 def test_folder_tree_gives_one_case_per_study_and_file(tree):
-    cases = discover_cases(tree)
+    cases = discover_cases(tree, ONE)
     kinds = sorted(c.kind for c in cases)
     assert kinds == ["dicom", "dicom", "file"]
     uid_a = _study_uid(tree / "site_a" / "p1")
@@ -50,7 +53,7 @@ def test_folder_tree_gives_one_case_per_study_and_file(tree):
     assert by_id[pseudonym("extra/scan.nii.gz")].path == str(tree / "extra" / "scan.nii.gz")
     for case in cases:  # pseudonymous and stable: no patient id, no file name
         assert "DEMO" not in case.case_id and "scan" not in case.case_id and case.input_hash
-    assert [c.case_id for c in cases] == [c.case_id for c in discover_cases(tree)] == sorted(by_id)
+    assert [c.case_id for c in cases] == [c.case_id for c in discover_cases(tree, ONE)] == sorted(by_id)
 
 
 def test_headers_are_read_by_a_process_pool_with_the_serial_result(tree, tmp_path, monkeypatch):
@@ -68,25 +71,25 @@ def test_headers_are_read_by_a_process_pool_with_the_serial_result(tree, tmp_pat
         return read(file)
 
     monkeypatch.setattr(scan_module, "_read_records", noting_reader)
-    parallel = discover_cases(tree)
+    parallel = discover_cases(tree, ONE)
     assert {int(p.name) for p in readers.iterdir()} - {os.getpid()}, "no header was read by another process"
     monkeypatch.setattr(cases_module, "_header_pool", contextlib.nullcontext)  # yields None: no pool
-    serial = discover_cases(tree)
+    serial = discover_cases(tree, ONE)
 
     def summary(cases):
-        return [(c.case_id, c.kind, c.path, c.input_hash, c.series.records if c.series else None) for c in cases]
+        return [(c.case_id, c.kind, c.path, c.input_hash, c.sources["image"].series.records if c.kind == "dicom" else None) for c in cases]
 
     assert summary(parallel) == summary(serial)
 
 
 def test_mixed_series_need_a_rule(tree):
     _add_series(tree / "site_a" / "p1", "localizer")
-    cases = {c.case_id: c for c in discover_cases(tree)}
+    cases = {c.case_id: c for c in discover_cases(tree, ONE)}
     study = cases[pseudonym(_study_uid(tree / "site_a" / "p1"))]
     assert study.kind == "error" and "2 DICOM series qualify" in study.error
-    chosen = {c.case_id: c for c in discover_cases(tree, {"description": "T1"})}[study.case_id]
-    assert chosen.kind == "dicom" and chosen.series.first.series_description == "T1 3D synthetic"
-    assert len(chosen.series.records) == len(list((tree / "site_a" / "p1").glob("IM*.dcm")))
+    chosen = {c.case_id: c for c in discover_cases(tree, {"image": SeriesRules(description="T1")})}[study.case_id]
+    assert chosen.kind == "dicom" and chosen.sources["image"].series.first.series_description == "T1 3D synthetic"
+    assert len(chosen.sources["image"].series.records) == len(list((tree / "site_a" / "p1").glob("IM*.dcm")))
 
 
 def test_unreadable_file_fails_its_study_only(tree):
@@ -96,7 +99,7 @@ def test_unreadable_file_fails_its_study_only(tree):
     lone = tree / "lost" / "broken.dcm"
     lone.parent.mkdir()
     lone.write_bytes(first.read_bytes()[:300])  # no header left that names a study
-    cases = {c.case_id: c for c in discover_cases(tree)}
+    cases = {c.case_id: c for c in discover_cases(tree, ONE)}
     healthy = cases[pseudonym(_study_uid(tree / "site_a" / "p1"))]
     assert healthy.kind == "dicom"
     errors = [c for c in cases.values() if c.kind == "error"]
@@ -113,18 +116,18 @@ def test_a_study_whose_every_file_is_broken_keeps_its_case_id(tree):
         ds = pydicom.dcmread(file)
         del ds.ImagePositionPatient
         ds.save_as(file)
-    case = {c.case_id: c for c in discover_cases(tree)}[pseudonym(uid)]
+    case = {c.case_id: c for c in discover_cases(tree, ONE)}[pseudonym(uid)]
     assert case.kind == "error" and "without ImagePositionPatient" in case.error and case.path == str(study_b)
 
 
 def test_two_identical_copies_of_a_study_make_one_case(tree):
     """An export that holds a study twice: the copies are dropped, the study is segmented once."""
     shutil.copytree(tree / "site_a" / "p1", tree / "site_c" / "copy")
-    cases = {c.case_id: c for c in discover_cases(tree)}
+    cases = {c.case_id: c for c in discover_cases(tree, ONE)}
     study = cases[pseudonym(_study_uid(tree / "site_a" / "p1"))]
     assert len(cases) == 3 and study.kind == "dicom"
-    assert len(study.series.records) == len(list((tree / "site_a" / "p1").glob("*.dcm")))
-    assert study.series.dropped_duplicates == len(study.series.records)
+    assert len(study.sources["image"].series.records) == len(list((tree / "site_a" / "p1").glob("*.dcm")))
+    assert study.sources["image"].series.dropped_duplicates == len(study.sources["image"].series.records)
 
 
 def test_a_copy_with_different_pixels_fails_only_its_study(tree):
@@ -134,7 +137,7 @@ def test_a_copy_with_different_pixels_fails_only_its_study(tree):
     ds = pydicom.dcmread(altered)
     ds.PixelData = bytes(len(ds.PixelData))
     ds.save_as(altered)
-    cases = {c.case_id: c for c in discover_cases(tree)}
+    cases = {c.case_id: c for c in discover_cases(tree, ONE)}
     study = cases[pseudonym(_study_uid(copy))]
     assert study.kind == "error" and "with different pixels" in study.error and altered.name in study.error
     assert sum(c.kind == "dicom" for c in cases.values()) == 1  # study B still goes ahead
@@ -156,7 +159,7 @@ def test_an_unreadable_folder_fails_the_study_beside_it(tree, tmp_path):
     from pipelines.batch.cases import _study_cases
     from pipelines.io.dicom import scan_dicom
 
-    cases = {c.case_id: c for c in _study_cases(tree, scan_dicom(tree).records, errors, {})}
+    cases = {c.case_id: c for c in _study_cases(tree, scan_dicom(tree).records, errors, ONE)}
     failed = cases[pseudonym(_study_uid(study_b))]
     assert failed.kind == "error" and f"{hidden}: folder not readable" in failed.error
     assert cases[pseudonym(_study_uid(tree / "site_a" / "p1"))].kind == "dicom"
@@ -165,11 +168,11 @@ def test_an_unreadable_folder_fails_the_study_beside_it(tree, tmp_path):
 
 
 def test_manifest_cases_keep_their_ids_and_labels(tmp_path):
-    cases = discover_cases(MANIFEST, section="test", dataset_dir=DEMO)
+    cases = discover_cases(MANIFEST, ONE, section="test", dataset_dir=DEMO)
     entries = json.loads(MANIFEST.read_text())["test"]
     assert [c.case_id for c in cases] == sorted(e["case_id"] for e in entries)
     assert all(c.kind == "dicom" and c.label and Path(c.label).is_file() for c in cases)
-    nifti = discover_cases(MANIFEST, section="test", dataset_dir=DEMO, image_key="image")
+    nifti = discover_cases(MANIFEST, ONE, section="test", dataset_dir=DEMO, image_key="image")
     assert {c.kind for c in nifti} == {"file"}
 
 
@@ -178,20 +181,20 @@ def test_manifest_problems(tmp_path):
     manifest = tmp_path / "m.json"
     manifest.write_text(json.dumps({"test": [dict(entries[0]), dict(entries[1], case_id=entries[0]["case_id"])]}))
     with pytest.raises(BatchInputError, match=f"two inputs map to case id {entries[0]['case_id']}"):
-        discover_cases(manifest, dataset_dir=DEMO)
+        discover_cases(manifest, ONE, dataset_dir=DEMO)
     manifest.write_text(json.dumps({"test": [dict(entries[0], dicom="dicom/nowhere")]}))
-    (case,) = discover_cases(manifest, dataset_dir=DEMO)
+    (case,) = discover_cases(manifest, ONE, dataset_dir=DEMO)
     assert case.kind == "error" and "no such file or folder" in case.error
     with pytest.raises(BatchInputError, match="no entries in section 'validation'"):
-        discover_cases(manifest, section="validation", dataset_dir=DEMO)
+        discover_cases(manifest, ONE, section="validation", dataset_dir=DEMO)
 
 
 def test_nothing_to_do(tmp_path):
     (tmp_path / "a.txt").write_text("x")
     with pytest.raises(BatchInputError, match="no studies or image files"):
-        discover_cases(tmp_path)
+        discover_cases(tmp_path, ONE)
     with pytest.raises(BatchInputError, match="no such file"):
-        discover_cases(tmp_path / "missing")
+        discover_cases(tmp_path / "missing", ONE)
 
 
 def test_a_study_with_no_image_volume_gets_a_failed_case(tree):
@@ -206,6 +209,6 @@ def test_a_study_with_no_image_volume_gets_a_failed_case(tree):
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
         del ds.ImagePositionPatient, ds.ImageOrientationPatient
         ds.save_as(shots / f"shot{index}.dcm")
-    case = {c.case_id: c for c in discover_cases(tree)}[pseudonym(uid)]
+    case = {c.case_id: c for c in discover_cases(tree, ONE)}[pseudonym(uid)]
     assert case.kind == "error" and case.path == str(shots)
     assert case.error == "study holds no image volume: its 3 DICOM file(s) are Secondary Capture Image Storage without patient geometry"

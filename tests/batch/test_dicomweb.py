@@ -9,6 +9,7 @@ import highdicom as hd
 import pytest
 
 from pipelines.batch import BatchInputError, discover_cases, pseudonym, run_batch
+from pipelines.io import SeriesRules
 from tests import servers
 from tests.batch.conftest import BUNDLE, DEMO, demo_case
 
@@ -30,7 +31,7 @@ def _qido(url: str, path: str) -> list[dict]:
 
 def test_studies_from_dicomweb_segmented_and_pushed_back(orthanc, tmp_path):
     url, entries = orthanc
-    cases = discover_cases(url)
+    cases = discover_cases(url, {"image": SeriesRules()})
     assert [c.kind for c in cases] == ["dicomweb", "dicomweb"]
     out = tmp_path / "out"
     summary = run_batch(BUNDLE, url, out, workers=1, push=True)

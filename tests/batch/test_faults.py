@@ -279,13 +279,15 @@ def test_warnings_while_writing_go_to_the_record(tmp_path, monkeypatch, caplog):
     image = tmp_path / "in" / "scan.nii.gz"
     image.parent.mkdir()
     shutil.copy(DEMO / demo_case("test", 0)["image"], image)
-    save = runner_module.save_qc_picture
+    from pipelines.batch import qc as qc_module
+
+    save = qc_module.save_qc_picture
 
     def warning_save(path, *args, **kwargs):
         warnings.warn(f"odd pixels for {image}", RuntimeWarning, stacklevel=1)
         return save(path, *args, **kwargs)
 
-    monkeypatch.setattr(runner_module, "save_qc_picture", warning_save)
+    monkeypatch.setattr(qc_module, "save_qc_picture", warning_save)  # the QC output imports it when it writes
     with caplog.at_level("INFO"), warnings.catch_warnings(record=True) as shown:
         warnings.simplefilter("always")
         summary = run_batch(BUNDLE, tmp_path / "in", tmp_path / "out", workers=0)
@@ -296,9 +298,11 @@ def test_warnings_while_writing_go_to_the_record(tmp_path, monkeypatch, caplog):
 
 
 def test_record_warnings_are_distinct_capped_and_include_the_scan_s():
-    case = Case(case_id="case-000000000000", kind="file")
+    case = Case(case_id="case-000000000000")
     case.warnings = ["UserWarning: from the scan"]  # pipelines.batch.cases fills it while reading headers
     caught = [*(f"UserWarning: {i}" for i in range(60)), "UserWarning: 0", "UserWarning: from the scan"]
-    texts = runner_module._record_warnings(case, caught)
+    from pipelines.batch.notices import case_warnings
+
+    texts = case_warnings(case, caught)
     assert texts[:3] == ["UserWarning: from the scan", "UserWarning: 0", "UserWarning: 1"]
     assert len(texts) == 51 and texts[-1] == "... and 11 more warnings"

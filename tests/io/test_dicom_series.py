@@ -14,7 +14,6 @@ from pipelines.io import (
     CorruptFileError,
     InputDataError,
     InputNotFoundError,
-    InputPermissionError,
     NoImageDataError,
     dicom_references,
     load_volume,

@@ -19,7 +19,6 @@ from pydicom.uid import RLELossless, generate_uid
 from pipelines.io import (
     CorruptFileError,
     GeometryError,
-    InputPermissionError,
     InvalidValuesError,
     load_volume,
 )

@@ -17,7 +17,6 @@ hold the same pixels; copies that differ are an error naming both files.
 
 from __future__ import annotations
 
-import re
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -282,7 +281,8 @@ def select_series(candidates: Sequence[SeriesCandidate], rules: SeriesRules, sou
             f"{source}: the series holds {len(passing)} volumes; pass volume=k (0-based, in acquisition order) "
             f"or a rule that picks one:\n" + _listing(passing, numbered=True)
         )
-    hint = "narrow the rules" if rules.given else "give a selection rule (modality, description, image type, min_slices, orientation)"
+    hint = ("narrow the rules" if rules.given
+            else "give a selection rule (modality, description, image type, min_slices, orientation)")
     raise AmbiguousSeriesError(f"{source}: {len(passing)} DICOM series qualify; {hint}:\n" + _listing(passing))
 
 

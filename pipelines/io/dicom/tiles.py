@@ -87,7 +87,8 @@ def _siemens_mosaic(file: Path, ds, orientation, spacing) -> list[Tile]:
     stored_rows, stored_columns = int(ds.Rows), int(ds.Columns)
     if stored_rows % per_side or stored_columns % per_side:
         raise CorruptFileError(
-            f"{file}: MOSAIC of {count} images cannot tile a {stored_columns}x{stored_rows} frame in {per_side}x{per_side}"
+            f"{file}: MOSAIC of {count} images cannot tile a {stored_columns}x{stored_rows} frame in "
+            f"{per_side}x{per_side}"
         )
     rows, columns = stored_rows // per_side, stored_columns // per_side
     row_dir, col_dir = np.asarray(orientation[:3], float), np.asarray(orientation[3:], float)
@@ -123,7 +124,8 @@ def _uih_grid(file: Path, ds) -> list[Tile] | None:
     if not positions or not per_row or stored_rows % rows or stored_columns % columns or \
             len(positions) > per_row * (stored_rows // rows):
         raise CorruptFileError(
-            f"{file}: UIH grid of {len(positions)} tiles of {size} does not fit its {stored_columns}x{stored_rows} frame"
+            f"{file}: UIH grid of {len(positions)} tiles of {size} does not fit its "
+            f"{stored_columns}x{stored_rows} frame"
         )
     return [
         Tile(k, (k // per_row) * rows, (k % per_row) * columns, rows, columns, position)

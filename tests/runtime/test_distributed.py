@@ -9,11 +9,11 @@ import sys
 import pytest
 import torch.distributed as dist
 
-from pipelines.engines import end_process_group
+from pipelines.runtime.distributed import end_process_group
 from tests.conftest import REPO
 from tests.servers import free_port
 
-MODULE = REPO / "pipelines" / "engines" / "distributed.py"
+MODULE = REPO / "pipelines" / "runtime" / "distributed.py"
 
 # Rank 1 finishes first while rank 0 is still busy, as when rank 0 saves the last checkpoint: the
 # case that aborted at exit about one torchrun in ten with destroy_process_group alone (2 in 60 with a

@@ -1,4 +1,4 @@
-"""Ending a torchrun process group cleanly."""
+"""Ending a torchrun process group cleanly (training engines and the batch job alike)."""
 
 from __future__ import annotations
 

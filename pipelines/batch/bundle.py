@@ -1,0 +1,260 @@
+"""A bundle is the contract: what the batch job reads from ``configs/inference.json`` and
+``metadata.json``, loaded once for a run.
+
+Required config ids (a bundle without one is refused at start, naming it):
+
+- ``network_def``: the network.
+- ``preprocessing``: a ``Compose`` whose first transform loads the inputs (``LoadVolumed`` or MONAI's
+  ``LoadImaged``); its keys are the bundle's input keys, one or several. The batch job loads the
+  inputs itself (DICOM studies, files, DICOMweb) and runs the rest.
+- ``inferer``: the inferer (a MONAI ``Inferer``).
+- ``postprocessing``: applied as MONAI's ``SupervisedEvaluator`` applies it: to the preprocessed
+  data with the network output under ``pred``. It must leave the label map ``(1, *spatial)`` under
+  ``pred`` on the grid of the reference input (an ``Invertd`` back through the preprocessing does
+  that). Its saving transforms (``SaveImaged``) are left out: the batch job writes its own outputs.
+
+Optional config ids:
+
+- ``series_rules``: DICOM series rules (:class:`pipelines.io.SeriesRules` fields), for every input
+  key, or per input key (``{"t1c": {...}, "flair": {...}}``); over what the loading transform sets.
+- ``network_input_key``: the preprocessed key the network reads; required with several input keys
+  (a bundle that stacks channels names the stacked key), else the input key.
+- ``reference_key``: the input whose grid the label map is on; default the network input key when it
+  is an input key, else the first input key.
+- ``tta_inferer``: the inferer used with ``--tta`` (e.g. a ``TTAInferer`` wrapping ``@inferer``).
+- ``probabilities``: a transform applied like ``postprocessing`` that leaves class or region
+  probabilities ``(C, *spatial)`` under ``prob`` on the reference grid; used with ``--probabilities``.
+
+From ``metadata.json``: ``labels`` (label value -> name; default: the output's ``channel_def``
+without channel 0), optional ``regions`` (name -> label values, measured together), ``name``,
+``version`` and ``dicom_seg_segments`` (SNOMED CT codes for DICOM SEG).
+
+A bundle is code: its configs evaluate Python expressions when they are parsed. Run only bundles you
+trust. The weights load with ``torch.load(..., weights_only=True)`` (no pickled code).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from pipelines.batch.errors import BundleContractError
+from pipelines.io.hashing import content_hash
+from pipelines.io.rules import SeriesRules
+
+__all__ = ["OPTIONAL_IDS", "PRED", "PROB", "REQUIRED_IDS", "BundleModel", "bundle_hash"]
+
+REQUIRED_IDS = ("network_def", "preprocessing", "inferer", "postprocessing")
+OPTIONAL_IDS = ("series_rules", "network_input_key", "reference_key", "tta_inferer", "probabilities")
+PRED, PROB = "pred", "prob"  # MONAI's engine keys (CommonKeys.PRED) for the network output, and ours
+
+
+def bundle_hash(bundle_dir: str | os.PathLike, weights: str | os.PathLike | None = None) -> str:
+    """SHA-256 of what inference uses of a bundle: its ``configs`` folder (relative names and contents)
+    and the weights file (default ``models/model.pt``).
+
+    Other files in ``models/`` (a training run's ``last_checkpoint_*.pt``, exports) are left out: they
+    do not change the results, and a training run next to a batch job must not make its rerun redo
+    every case (nor cost a read of gigabytes of checkpoints at each start).
+    """
+    root = Path(bundle_dir)
+    weights_path = Path(weights) if weights else root / "models" / "model.pt"
+    return _bundle_digest(root, content_hash(weights_path) if weights_path.exists() else "")
+
+
+def _bundle_digest(root: Path, weights_sha256: str) -> str:
+    """:func:`bundle_hash` from the weights' SHA-256 already computed."""
+    configs = root / "configs"
+    parts = [content_hash(configs) if configs.exists() else "", weights_sha256]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def _loading_transform_types() -> tuple[type, ...]:
+    from monai.transforms import LoadImaged
+
+    from pipelines.transforms import LoadVolumed
+
+    return LoadVolumed, LoadImaged
+
+
+def _is_saver(transform) -> bool:
+    from monai.transforms import SaveImage, SaveImaged
+
+    return isinstance(transform, (SaveImage, SaveImaged))
+
+
+def _compose_without(compose, drop) -> object:
+    """``compose`` (a MONAI ``Compose``) without the transforms ``drop`` picks, its settings kept;
+    the transform objects themselves are shared (``Invertd`` matches them by identity)."""
+    from monai.transforms import Compose
+
+    kept = [t for t in compose.transforms if not drop(t)]
+    return Compose(kept, map_items=compose.map_items, unpack_items=compose.unpack_items, log_stats=compose.log_stats,
+                   lazy=compose.lazy, overrides=compose.overrides)
+
+
+class BundleModel:
+    """A bundle's inference, loaded once for a batch run (see the module docstring for the contract).
+
+    Args:
+        bundle_dir: the bundle folder.
+        device: where the network runs.
+        weights: weights file (default ``models/model.pt``): a state dict, or a checkpoint holding
+            one under ``model``.
+        tta: use the bundle's ``tta_inferer``.
+        probabilities: the run writes probabilities: the bundle's ``probabilities`` transform is needed.
+
+    Raises:
+        BundleContractError: a required config id (or one the options need) is missing, or
+            ``preprocessing`` does not start with a loading transform; the message names it.
+        FileNotFoundError: no bundle configs or weights.
+    """
+
+    def __init__(self, bundle_dir: str | os.PathLike, device: str | torch.device = "cpu",
+                 weights: str | os.PathLike | None = None, tta: bool = False, probabilities: bool = False) -> None:
+        from monai.bundle import ConfigParser
+
+        self.root = Path(bundle_dir).resolve()
+        config = self.root / "configs" / "inference.json"
+        meta_file = self.root / "configs" / "metadata.json"
+        for required in (config, meta_file):
+            if not required.is_file():
+                raise FileNotFoundError(f"{required}: missing; {self.root} is not a bundle with an inference config")
+        self.device = torch.device(device)
+        parser = ConfigParser()
+        parser.read_meta(str(meta_file))
+        parser.read_config(str(config))
+        parser["bundle_root"] = str(self.root)
+        parser["device"] = f"$torch.device('{self.device}')"
+        needed = [*REQUIRED_IDS, *(["tta_inferer"] if tta else []), *(["probabilities"] if probabilities else [])]
+        missing = [name for name in needed if name not in parser]
+        if missing:
+            why = {"tta_inferer": " (asked for by --tta)", "probabilities": " (asked for by --probabilities)"}
+            raise BundleContractError(
+                f"{config}: lacks the config id(s) " + ", ".join(f"`{m}`{why.get(m, '')}" for m in missing)
+                + "; see the README, 'The bundle contract'"
+            )
+        self.metadata: dict = json.loads(meta_file.read_text())
+        self.name = str(self.metadata.get("name", self.root.name))
+        self.version = str(self.metadata.get("version", ""))
+
+        preprocessing = parser.get_parsed_content("preprocessing")
+        transforms = list(getattr(preprocessing, "transforms", ()))
+        loading = _loading_transform_types()
+        if not transforms or not isinstance(transforms[0], loading):
+            raise BundleContractError(
+                f"{config}: `preprocessing` must be a Compose that starts with its loading transform "
+                f"({' or '.join(t.__name__ for t in loading)}), whose keys name the inputs; it starts with "
+                f"{type(transforms[0]).__name__ if transforms else 'nothing'}"
+            )
+        self.input_keys: tuple[str, ...] = tuple(str(k) for k in transforms[0].keys)
+        self.preprocessing = _compose_without(preprocessing, lambda t: t is transforms[0])
+        self.load_options = dict(getattr(getattr(transforms[0], "loader", None), "options", {}))
+        self.series_rules = self._rules(parser, transforms[0], config)
+        self.network_input_key = self._network_input_key(parser, config)
+        reference = parser.get("reference_key") or (
+            self.network_input_key if self.network_input_key in self.input_keys else self.input_keys[0])
+        if reference not in self.input_keys:
+            raise BundleContractError(f"{config}: `reference_key` must be one of the input keys "
+                                      f"{list(self.input_keys)}, got {reference!r}")
+        self.reference_key = str(reference)
+        self.postprocessing = _compose_without(parser.get_parsed_content("postprocessing"), _is_saver)
+        self.probability_transform = (
+            _compose_without(parser.get_parsed_content("probabilities"), _is_saver) if probabilities else None)
+        self.inferer = parser.get_parsed_content("tta_inferer" if tta else "inferer")
+
+        self.network = parser.get_parsed_content("network_def").to(self.device).eval()
+        self.weights_path = Path(weights) if weights else self.root / "models" / "model.pt"
+        if not self.weights_path.is_file():
+            raise FileNotFoundError(f"{self.weights_path}: bundle weights not found")
+        state = torch.load(self.weights_path, map_location=self.device, weights_only=True)
+        if isinstance(state, Mapping) and "model" in state and isinstance(state["model"], Mapping):
+            state = state["model"]
+        self.network.load_state_dict(state)
+        self.weights_sha256 = content_hash(self.weights_path)
+        self.bundle_sha256 = _bundle_digest(self.root, self.weights_sha256)  # the weights are read once
+        self.labels = self._labels(meta_file)
+        self.regions = {str(k): [int(v) for v in values] for k, values in (self.metadata.get("regions") or {}).items()}
+        self.segments = self._segments()
+
+    def _rules(self, parser, loader, config: Path) -> dict[str, SeriesRules]:
+        """Each input key's DICOM series rules: the loading transform's, then ``series_rules``."""
+        base = getattr(getattr(loader, "loader", None), "rules", None) or SeriesRules()
+        given = parser.get("series_rules") or {}
+        if not isinstance(given, Mapping):
+            raise BundleContractError(f"{config}: `series_rules` must be a mapping, got {type(given).__name__}")
+        per_key = (bool(given) and set(given) <= set(self.input_keys)
+                   and all(isinstance(v, Mapping) for v in given.values()))
+        try:
+            return {key: SeriesRules.of(base, **dict(given.get(key, {}) if per_key else given))
+                    for key in self.input_keys}
+        except (TypeError, ValueError) as exc:
+            raise BundleContractError(f"{config}: `series_rules`: {exc}") from exc
+
+    def _network_input_key(self, parser, config: Path) -> str:
+        key = parser.get("network_input_key")
+        if key is None:
+            if len(self.input_keys) > 1:
+                raise BundleContractError(
+                    f"{config}: several input keys {list(self.input_keys)}: define `network_input_key`, the "
+                    "preprocessed key the network reads"
+                )
+            return self.input_keys[0]
+        return str(key)
+
+    def _labels(self, meta_file: Path) -> dict[int, str]:
+        """Label value -> name: metadata ``labels``, else the output's ``channel_def`` without channel 0."""
+        given = self.metadata.get("labels")
+        if given is None:
+            outputs = self.metadata.get("network_data_format", {}).get("outputs", {})
+            channel_def = next(iter(outputs.values()), {}).get("channel_def", {}) if outputs else {}
+            given = {k: v for k, v in channel_def.items() if int(k) != 0}
+        labels = {int(k): str(v) for k, v in given.items() if int(k) != 0}
+        if not labels:
+            raise BundleContractError(f"{meta_file}: names no labels (`labels`, or an output `channel_def`)")
+        return labels
+
+    def _segments(self):
+        from pipelines.segment_codes import segments_from_metadata
+
+        return segments_from_metadata(self.metadata) if self.metadata.get("dicom_seg_segments") else None
+
+    def describe(self) -> dict:
+        """The model's identity for ``record.json``."""
+        return {
+            "bundle": self.root.name,
+            "name": self.name,
+            "version": self.version,
+            "weights": self.weights_path.name,
+            "weights_sha256": self.weights_sha256,
+            "bundle_sha256": self.bundle_sha256,
+        }
+
+    def preprocess(self, inputs: Mapping) -> dict:
+        """The loaded inputs (key -> ``(C, *spatial)`` MetaTensor) through the preprocessing."""
+        return self.preprocessing(dict(inputs))
+
+    @torch.no_grad()
+    def predict(self, data: Mapping) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The label map ``(1, *spatial)`` on the reference input's grid, and the probabilities there
+        (``probabilities`` runs only) or None, for preprocessed ``data``."""
+        from monai.data import MetaTensor
+
+        image = data[self.network_input_key]
+        with torch.inference_mode():
+            logits = self.inferer(image.as_tensor()[None].to(self.device), self.network)
+        # out of inference mode (the inverse transforms update tensors in place), on the CPU, with the
+        # input's metadata and transform trace, as the evaluator's decollated output has them
+        logits = logits[0].float().cpu().clone()
+        pred = MetaTensor(logits, meta=dict(image.meta), applied_operations=list(image.applied_operations))
+        probabilities = None
+        if self.probability_transform is not None:
+            probabilities = self.probability_transform({**data, PRED: pred.clone()})[PROB]
+            probabilities = torch.as_tensor(probabilities).float()
+        labels = self.postprocessing({**data, PRED: pred})[PRED]
+        return torch.as_tensor(labels), probabilities

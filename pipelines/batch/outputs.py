@@ -1,0 +1,280 @@
+"""What the batch job writes for a segmented case: a list of small outputs, each adding its files to
+the case folder and its fields to the record. A new output (a DICOM SR, an RTSTRUCT) joins by being
+added to the list :func:`default_outputs` makes.
+
+Every file is written under a temporary name and renamed when complete; ``record.json``, written
+last by :class:`Records`, lists the files of a complete case.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from pipelines.batch.cases import Case
+from pipelines.batch.notices import case_warnings
+from pipelines.io.writers import atomic_path, save_nifti
+
+__all__ = [
+    "CaseOutput", "DiceOutput", "DicomSegOutput", "MaskOutput", "MeasuresOutput", "Output", "ProbabilityOutput",
+    "QcOutput", "Records", "default_outputs",
+]
+
+logger = logging.getLogger(__name__)
+
+OUTPUT_FILES = ("mask.nii.gz", "mask.png", "seg.dcm", "prob.nii.gz", "qc.png", "qc_thumbnail.png")
+
+
+@dataclass
+class CaseOutput:
+    """A segmented case on its way out.
+
+    Attributes:
+        case: the case.
+        case_dir: its output folder.
+        sources: the loaded inputs (key -> ``(C, *spatial)`` MetaTensor).
+        reference_key: the input whose grid the label map is on.
+        labels: the label map ``(*spatial)`` on that grid.
+        probabilities: ``(C, *spatial)`` float32 there, or None.
+        record: the record being made; outputs add their fields.
+        files: the files written so far (names in ``case_dir``).
+    """
+
+    case: Case
+    case_dir: Path
+    sources: Mapping
+    reference_key: str
+    labels: np.ndarray
+    probabilities: np.ndarray | None = None
+    record: dict = field(default_factory=dict)
+    files: list[str] = field(default_factory=list)
+
+    @property
+    def reference(self):
+        return self.sources[self.reference_key]
+
+    @property
+    def affine(self) -> np.ndarray:
+        return np.asarray(self.reference.affine, dtype=np.float64)
+
+    @property
+    def is_picture(self) -> bool:
+        """A 2D section from a picture file: no physical size, no patient geometry."""
+        return self.reference.meta.get("source_format") == "picture"
+
+
+class Output:
+    """One kind of output. ``write`` adds files to ``out.case_dir`` (and their names to ``out.files``)
+    and fields to ``out.record``."""
+
+    def write(self, out: CaseOutput) -> None:
+        raise NotImplementedError
+
+
+class MaskOutput(Output):
+    """``mask.nii.gz``: the label map on the reference input's grid; ``mask.png`` for a picture."""
+
+    def write(self, out: CaseOutput) -> None:
+        dtype = np.uint8 if out.labels.max(initial=0) <= 255 else np.uint16
+        if out.is_picture:
+            from PIL import Image
+
+            with atomic_path(out.case_dir / "mask.png") as tmp:
+                Image.fromarray(np.ascontiguousarray(out.labels.T.astype(dtype))).save(tmp, format="PNG")
+            out.files.append("mask.png")
+        else:
+            save_nifti(out.labels, out.affine, out.case_dir / "mask.nii.gz", dtype=dtype)
+            out.files.append("mask.nii.gz")
+        spacing = np.linalg.norm(out.affine[:3, :3], axis=0)[: out.labels.ndim]
+        out.record["grid"] = {"shape": list(out.labels.shape), "spacing_mm": [round(float(s), 4) for s in spacing]}
+
+
+class ProbabilityOutput(Output):
+    """``prob.nii.gz``: the bundle's probabilities (``--probabilities``)."""
+
+    def write(self, out: CaseOutput) -> None:
+        if out.probabilities is not None:
+            save_nifti(out.probabilities, out.affine, out.case_dir / "prob.nii.gz", dtype=np.float32)
+            out.files.append("prob.nii.gz")
+
+
+class DicomSegOutput(Output):
+    """``seg.dcm``: a DICOM SEG referencing the reference input's source series (DICOM input, and a
+    bundle that declares ``dicom_seg_segments``), stored back with STOW-RS when pushing."""
+
+    def __init__(self, segments, algorithm: str, version: str, push_url: str | None = None) -> None:
+        self.segments, self.algorithm, self.version, self.push_url = segments, algorithm, version, push_url
+
+    def write(self, out: CaseOutput) -> None:
+        from pipelines.io import dicom_references
+
+        out.record["pushed"] = None
+        if not self.segments or not dicom_references(out.reference.meta):
+            return
+        from pipelines.io.dicom_seg import write_dicom_seg
+
+        write_dicom_seg(out.labels[None], out.reference.meta, self.segments, out.case_dir / "seg.dcm",
+                        algorithm_name=self.algorithm, algorithm_version=self.version, omit_empty_frames=True)
+        out.files.append("seg.dcm")
+        if self.push_url:
+            from pipelines.batch.dicomweb import push_instance
+
+            out.record["pushed"] = push_instance(self.push_url, out.case_dir / "seg.dcm")
+
+
+class MeasuresOutput(Output):
+    """Volumes per label (and region) in mL, lesions and the largest one's diameter for a volume;
+    pixel areas, fractions and objects per label for a 2D section."""
+
+    def __init__(self, labels: Mapping[int, str], regions: Mapping[str, Sequence[int]] | None = None) -> None:
+        self.labels, self.regions = dict(labels), dict(regions or {})
+
+    def write(self, out: CaseOutput) -> None:
+        from pipelines.batch.measures import lesion_measurements, region_volumes, section_measurements
+
+        if out.labels.ndim == 2:
+            out.record.update(section_measurements(out.labels, self.labels))
+            return
+        out.record.update(lesion_measurements(out.labels, out.affine, self.labels))
+        if self.regions:
+            out.record["regions_ml"] = region_volumes(out.labels, out.affine, self.regions)
+
+
+class QcOutput(Output):
+    """``qc.png`` (axial, coronal and sagittal slices through the largest lesion, or the section) and
+    ``qc_thumbnail.png`` for the run report. Follows :class:`MeasuresOutput` (it places the slices
+    and writes the caption from its fields)."""
+
+    def write(self, out: CaseOutput) -> None:
+        from pipelines.batch.qc import save_qc_picture
+
+        if "volumes_ml" in out.record:
+            parts = [f"{k} {v:.1f} mL" for k, v in out.record["volumes_ml"].items()]
+        else:
+            parts = [f"{k} {v:.1%}" for k, v in (out.record.get("area_fractions") or {}).items()]
+        largest = out.record.get("largest_lesion")
+        image = np.asarray(out.reference[0])
+        save_qc_picture(out.case_dir / "qc.png", image, out.labels, out.affine,
+                        point=largest["centre_voxel"] if largest else None,
+                        caption=f"{out.case.case_id}  " + "  ".join(parts), thumbnail=out.case_dir / "qc_thumbnail.png")
+        out.files += ["qc.png", "qc_thumbnail.png"]
+
+
+class DiceOutput(Output):
+    """Dice per label against a reference label file (manifest input with labels)."""
+
+    def __init__(self, labels: Mapping[int, str]) -> None:
+        self.labels = dict(labels)
+
+    def write(self, out: CaseOutput) -> None:
+        if not out.case.label:
+            return
+        from pipelines.batch.measures import dice_scores
+        from pipelines.io import load_volume
+        from pipelines.io.writers import resample_labels
+
+        reference = load_volume(out.case.label)
+        on_grid = resample_labels(reference.numpy(), np.asarray(reference.affine), out.labels.shape, out.affine)
+        out.record["dice"] = dice_scores(out.labels, on_grid, self.labels)
+
+
+def default_outputs(model, probabilities: bool = False, push_url: str | None = None) -> list[Output]:
+    """The batch job's outputs for ``model`` (a :class:`~pipelines.batch.bundle.BundleModel`), in order."""
+    outputs: list[Output] = [MaskOutput()]
+    if probabilities:
+        outputs.append(ProbabilityOutput())
+    outputs += [
+        DicomSegOutput(model.segments, model.name, model.version, push_url),
+        MeasuresOutput(model.labels, model.regions),
+        QcOutput(),
+        DiceOutput(model.labels),
+    ]
+    return outputs
+
+
+class Records:
+    """Writes each case's outputs (the list of :class:`Output`) and its ``record.json``, last.
+
+    Args:
+        output: the run's output folder.
+        outputs: what to write for a segmented case.
+        base: what every record holds (model, settings, run key, software).
+        reference_key: the bundle's reference input.
+    """
+
+    def __init__(self, output: Path, outputs: Sequence[Output], base: Mapping, reference_key: str) -> None:
+        self.output, self.outputs, self.base, self.reference_key = output, list(outputs), dict(base), reference_key
+
+    def _start(self, case: Case) -> Path:
+        case_dir = self.output / case.case_id
+        case_dir.mkdir(parents=True, exist_ok=True)
+        for name in ("record.json", *OUTPUT_FILES):
+            (case_dir / name).unlink(missing_ok=True)
+        return case_dir
+
+    def _record(self, case: Case) -> dict:
+        return {"case_id": case.case_id, "source": case.source(), "input_hash": case.input_hash, **self.base}
+
+    def failed(self, case: Case, error: str, timings: Mapping | None = None, warnings: Sequence[str] = ()) -> dict:
+        case_dir = self._start(case)
+        record = {**self._record(case), "status": "failed", "error": error, "outputs": [],
+                  "timings": dict(timings or {}), "warnings": case_warnings(case, warnings), "finished": _now()}
+        _write_record(case_dir, record)
+        # the reason can hold file or folder names, which may name the patient: it goes to the record only
+        logger.warning("%s: failed; the reason is in %s/record.json", case.case_id, case.case_id)
+        return record
+
+    def ok(self, case: Case, sources: Mapping, labels, probabilities, timings: dict, warnings: Sequence[str]) -> dict:
+        """Writes the outputs of a segmented case (``labels`` ``(1, *spatial)`` on the reference input's
+        grid) and its record. ``warnings``: the case's so far, a list that warnings raised while the
+        outputs are written join (:class:`~pipelines.batch.notices.CaseWarnings`). Raises what an
+        output raises (the caller records the failure)."""
+        import time
+
+        from pipelines.io import geometry_corrections
+
+        start = time.perf_counter()
+        reference = sources[self.reference_key]
+        label_map = np.asarray(labels)[0]
+        if label_map.shape != tuple(reference.shape[1:]):
+            raise RuntimeError(f"the prediction's grid {label_map.shape} differs from input "
+                               f"{self.reference_key!r}'s {tuple(reference.shape[1:])}: the bundle's postprocessing "
+                               f"must return the label map on the reference input's grid")
+        out = CaseOutput(case, self._start(case), sources, self.reference_key, label_map,
+                         None if probabilities is None else np.asarray(probabilities, dtype=np.float32),
+                         record=self._record(case))
+        for output in self.outputs:
+            output.write(out)
+        timings = dict(timings, write_s=time.perf_counter() - start)
+        timings["total_s"] = sum(v for k, v in timings.items() if k != "total_s")
+        out.record.update({
+            "status": "ok",
+            "error": None,
+            "outputs": out.files,
+            "geometry_corrections": geometry_corrections(reference.meta),
+            "timings": {k: round(v, 3) for k, v in timings.items()},
+            "warnings": case_warnings(case, warnings),  # read now: the outputs may have added some
+            "finished": _now(),
+        })
+        _write_record(out.case_dir, out.record)
+        if "volumes_ml" in out.record:
+            volumes = ", ".join(f"{k} {v} mL" for k, v in out.record["volumes_ml"].items())
+            logger.info("%s: ok (%s)", case.case_id, volumes)
+        else:
+            logger.info("%s: ok", case.case_id)
+        return out.record
+
+
+def _write_record(case_dir: Path, record: dict) -> None:
+    with atomic_path(case_dir / "record.json") as tmp:
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

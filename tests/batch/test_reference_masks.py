@@ -1,0 +1,63 @@
+"""The tumor bundle's batch outputs stay what they were before the batch job became bundle-generic.
+
+``reference_masks/`` holds the masks that commit 4ad7fd0 (the batch job before the change, with the
+network's earlier CPU kernels) wrote for the 8 test studies of the demo data set with the shipped
+weights (`unet-pipelines batch --bundle bundles/unet3d_tumor --input data_manifests/demo_tumor.json
+--dataset-dir demo_data --section test`). A mask may differ in a handful of voxels on another CPU:
+oneDNN picks kernels by instruction set, and a different summation order can flip the argmax where
+two classes tie to float32 rounding; the bound is 0.01% of a case's voxels (on the development
+machine none differ).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from pipelines.batch import run_batch
+from tests.batch.conftest import BUNDLE, DEMO, MANIFEST, demo_case
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+REFERENCES = Path(__file__).parent / "reference_masks"
+RECORD_FIELDS = {"case_id", "dice", "error", "finished", "geometry_corrections", "grid", "input_hash",
+                 "largest_lesion", "lesion_count", "model", "outputs", "pushed", "run_key", "settings", "software",
+                 "source", "status", "timings", "volumes_ml", "warnings"}
+
+
+@pytest.fixture(scope="module")
+def test_run(tmp_path_factory) -> Path:
+    demo_case("test", 0)  # skips without the demo data
+    out = tmp_path_factory.mktemp("reference") / "out"
+    summary = run_batch(BUNDLE, MANIFEST, out, section="test", dataset_dir=DEMO, workers=1)
+    assert (summary.done, summary.failed) == (8, [])
+    return out
+
+
+@pytest.mark.parametrize("case_id", sorted(p.name[: -len(".nii.gz")] for p in REFERENCES.glob("*.nii.gz")))
+def test_masks_equal_those_before_the_change(test_run, case_id):
+    reference = nib.load(REFERENCES / f"{case_id}.nii.gz")
+    mask = nib.load(test_run / case_id / "mask.nii.gz")
+    assert mask.shape == reference.shape and np.allclose(mask.affine, reference.affine, atol=1e-5)
+    differ = int((np.asarray(mask.dataobj) != np.asarray(reference.dataobj)).sum())
+    assert differ <= 1e-4 * np.prod(reference.shape), f"{differ} voxels differ"
+
+
+def test_records_keep_their_fields_and_segs_validate(test_run):
+    for record_path in sorted(test_run.glob("*/record.json")):
+        record = json.loads(record_path.read_text())
+        assert set(record) == RECORD_FIELDS and record["status"] == "ok"
+        assert record["outputs"] == ["mask.nii.gz", "seg.dcm", "qc.png", "qc_thumbnail.png"]
+        assert set(record["volumes_ml"]) == {"tumor", "edema"} and set(record["dice"]) == {"tumor", "edema"}
+    if shutil.which("dciodvfy") is None:
+        pytest.skip("dciodvfy not installed (make system-deps)")
+    for seg in sorted(test_run.glob("*/seg.dcm")):
+        result = subprocess.run(["dciodvfy", str(seg)], capture_output=True, text=True)
+        errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]
+        assert not errors, f"{seg}: {errors}"
