@@ -1,7 +1,9 @@
-"""Segmentation metrics usable as MONAI/Ignite metrics (``IgniteMetricHandler(metric_fn=...)``)."""
+"""Segmentation metrics: MONAI/Ignite metrics (``IgniteMetricHandler(metric_fn=...)``) for the EM challenge
+measures, and BraTS region and lesion-wise scores (:mod:`pipelines.metrics.brats`)."""
 
 from __future__ import annotations
 
+from .brats import BRATS_REGIONS, RegionScores, brats_scores
 from .segmentation_errors import (
     AdaptedRandErrorMetric,
     ClassDiceMetric,
@@ -12,9 +14,12 @@ from .segmentation_errors import (
 )
 
 __all__ = [
+    "BRATS_REGIONS",
     "AdaptedRandErrorMetric",
     "ClassDiceMetric",
     "PixelErrorMetric",
+    "RegionScores",
+    "brats_scores",
     "class_dice",
     "pixel_error",
     "rand_error",
