@@ -64,10 +64,18 @@ def _manifest_build(args: argparse.Namespace) -> int:
     from pipelines.data import build_manifest, write_manifest
     from pipelines.io.rules import SeriesRules
 
-    manifest, problems = build_manifest(
-        args.dataset_dir, images=args.images, labels=args.labels, progress=not args.quiet,
-        rules=SeriesRules.of(**_series_rules(args)),
-    )
+    if args.layout is not None:
+        from pipelines.data import build_brats_manifest
+
+        manifest, problems = build_brats_manifest(
+            args.dataset_dir, images=args.images, channels=args.channels,
+            layout=None if args.layout == "brats" else args.layout, progress=not args.quiet,
+        )
+    else:
+        manifest, problems = build_manifest(
+            args.dataset_dir, images=args.images, labels=args.labels, progress=not args.quiet,
+            rules=SeriesRules.of(**_series_rules(args)),
+        )
     write_manifest(manifest, args.output)
     print(f"wrote {args.output}: {len(manifest['training'])} cases")
     for problem in problems:
@@ -104,6 +112,12 @@ def _add_manifest_commands(commands) -> None:
     build.add_argument("--output", required=True, help="manifest file to write")
     build.add_argument("--images", default=".", help="sub-folder of cases: image files or one folder per DICOM study")
     build.add_argument("--labels", help="sub-folder of label files named after the cases")
+    build.add_argument("--layout", choices=("brats", "brats2023", "brats2021"),
+                       help="a BraTS download: one folder per case holding its channels and segmentation "
+                            "(brats: tell 2023 from 2021 by the folder names)")
+    build.add_argument("--channels", nargs="+", default=["t1n", "t1c", "t2w", "t2f"],
+                       choices=("t1n", "t1c", "t2w", "t2f"),
+                       help="with --layout: the channels that make each case's image, in this order")
     _add_series_rule_arguments(build)
     build.add_argument("--quiet", action="store_true", help="no progress bar")
     build.set_defaults(func=_manifest_build)

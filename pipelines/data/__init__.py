@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from .brats import BRATS_CHANNELS, build_brats_manifest
 from .manifest import (
     SECTIONS,
     CheckReport,
     build_manifest,
     check_manifest,
+    image_hash,
     load_manifest,
     manifest_schema,
     read_manifest,
@@ -16,10 +18,13 @@ from .manifest import (
 )
 
 __all__ = [
+    "BRATS_CHANNELS",
     "SECTIONS",
     "CheckReport",
+    "build_brats_manifest",
     "build_manifest",
     "check_manifest",
+    "image_hash",
     "load_manifest",
     "manifest_schema",
     "read_manifest",

@@ -14,7 +14,7 @@ import logging
 import os
 import random
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -28,6 +28,7 @@ __all__ = [
     "CheckReport",
     "build_manifest",
     "check_manifest",
+    "image_hash",
     "load_manifest",
     "manifest_schema",
     "read_manifest",
@@ -87,7 +88,8 @@ def load_manifest(
     The drop-in for ``monai.data.load_decathlon_datalist`` in bundle configs, with schema validation
     and path-traversal protection. ``image_key`` picks another path key of each case as its
     ``image`` (the demo manifest's ``dicom``: the same case as a DICOM study); a case without it is
-    an error naming the manifest and the case.
+    an error naming the manifest and the case. An ``image`` that lists one file per channel (a BraTS
+    case) stays a list, each path made absolute.
     """
     if section not in SECTIONS:
         raise ValueError(f"`section` must be one of {SECTIONS}, got {section!r}")
@@ -98,11 +100,21 @@ def load_manifest(
         if image_key not in entry:
             raise ManifestError(f"{path}: {section} case {entry.get('case_id', index)} has no {image_key!r} path")
         for key in {*_PATH_KEYS, image_key}:
-            if key in entry:
+            if isinstance(entry.get(key), list):  # one file per channel
+                entry[key] = [str(resolve_path(dataset_dir, item, path)) for item in entry[key]]
+            elif key in entry:
                 entry[key] = str(resolve_path(dataset_dir, entry[key], path))
         entry["image"] = entry[image_key]
         cases.append(entry)
     return cases
+
+
+def image_hash(files: Sequence[str | os.PathLike]) -> str:
+    """SHA-256 of a case's image: the file's (or study folder's) content hash, or for one file per
+    channel the hash of their hashes in channel order."""
+    if len(files) == 1:
+        return content_hash(files[0])
+    return hashlib.sha256("".join(content_hash(f) for f in files).encode()).hexdigest()
 
 
 def write_manifest(manifest: Mapping, path: str | os.PathLike) -> Path:
@@ -221,27 +233,30 @@ def check_manifest(path: str | os.PathLike, dataset_dir: str | os.PathLike, prog
         for key in _PATH_KEYS:
             if key not in case:
                 continue
+            paths = case[key] if isinstance(case[key], list) else [case[key]]
             try:
-                file = resolve_path(dataset_dir, case[key], path)
-                if file in seen_paths:
-                    report.problems.append(f"{where} {key}: {case[key]} is also {seen_paths[file]}")
-                seen_paths[file] = f"{where} {key}"
-                loaded[key] = load_volume(file, allow_nonfinite=False)
+                files = [resolve_path(dataset_dir, item, path) for item in paths]
+                for item, file in zip(paths, files):
+                    if file in seen_paths:
+                        report.problems.append(f"{where} {key}: {item} is also {seen_paths[file]}")
+                    seen_paths[file] = f"{where} {key}"
+                    loaded[f"{key} {item}" if len(paths) > 1 else key] = load_volume(file, allow_nonfinite=False)
             except (InputDataError, OSError) as exc:
                 report.problems.append(f"{where} {key}: {exc}")
                 continue
             if key == "image":
-                digest = content_hash(file)
+                digest = image_hash(files)
                 if case.get("sha256") not in (None, digest):
                     report.problems.append(f"{where} image: {case[key]} changed since the manifest was built (sha256)")
                 if digest in seen_hashes:
                     report.problems.append(f"{where} image: {case[key]} has the same content as {seen_hashes[digest]}")
                 seen_hashes.setdefault(digest, f"{where} {case[key]}")
-        if len(loaded) == 2:
+        volumes = [(name, volume) for name, volume in loaded.items() if name.split(" ")[0] in ("image", "label")]
+        for name, volume in volumes[1:]:  # every channel and the label on the first image's grid
             try:
-                check_same_grid(loaded["image"], loaded["label"])
+                check_same_grid(volumes[0][1], volume, volumes[0][0], name)
             except InputDataError as exc:
-                report.problems.append(f"{where} label: {exc}")
+                report.problems.append(f"{where} {name}: {exc}")
     for patient, sections in sorted(patients.items()):
         if {"training", "validation"} <= sections or ("test" in sections and len(sections) > 1):
             report.problems.append(f"patient {patient} appears in {sorted(sections)}: data leak between splits")
