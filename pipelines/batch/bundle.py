@@ -26,8 +26,10 @@ Optional config ids:
   probabilities ``(C, *spatial)`` under ``prob`` on the reference grid; used with ``--probabilities``.
 
 From ``metadata.json``: ``labels`` (label value -> name; default: the output's ``channel_def``
-without channel 0), optional ``regions`` (name -> label values, measured together), ``name``,
-``version`` and ``dicom_seg_segments`` (SNOMED CT codes for DICOM SEG).
+without channel 0), optional ``regions`` (name -> label values, measured together, and scored as
+BraTS scores its regions when a reference label exists), ``lesion_scoring`` (``dilation``,
+``min_lesion_mm3`` of the lesion-wise scores), ``name``, ``version`` and ``dicom_seg_segments``
+(SNOMED CT codes for DICOM SEG).
 
 A bundle is code: its configs evaluate Python expressions when they are parsed. Run only bundles you
 trust. The weights load with ``torch.load(..., weights_only=True)`` (no pickled code).
@@ -180,6 +182,7 @@ class BundleModel:
         self.bundle_sha256 = _bundle_digest(self.root, self.weights_sha256)  # the weights are read once
         self.labels = self._labels(meta_file)
         self.regions = {str(k): [int(v) for v in values] for k, values in (self.metadata.get("regions") or {}).items()}
+        self.lesion_scoring = self._lesion_scoring(meta_file)
         self.segments = self._segments()
 
     def _rules(self, parser, loader, config: Path) -> dict[str, SeriesRules]:
@@ -218,6 +221,19 @@ class BundleModel:
         if not labels:
             raise BundleContractError(f"{meta_file}: names no labels (`labels`, or an output `channel_def`)")
         return labels
+
+    def _lesion_scoring(self, meta_file: Path) -> dict:
+        """``lesion_scoring`` of the metadata: the lesion-wise scores' ``dilation`` (a whole number >= 0)
+        and ``min_lesion_mm3`` (>= 0); absent ones keep the BraTS glioma values (3 and 50)."""
+        given = self.metadata.get("lesion_scoring") or {}
+        allowed = {"dilation": int, "min_lesion_mm3": (int, float)}
+        if not isinstance(given, Mapping) or set(given) - set(allowed) or any(
+                isinstance(v, bool) or not isinstance(v, allowed[k]) or v < 0 for k, v in given.items()):
+            raise BundleContractError(
+                f"{meta_file}: `lesion_scoring` must map dilation (a whole number >= 0) and min_lesion_mm3 "
+                f"(a number >= 0), got {given!r}"
+            )
+        return dict(given)
 
     def _segments(self):
         from pipelines.segment_codes import segments_from_metadata

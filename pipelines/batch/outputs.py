@@ -167,10 +167,21 @@ class QcOutput(Output):
 
 
 class DiceOutput(Output):
-    """Dice per label against a reference label file (manifest input with labels)."""
+    """Scores against a reference label file (manifest input with labels): Dice per label, and for a
+    bundle that declares regions, per region Dice, HD95 and the BraTS lesion-wise scores
+    (:func:`pipelines.metrics.brats.brats_scores`; not for 2D pictures, which have no millimetres).
 
-    def __init__(self, labels: Mapping[int, str]) -> None:
+    Args:
+        labels: label value -> name.
+        regions: region name -> the label values it covers.
+        lesion_scoring: ``dilation`` and ``min_lesion_mm3`` for the lesion-wise scores.
+    """
+
+    def __init__(self, labels: Mapping[int, str], regions: Mapping[str, Sequence[int]] | None = None,
+                 lesion_scoring: Mapping | None = None) -> None:
         self.labels = dict(labels)
+        self.regions = dict(regions or {})
+        self.lesion_scoring = dict(lesion_scoring or {})
 
     def write(self, out: CaseOutput) -> None:
         if not out.case.label:
@@ -182,6 +193,15 @@ class DiceOutput(Output):
         reference = load_volume(out.case.label)
         on_grid = resample_labels(reference.numpy(), np.asarray(reference.affine), out.labels.shape, out.affine)
         out.record["dice"] = dice_scores(out.labels, on_grid, self.labels)
+        if self.regions and not out.is_picture:
+            from pipelines.metrics.brats import brats_scores
+
+            spacing = np.linalg.norm(out.affine[:3, :3], axis=0)
+            scores = brats_scores(out.labels, on_grid, spacing, self.regions, **self.lesion_scoring)
+            out.record["region_scores"] = {
+                name: {k: round(v, 4) if isinstance(v, float) else v for k, v in score.as_dict().items()}
+                for name, score in scores.items()
+            }
 
 
 def default_outputs(model, probabilities: bool = False, push_url: str | None = None) -> list[Output]:
@@ -193,7 +213,7 @@ def default_outputs(model, probabilities: bool = False, push_url: str | None = N
         DicomSegOutput(model.segments, model.name, model.version, push_url),
         MeasuresOutput(model.labels, model.regions),
         QcOutput(),
-        DiceOutput(model.labels),
+        DiceOutput(model.labels, model.regions, model.lesion_scoring),
     ]
     return outputs
 

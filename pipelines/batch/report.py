@@ -63,6 +63,9 @@ def _row(record: dict, names: dict[str, list[str]]) -> dict:
         row["largest_lesion_diameter_mm"] = largest.get("diameter_mm", "")
     for name, value in (record.get("dice") or {}).items():
         row[f"dice_{name}"] = "" if value is None else value
+    for name, scores in (record.get("region_scores") or {}).items():
+        for measure in ("dice", "hd95", "lesion_dice", "lesion_hd95"):
+            row[f"{name}_{measure}"] = scores.get(measure, "")
     row["seconds"] = (record.get("timings") or {}).get("total_s", "")
     return row
 

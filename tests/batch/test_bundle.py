@@ -16,7 +16,8 @@ from pydicom.uid import generate_uid
 
 from pipelines.batch import BundleContractError, BundleModel, pseudonym, run_batch
 from pipelines.io import load_volume
-from pipelines.io.writers import save_nifti
+from pipelines.io.writers import resample_labels, save_nifti
+from pipelines.metrics.brats import brats_scores
 from pipelines.networks import UNet
 from tests.batch.conftest import BUNDLE, DEMO, demo_case
 
@@ -68,10 +69,19 @@ def test_several_inputs_need_the_network_input_key(tmp_path):
         BundleModel(tumor_copy(tmp_path, two_inputs))
 
 
+@pytest.mark.parametrize("scoring", [{"dilation": -1}, {"dilation": 1.5}, {"min_lesion_mm3": "50"}, {"radius": 3}, [3]])
+def test_a_bad_lesion_scoring_is_refused(tmp_path, scoring):
+    bundle = tumor_copy(tmp_path, lambda config: None)
+    metadata = json.loads((bundle / "configs" / "metadata.json").read_text())
+    (bundle / "configs" / "metadata.json").write_text(json.dumps({**metadata, "lesion_scoring": scoring}))
+    with pytest.raises(BundleContractError, match=r"metadata\.json: `lesion_scoring` must map dilation"):
+        BundleModel(bundle)
+
+
 def test_the_tumor_bundle_reads_as_before():
     model = BundleModel(BUNDLE)
     assert model.input_keys == ("image",) and model.network_input_key == model.reference_key == "image"
-    assert model.labels == {1: "tumor", 2: "edema"} and model.regions == {}
+    assert model.labels == {1: "tumor", 2: "edema"} and model.regions == {} and model.lesion_scoring == {}
     assert [type(t).__name__ for t in model.postprocessing.transforms] == ["Activationsd", "AsDiscreted", "Invertd"]
 
 
@@ -103,7 +113,7 @@ TWO_INPUTS = {
     ]},
 }
 METADATA = {"name": "two-input region test", "version": "0.0.1", "labels": {"1": "whole", "2": "core"},
-            "regions": {"lesion": [1, 2]}}
+            "regions": {"lesion": [1, 2]}, "lesion_scoring": {"dilation": 1, "min_lesion_mm3": 100}}
 
 
 @pytest.fixture(scope="module")
@@ -169,11 +179,24 @@ def test_two_inputs_from_a_manifest_of_files(region_bundle, tmp_path):
         volume = load_volume(tmp_path / "dicom" / name)
         save_nifti(volume[0].numpy(), np.asarray(volume.affine), data / f"{name}.nii.gz")
     manifest = tmp_path / "m.json"
-    entry = {"case_id": "one", "image": "t1.nii.gz", "t1": "t1.nii.gz", "flair": "flair.nii.gz"}
+    t1, label = load_volume(data / "t1.nii.gz"), load_volume(DEMO / demo_case("test", 3)["label"])
+    on_t1 = resample_labels(label[0].numpy(), np.asarray(label.affine), t1.shape[1:], np.asarray(t1.affine))
+    save_nifti(on_t1.astype(np.uint8), np.asarray(t1.affine), data / "label.nii.gz")
+    entry = {"case_id": "one", "image": "t1.nii.gz", "t1": "t1.nii.gz", "flair": "flair.nii.gz",
+             "label": "label.nii.gz"}
     manifest.write_text(json.dumps({"test": [entry, {"case_id": "two", "image": "t1.nii.gz", "t1": "t1.nii.gz"}]}))
     summary = run_batch(region_bundle, manifest, tmp_path / "out", dataset_dir=data, workers=0)
     assert (summary.done, summary.failed) == (1, ["two"])
     from_files = json.loads((tmp_path / "out" / "one" / "record.json").read_text())
+    # scored against the label as BraTS scores regions, with the bundle's lesion_scoring
+    mask = np.asarray(nib.load(tmp_path / "out" / "one" / "mask.nii.gz").dataobj)
+    reference = np.asarray(nib.load(data / "label.nii.gz").dataobj)  # on the grid of t1.nii.gz
+    expected = brats_scores(mask, reference, t1.meta["spacing"], {"lesion": [1, 2]},
+                            dilation=1, min_lesion_mm3=100)["lesion"].as_dict()
+    assert from_files["region_scores"]["lesion"] == pytest.approx(expected, abs=1e-4)
+    assert set(from_files["dice"]) == {"whole", "core"}
+    header = (tmp_path / "out" / "report.csv").read_text().splitlines()[0].split(",")
+    assert {"lesion_dice", "lesion_hd95", "lesion_lesion_dice", "lesion_lesion_hd95"} <= set(header)
     assert from_files["source"]["inputs"]["flair"] == {"kind": "file", "path": str(data / "flair.nii.gz")}
     failed = json.loads((tmp_path / "out" / "two" / "record.json").read_text())
     assert "has no path for input 'flair'" in failed["error"]
