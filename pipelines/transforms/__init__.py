@@ -1,5 +1,5 @@
-"""Transforms: loading volumes, the U-Net paper's training recipe (weight map, elastic deformation),
-and post-processing (membranes, probabilities)."""
+"""Transforms: loading volumes, a study's channels on one grid (registration), the U-Net paper's
+training recipe (weight map, elastic deformation), and post-processing (membranes, probabilities)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from .intensity import ModalityNormalize, ModalityNormalized
 from .io import LoadVolume, LoadVolumed
 from .membrane import MembraneWatershed, MembraneWatershedd, membrane_watershed
 from .probabilities import FillBackground, FillBackgroundd, RegionsToLabels, RegionsToLabelsd
+from .registration import RegisterToReferenced, RegistrationError, register_rigid, resample_to
 from .weight_map import UNetWeightMap, UNetWeightMapd, unet_weight_map
 
 __all__ = [
@@ -23,8 +24,12 @@ __all__ = [
     "RandCoarseElasticd",
     "RegionsToLabels",
     "RegionsToLabelsd",
+    "RegisterToReferenced",
+    "RegistrationError",
     "UNetWeightMap",
     "UNetWeightMapd",
     "membrane_watershed",
+    "register_rigid",
+    "resample_to",
     "unet_weight_map",
 ]
