@@ -27,9 +27,10 @@ Optional config ids:
 
 From ``metadata.json``: ``labels`` (label value -> name; default: the output's ``channel_def``
 without channel 0), optional ``regions`` (name -> label values, measured together, and scored as
-BraTS scores its regions when a reference label exists), ``lesion_scoring`` (``dilation``,
-``min_lesion_mm3`` of the lesion-wise scores), ``name``, ``version`` and ``dicom_seg_segments``
-(SNOMED CT codes for DICOM SEG).
+BraTS scores its regions when a reference label exists), ``lesion_labels`` (the labels whose
+connected components are the lesions counted; default every foreground label), ``lesion_scoring``
+(``dilation``, ``min_lesion_mm3`` of the lesion-wise scores), ``name``, ``version`` and
+``dicom_seg_segments`` (SNOMED CT codes for DICOM SEG).
 
 A bundle is code: its configs evaluate Python expressions when they are parsed. Run only bundles you
 trust. The weights load with ``torch.load(..., weights_only=True)`` (no pickled code).
@@ -183,6 +184,7 @@ class BundleModel:
         self.labels = self._labels(meta_file)
         self.regions = {str(k): [int(v) for v in values] for k, values in (self.metadata.get("regions") or {}).items()}
         self.lesion_scoring = self._lesion_scoring(meta_file)
+        self.lesion_labels = self._lesion_labels(meta_file)
         self.segments = self._segments()
 
     def _rules(self, parser, loader, config: Path) -> dict[str, SeriesRules]:
@@ -234,6 +236,18 @@ class BundleModel:
                 f"(a number >= 0), got {given!r}"
             )
         return dict(given)
+
+    def _lesion_labels(self, meta_file: Path) -> list[int] | None:
+        """``lesion_labels`` of the metadata: the label values whose connected components are the lesions
+        counted and measured (a tumor's core without its edema); None for every foreground label."""
+        given = self.metadata.get("lesion_labels")
+        if given is None:
+            return None
+        if not isinstance(given, list) or not given or any(
+                isinstance(v, bool) or not isinstance(v, int) or v not in self.labels for v in given):
+            raise BundleContractError(
+                f"{meta_file}: `lesion_labels` must list label values among {sorted(self.labels)}, got {given!r}")
+        return list(given)
 
     def _segments(self):
         from pipelines.segment_codes import segments_from_metadata

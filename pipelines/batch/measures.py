@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -35,11 +35,13 @@ def max_diameter_mm(mask: np.ndarray, affine) -> float:
     return float(pdist(points).max())
 
 
-def lesion_measurements(labels: np.ndarray, affine, names: Mapping[int, str]) -> dict:
+def lesion_measurements(labels: np.ndarray, affine, names: Mapping[int, str],
+                        lesion_labels: Sequence[int] | None = None) -> dict:
     """Volumes and lesions of a label map ``(X, Y, Z)`` with an RAS ``affine`` in mm.
 
-    A lesion is a connected component (26-connectivity) of all foreground labels together, so a
-    tumor with its surrounding edema is one lesion.
+    A lesion is a connected component (26-connectivity) of the ``lesion_labels`` together (default:
+    every foreground label, so a tumor with its surrounding edema is one lesion). A bundle whose
+    lesions are its tumor cores names those labels, so two tumors in one edema count as two.
 
     Returns:
         ``volumes_ml`` per label name, ``lesion_count``, and for the largest lesion by volume
@@ -53,7 +55,8 @@ def lesion_measurements(labels: np.ndarray, affine, names: Mapping[int, str]) ->
     voxel_ml = _voxel_ml(affine)
     counts = np.bincount(labels.ravel().astype(np.int64), minlength=max(names, default=0) + 1)
     volumes = {name: round(float(counts[value]) * voxel_ml, 3) for value, name in sorted(names.items())}
-    components, count = ndimage.label(labels > 0, structure=np.ones((3, 3, 3), bool))
+    lesions = labels > 0 if lesion_labels is None else np.isin(labels, list(lesion_labels))
+    components, count = ndimage.label(lesions, structure=np.ones((3, 3, 3), bool))
     result = {"volumes_ml": volumes, "lesion_count": int(count), "largest_lesion": None}
     if count:
         sizes = np.bincount(components.ravel())[1:]

@@ -129,11 +129,14 @@ class DicomSegOutput(Output):
 
 
 class MeasuresOutput(Output):
-    """Volumes per label (and region) in mL, lesions and the largest one's diameter for a volume;
-    pixel areas, fractions and objects per label for a 2D section."""
+    """Volumes per label (and region) in mL, lesions (connected components of ``lesion_labels``, default
+    every foreground label) and the largest one's diameter for a volume; pixel areas, fractions and
+    objects per label for a 2D section."""
 
-    def __init__(self, labels: Mapping[int, str], regions: Mapping[str, Sequence[int]] | None = None) -> None:
+    def __init__(self, labels: Mapping[int, str], regions: Mapping[str, Sequence[int]] | None = None,
+                 lesion_labels: Sequence[int] | None = None) -> None:
         self.labels, self.regions = dict(labels), dict(regions or {})
+        self.lesion_labels = None if lesion_labels is None else list(lesion_labels)
 
     def write(self, out: CaseOutput) -> None:
         from pipelines.batch.measures import lesion_measurements, region_volumes, section_measurements
@@ -141,7 +144,7 @@ class MeasuresOutput(Output):
         if out.labels.ndim == 2:
             out.record.update(section_measurements(out.labels, self.labels))
             return
-        out.record.update(lesion_measurements(out.labels, out.affine, self.labels))
+        out.record.update(lesion_measurements(out.labels, out.affine, self.labels, self.lesion_labels))
         if self.regions:
             out.record["regions_ml"] = region_volumes(out.labels, out.affine, self.regions)
 
@@ -211,7 +214,7 @@ def default_outputs(model, probabilities: bool = False, push_url: str | None = N
         outputs.append(ProbabilityOutput())
     outputs += [
         DicomSegOutput(model.segments, model.name, model.version, push_url),
-        MeasuresOutput(model.labels, model.regions),
+        MeasuresOutput(model.labels, model.regions, model.lesion_labels),
         QcOutput(),
         DiceOutput(model.labels, model.regions, model.lesion_scoring),
     ]

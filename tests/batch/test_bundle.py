@@ -69,12 +69,20 @@ def test_several_inputs_need_the_network_input_key(tmp_path):
         BundleModel(tumor_copy(tmp_path, two_inputs))
 
 
-@pytest.mark.parametrize("scoring", [{"dilation": -1}, {"dilation": 1.5}, {"min_lesion_mm3": "50"}, {"radius": 3}, [3]])
-def test_a_bad_lesion_scoring_is_refused(tmp_path, scoring):
+LESION_SCORING = r"`lesion_scoring` must map dilation"
+LESION_LABELS = r"`lesion_labels` must list label values among \[1, 2\]"
+
+
+@pytest.mark.parametrize("key, value, message", [
+    *[("lesion_scoring", v, LESION_SCORING)
+      for v in ({"dilation": -1}, {"dilation": 1.5}, {"min_lesion_mm3": "50"}, {"radius": 3}, [3])],
+    *[("lesion_labels", v, LESION_LABELS) for v in ([3], [], "1", [True], [1.0])],
+])
+def test_malformed_optional_metadata_is_refused_by_name(tmp_path, key, value, message):
     bundle = tumor_copy(tmp_path, lambda config: None)
     metadata = json.loads((bundle / "configs" / "metadata.json").read_text())
-    (bundle / "configs" / "metadata.json").write_text(json.dumps({**metadata, "lesion_scoring": scoring}))
-    with pytest.raises(BundleContractError, match=r"metadata\.json: `lesion_scoring` must map dilation"):
+    (bundle / "configs" / "metadata.json").write_text(json.dumps({**metadata, key: value}))
+    with pytest.raises(BundleContractError, match=r"metadata\.json: " + message):
         BundleModel(bundle)
 
 
@@ -82,6 +90,7 @@ def test_the_tumor_bundle_reads_as_before():
     model = BundleModel(BUNDLE)
     assert model.input_keys == ("image",) and model.network_input_key == model.reference_key == "image"
     assert model.labels == {1: "tumor", 2: "edema"} and model.regions == {} and model.lesion_scoring == {}
+    assert model.lesion_labels == [1]  # a lesion is a tumor; its edema is measured, not counted
     assert [type(t).__name__ for t in model.postprocessing.transforms] == ["Activationsd", "AsDiscreted", "Invertd"]
 
 

@@ -22,6 +22,20 @@ def test_volumes_lesions_and_diameter_of_known_shapes():
     assert largest["centre_voxel"] == [8, 4, 2]  # centre of mass (7.5, 4, 2.5), rounded half to even
 
 
+def test_two_tumors_in_one_edema_are_two_lesions_when_lesions_are_tumors():
+    labels = np.zeros((40, 20, 20), np.uint8)
+    labels[2:30, 2:12, 2:12] = 2  # one edema
+    labels[4:8, 4:8, 4:8] = 1  # holding two separate tumors
+    labels[20:26, 4:8, 4:8] = 1
+    every_label = lesion_measurements(labels, np.eye(4), {1: "tumor", 2: "edema"})
+    assert every_label["lesion_count"] == 1 and every_label["largest_lesion"]["volume_ml"] == pytest.approx(2.8)
+    tumors = lesion_measurements(labels, np.eye(4), {1: "tumor", 2: "edema"}, lesion_labels=[1])
+    assert tumors["lesion_count"] == 2
+    assert tumors["largest_lesion"]["volume_ml"] == pytest.approx(6 * 16 / 1000)
+    assert tumors["largest_lesion"]["diameter_mm"] == pytest.approx(np.sqrt(5**2 + 3**2 + 3**2), abs=0.01)
+    assert tumors["volumes_ml"] == every_label["volumes_ml"]
+
+
 def test_diameter_of_a_ball_uses_the_convex_hull_and_physical_spacing():
     grid = np.indices((41, 41, 41)).astype(float)
     ball = ((grid - 20) ** 2).sum(0) <= 15**2
