@@ -16,6 +16,8 @@ ISBI_BUNDLE := bundles/unet2d_isbi2012
 TUMOR_BUNDLE := bundles/unet3d_tumor
 DEMO_DATA := $(CURDIR)/demo_data
 DEMO_MANIFEST := $(CURDIR)/data_manifests/demo_tumor.json
+DEMO_BRAIN := $(CURDIR)/demo_brain
+DEMO_BRAIN_MANIFEST := $(CURDIR)/data_manifests/demo_brain.json
 # minutes of demo training: epochs of 24 iterations (about 45 s each on 2 cores)
 DEMO_EPOCHS ?= 3
 PYTEST_ARGS ?=
@@ -29,11 +31,12 @@ PORT ?= 8000
 LABEL_ARGS ?=
 export UNET_LABEL_PYTHON := $(LABEL_PY)
 
-.PHONY: help venv label-venv label-server system-deps test demo demo-data demo-isbi bench clean
+.PHONY: help venv label-venv label-server system-deps test demo demo-data demo-brain demo-isbi bench clean
 
 help:
 	@echo "make demo   - create .venv, install, generate the demo data, train the 3D tumor bundle, run the batch job"
 	@echo "make demo-data - write the synthetic tumor data set to demo_data/ (and its manifest)"
+	@echo "make demo-brain - write the synthetic multi-parametric brain tumor studies to demo_brain/ (and manifest)"
 	@echo "make demo-isbi - train and run the U-Net ISBI 2012 bundle on ../shared/data/isbi2012"
 	@echo "make test   - create/refresh .venv and run the test suite (all but GPU tests)"
 	@echo "make bench  - benchmarks, with ratios against the peer measured in the same run"
@@ -79,7 +82,7 @@ system-deps:
 		exit $$status; \
 	fi
 
-test: $(STAMP) $(LABEL_STAMP) system-deps demo-data
+test: $(STAMP) $(LABEL_STAMP) system-deps demo-data demo-brain
 	$(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
 
 demo: $(STAMP) demo-data
@@ -111,6 +114,13 @@ demo-data: $(DEMO_DATA)/.written
 $(DEMO_DATA)/.written: $(STAMP) pipelines/demo/synthetic.py pipelines/demo/dataset.py pipelines/io/writers.py
 	@echo "== 1/4 write the synthetic demo data set to $(DEMO_DATA) =="
 	$(PY) -m pipelines demo-data --out $(DEMO_DATA) --manifest $(DEMO_MANIFEST)
+	touch $@
+
+demo-brain: $(DEMO_BRAIN)/.written
+
+$(DEMO_BRAIN)/.written: $(STAMP) pipelines/demo/brain.py pipelines/demo/brain_dataset.py pipelines/demo/dataset.py pipelines/io/writers.py
+	@echo "== write the synthetic brain tumor studies to $(DEMO_BRAIN) =="
+	$(PY) -m pipelines demo-brain --out $(DEMO_BRAIN) --manifest $(DEMO_BRAIN_MANIFEST)
 	touch $@
 
 demo-isbi: $(STAMP)

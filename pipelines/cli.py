@@ -149,6 +149,30 @@ def _demo_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_demo_command(commands, name: str, summary: str, description: str, out: str, manifest: str,
+                      cases: list[int], seed: int, func) -> argparse.ArgumentParser:
+    """A demo data set's subcommand with the options every one takes."""
+    demo = commands.add_parser(name, help=summary, description=description)
+    demo.add_argument("--out", default=out, help=f"data set folder (default: {out})")
+    demo.add_argument("--manifest", default=manifest, help="manifest to write ('' for none)")
+    demo.add_argument("--cases", type=int, nargs=3, default=cases, metavar=("TRAIN", "VAL", "TEST"))
+    demo.add_argument("--seed", type=int, default=seed)
+    demo.set_defaults(func=func)
+    return demo
+
+
+def _demo_brain(args: argparse.Namespace) -> int:
+    from pipelines.demo.brain_dataset import write_brain_demo
+
+    if len(args.cases) != 3 or min(args.cases) < 0:
+        raise ValueError(f"--cases must be three counts >= 0 (training validation test), got {args.cases}")
+    split = dict(zip(("training", "validation", "test"), args.cases))
+    write_brain_demo(args.out, args.manifest or None, split=split, seed=args.seed, workers=args.workers,
+                     progress=lambda line: print(line, flush=True))
+    print(f"wrote {sum(split.values())} studies to {args.out}" + (f", manifest {args.manifest}" if args.manifest else ""))
+    return 0
+
+
 def _batch(args: argparse.Namespace) -> int:
     import logging
 
@@ -275,18 +299,18 @@ def _parser() -> argparse.ArgumentParser:
     _add_manifest_commands(commands)
     _add_batch_command(commands)
     _add_label_command(commands)
-    demo = commands.add_parser(
-        "demo-data",
-        help="write the synthetic tumor data set (NIfTI, DICOM studies, manifest)",
-        description="Synthetic brain-tumor MR cases on the MNI152 anatomy shipped in nilearn: deterministic, "
-        "no download. Replaces --out.",
-    )
-    demo.add_argument("--out", default="demo_data", help="data set folder (default: demo_data)")
-    demo.add_argument("--manifest", default="data_manifests/demo_tumor.json", help="manifest to write ('' for none)")
-    demo.add_argument("--cases", type=int, nargs=3, default=[24, 8, 8], metavar=("TRAIN", "VAL", "TEST"))
-    demo.add_argument("--seed", type=int, default=0)
+    demo = _add_demo_command(
+        commands, "demo-data", "write the synthetic tumor data set (NIfTI, DICOM studies, manifest)",
+        "Synthetic brain-tumor MR cases on the MNI152 anatomy shipped in nilearn: deterministic, no download. "
+        "Replaces --out.", "demo_data", "data_manifests/demo_tumor.json", [24, 8, 8], 0, _demo_data)
     demo.add_argument("--no-dicom", action="store_true", help="NIfTI only")
-    demo.set_defaults(func=_demo_data)
+    brain = _add_demo_command(
+        commands, "demo-brain",
+        "write the synthetic multi-parametric brain tumor data set (DICOM studies, BraTS layout, manifest)",
+        "T1, T1c, T2 and FLAIR studies on the MNI152 anatomy shipped in nilearn, each series on its own grid, "
+        "BraTS 2023 labels: deterministic, no download. Replaces --out.", "demo_brain",
+        "data_manifests/demo_brain.json", [5, 2, 2], 1000, _demo_brain)
+    brain.add_argument("--workers", type=int, default=None, help="processes rendering cases (default: CPUs, 4 at most)")
     return parser
 
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 from pipelines.demo.synthetic import LABELS, load_template, make_case
 from pipelines.io.grid import LPS_TO_RAS
 
-__all__ = ["DEFAULT_SPLIT", "write_demo_data", "write_dicom_series"]
+__all__ = ["DEFAULT_SPLIT", "staged_folder", "write_demo_data", "write_dicom_series"]
 
 DEFAULT_SPLIT = {"training": 24, "validation": 8, "test": 8}
 
@@ -40,12 +41,17 @@ def write_dicom_series(
     patient_id: str,
     study_key: str,
     series_description: str = "T1 3D synthetic",
+    series_key: str | None = None,
+    series_number: int = 3,
+    attributes: Mapping[str, object] | None = None,
 ) -> list[Path]:
     """Write an unsigned 12-bit volume ``(X, Y, Z)`` with RAS ``affine`` as one axial MR series.
 
     Axis 0 must point to the patient's left or right, axis 1 to anterior or posterior and axis 2
     along the body axis (the demo's grids): each slice is flipped as needed so the files carry the
-    usual axial ImageOrientationPatient ``1\\0\\0\\0\\1\\0``. UIDs derive from ``study_key``.
+    usual axial ImageOrientationPatient ``1\\0\\0\\0\\1\\0``. UIDs derive from ``study_key``
+    (the study and its frame of reference) and ``series_key`` (the series of a study with several).
+    ``attributes`` set or replace DICOM attributes of every file (``ImageType``, ``EchoTime``, ...).
 
     Returns:
         The files, one per slice, ``IM00001.dcm`` upwards.
@@ -66,12 +72,13 @@ def write_dicom_series(
     spacing = np.diag(lps)[:3]
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    study_uid, series_uid = _uid(study_key, "study"), _uid(study_key, "series")
+    series = () if series_key is None else (series_key,)
+    study_uid, series_uid = _uid(study_key, "study"), _uid(study_key, *series, "series")
     frame_uid = _uid(study_key, "frame")
     paths = []
     for k in range(stored.shape[2]):
         position = lps[:3, :3] @ np.array([0.0, 0.0, k]) + lps[:3, 3]
-        sop_uid = _uid(study_key, "slice", k)
+        sop_uid = _uid(study_key, *series, "slice", k)
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = MRImageStorage, sop_uid
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
@@ -98,7 +105,7 @@ def write_dicom_series(
         ds.RepetitionTime, ds.EchoTime, ds.MagneticFieldStrength = "2300", "2.98", "3"
         ds.PatientPosition = "HFS"
         ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
-        ds.StudyID, ds.SeriesNumber, ds.AcquisitionNumber, ds.InstanceNumber = "1", 3, 1, k + 1
+        ds.StudyID, ds.SeriesNumber, ds.AcquisitionNumber, ds.InstanceNumber = "1", series_number, 1, k + 1
         ds.ImagePositionPatient = [f"{v:.6f}" for v in position]
         ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
         ds.FrameOfReferenceUID, ds.PositionReferenceIndicator = frame_uid, ""
@@ -109,10 +116,29 @@ def write_dicom_series(
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
         ds.WindowCenter, ds.WindowWidth = "1200", "2400"
         ds.PixelData = np.ascontiguousarray(stored[:, :, k].T, dtype="<u2").tobytes()
+        for keyword, value in (attributes or {}).items():
+            setattr(ds, keyword, value)
         path = folder / f"IM{k + 1:05d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+@contextmanager
+def staged_folder(out_dir: str | os.PathLike) -> Iterator[Path]:
+    """A temporary folder beside ``out_dir`` that replaces ``out_dir`` when the block succeeds and is
+    removed when it fails: an interrupted run leaves the previous data set intact."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        yield staging
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        staging.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def write_demo_data(
@@ -141,9 +167,6 @@ def write_demo_data(
     from pipelines.io.writers import save_nifti
 
     split = dict(DEFAULT_SPLIT if split is None else split)
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     template = load_template()
     manifest: dict = {
         "description": (
@@ -153,7 +176,7 @@ def write_demo_data(
             + ". Paths are relative to demo_data/; `dicom` is the same case as a DICOM MR study."
         )
     }
-    try:
+    with staged_folder(out_dir) as staging:
         index = 0
         for section, count in split.items():
             manifest[section] = []
@@ -183,12 +206,6 @@ def write_demo_data(
                 if progress is not None:
                     progress(f"{section} {case_id}: {stored.shape}, {case.lesions} lesion(s)")
                 index += 1
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     if manifest_path is not None:
         write_manifest(manifest, manifest_path)
     return manifest
