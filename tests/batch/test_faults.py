@@ -65,12 +65,20 @@ def _command(*args: str, bundle: Path = BUNDLE) -> list[str]:
     return [sys.executable, "-m", "pipelines", "batch", "--bundle", str(bundle), *args]
 
 
+def _signals_as_from_a_terminal() -> None:
+    """SIGINT and SIGTERM at their defaults in the job, as a command typed in a terminal has them. A
+    test run started in the background (``make test &``, CI runners) ignores SIGINT, its processes
+    inherit that, and the job rightly leaves a signal its caller ignores alone."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 @contextmanager
 def _started(command: list[str]):
     """The command running, its output piped; it and its processes (those in ``seen`` and its process
     group) are killed if still there at the end."""
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
+                               start_new_session=True, preexec_fn=_signals_as_from_a_terminal)
     seen: list[psutil.Process] = []
     try:
         yield process, seen
@@ -187,8 +195,7 @@ def test_permission_denied_mid_run_stops_the_run_like_a_full_disk(tmp_path):
 def test_a_signal_stops_the_run_cleanly_and_a_rerun_resumes(signum, tmp_path):
     demo_case("test", 0)  # skips without the demo data
     manifest = tmp_path / "manifest.json"
-    # all 8 test studies: the run must outlast the signal's way to it on a busy machine (4 took 4.5 s)
-    manifest.write_text(json.dumps({"test": json.loads(MANIFEST.read_text())["test"][:8]}))
+    manifest.write_text(json.dumps({"test": json.loads(MANIFEST.read_text())["test"][:4]}))
     out = tmp_path / "out"
     command = _command("--input", str(manifest), "--dataset-dir", str(DEMO), "--output", str(out), "--workers", "1")
     with _started(command) as (process, children):
@@ -203,12 +210,12 @@ def test_a_signal_stops_the_run_cleanly_and_a_rerun_resumes(signum, tmp_path):
     assert alive == []
     assert _partials(out) == [] and not (out / ".cache").exists()
     records = _finished(out)
-    assert 1 <= len(records) < 8
+    assert 1 <= len(records) < 4
     assert len((out / "report.csv").read_text().splitlines()) == 1 + len(records)
     result = subprocess.run([*command, "--quiet"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert f"{8 - len(records)} segmented, {len(records)} already complete, 0 failed" in result.stdout
-    assert len(_finished(out)) == 8
+    assert f"{4 - len(records)} segmented, {len(records)} already complete, 0 failed" in result.stdout
+    assert len(_finished(out)) == 4
 
 
 @pytest.fixture(scope="module")
