@@ -64,6 +64,11 @@ class CaseOutput:
         return np.asarray(self.reference.affine, dtype=np.float64)
 
     @property
+    def spacing(self) -> np.ndarray:
+        """Voxel size along each axis of the reference grid, from its affine."""
+        return np.linalg.norm(self.affine[:3, :3], axis=0)[: self.labels.ndim]
+
+    @property
     def is_picture(self) -> bool:
         """A 2D section from a picture file: no physical size, no patient geometry."""
         return self.reference.meta.get("source_format") == "picture"
@@ -91,8 +96,7 @@ class MaskOutput(Output):
         else:
             save_nifti(out.labels, out.affine, out.case_dir / "mask.nii.gz", dtype=dtype)
             out.files.append("mask.nii.gz")
-        spacing = np.linalg.norm(out.affine[:3, :3], axis=0)[: out.labels.ndim]
-        out.record["grid"] = {"shape": list(out.labels.shape), "spacing_mm": [round(float(s), 4) for s in spacing]}
+        out.record["grid"] = {"shape": list(out.labels.shape), "spacing_mm": [round(float(s), 4) for s in out.spacing]}
 
 
 class ProbabilityOutput(Output):
@@ -199,8 +203,7 @@ class DiceOutput(Output):
         if self.regions and not out.is_picture:
             from pipelines.metrics.brats import brats_scores
 
-            spacing = np.linalg.norm(out.affine[:3, :3], axis=0)
-            scores = brats_scores(out.labels, on_grid, spacing, self.regions, **self.lesion_scoring)
+            scores = brats_scores(out.labels, on_grid, out.spacing, self.regions, **self.lesion_scoring)
             out.record["region_scores"] = {
                 name: {k: round(v, 4) if isinstance(v, float) else v for k, v in score.as_dict().items()}
                 for name, score in scores.items()

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from pipelines.demo.synthetic import Template, _rotation, _smooth_field
+from pipelines.demo.synthetic import Template, _grid, _rotation, _smooth_field
 
 __all__ = ["BRATS_LABELS", "CHANNELS", "SEQUENCES", "TISSUE_LEVELS", "Acquisition", "BrainCase", "make_brain_case"]
 
@@ -115,11 +115,6 @@ def _tumor(rng, maps: dict[str, np.ndarray], centre: np.ndarray, radius: float, 
     return box, necrosis, enhancing, edema, displacement
 
 
-def _grid(shape, affine) -> np.ndarray:
-    index = np.indices(shape, dtype=np.float32).reshape(3, -1)
-    return (affine[:3, :3] @ index + affine[:3, 3:4]).astype(np.float32)
-
-
 def _sample(volume: np.ndarray, affine: np.ndarray, world: np.ndarray, order: int) -> np.ndarray:
     inverse = np.linalg.inv(affine)
     voxels = inverse[:3, :3] @ world + inverse[:3, 3:4]
@@ -188,7 +183,7 @@ def make_brain_case(template: Template, seed: int, tumors: int = 1, small: bool 
         grid_shape = tuple(int(v) for v in np.ceil(brain_extent / spacing))
         affine = np.diag([*spacing, 1.0])
         affine[:3, 3] = centre_world - spacing * (np.asarray(grid_shape) - 1) / 2.0
-        world = _grid(grid_shape, affine)
+        world = _grid(grid_shape, affine).reshape(3, -1)
         anatomy = np.linalg.inv(movement @ pose)
         points = anatomy[:3, :3] @ world + anatomy[:3, 3:4]
         image = _sample(contrast[contrast_name], canon_affine, points, order=1).reshape(grid_shape)
@@ -205,7 +200,7 @@ def make_brain_case(template: Template, seed: int, tumors: int = 1, small: bool 
         if moved and sequence != "t1n":
             notes.append(f"{sequence} moved {np.linalg.norm(movement[:3, 3]):.1f} mm")
     reference = acquisitions["t1n"]
-    world = _grid(reference.image.shape, reference.affine)
+    world = _grid(reference.image.shape, reference.affine).reshape(3, -1)
     anatomy = np.linalg.inv(pose)
     points = anatomy[:3, :3] @ world + anatomy[:3, 3:4]
     ref_label = _sample(label, canon_affine, points, order=0).reshape(reference.image.shape).astype(np.uint8)

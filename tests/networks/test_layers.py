@@ -6,7 +6,6 @@ import pytest
 import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
-from torch.utils.flop_counter import FlopCounterMode
 
 from pipelines.networks.layers import (
     MaxPool2x2d,
