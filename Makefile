@@ -151,12 +151,13 @@ demo-isbi: $(STAMP)
 	@echo "Demo training weights: $(DEMO)/isbi2012/models/model.pt"
 	@echo "MLflow UI: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(DEMO)/isbi2012/mlflow/mlruns.db --host 127.0.0.1"
 
-bench: $(STAMP) demo-data
+bench: $(STAMP) demo-data demo-brain
 	$(PY) benchmarks/bench_unet.py
 	$(PY) benchmarks/bench_io.py
 	$(PY) benchmarks/bench_inference.py
 	$(PY) benchmarks/bench_training.py --data $(DEMO_DATA)
 	$(PY) benchmarks/bench_batch.py --data $(DEMO_DATA)
+	$(PY) benchmarks/bench_brain.py --data $(DEMO_BRAIN)
 
 clean:
 	rm -rf $(DEMO) bench_output .pytest_cache

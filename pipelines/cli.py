@@ -309,7 +309,7 @@ def _parser() -> argparse.ArgumentParser:
         "write the synthetic multi-parametric brain tumor data set (DICOM studies, BraTS layout, manifest)",
         "T1, T1c, T2 and FLAIR studies on the MNI152 anatomy shipped in nilearn, each series on its own grid, "
         "BraTS 2023 labels: deterministic, no download. Replaces --out.", "demo_brain",
-        "data_manifests/demo_brain.json", [5, 2, 2], 1000, _demo_brain)
+        "data_manifests/demo_brain.json", [16, 3, 3], 1000, _demo_brain)
     brain.add_argument("--workers", type=int, default=None, help="processes rendering cases (default: CPUs, 4 at most)")
     return parser
 

@@ -64,3 +64,16 @@ def test_batch_bench_runs():
     )
     ratio = [line for line in result.stdout.splitlines() if line.startswith("ratio wall / inference")]
     assert len(ratio) == 1 and float(ratio[0].split()[4]) > 1.0  # the job includes the inference
+
+
+@pytest.mark.slow
+def test_brain_bench_runs():
+    if not (REPO / "demo_brain" / ".written").is_file():
+        pytest.skip("brain demo not written (make demo-brain)")
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_brain.py"), "--studies", "1", "--repeats", "1"],
+        capture_output=True, text=True, timeout=600, check=True,
+    )
+    lines = {line.split()[0]: line.split() for line in result.stdout.splitlines() if not line.startswith("==")}
+    assert {"load", "preprocess", "inference", "write", "wall", "ratio"} <= set(lines)
+    assert float(lines["ratio"][5]) > 0 and float(lines["wall"][4]) >= float(lines["inference"][1])

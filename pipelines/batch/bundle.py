@@ -29,8 +29,9 @@ From ``metadata.json``: ``labels`` (label value -> name; default: the output's `
 without channel 0), optional ``regions`` (name -> label values, measured together, and scored as
 BraTS scores its regions when a reference label exists), ``lesion_labels`` (the labels whose
 connected components are the lesions counted; default every foreground label), ``lesion_scoring``
-(``dilation``, ``min_lesion_mm3`` of the lesion-wise scores), ``name``, ``version`` and
-``dicom_seg_segments`` (SNOMED CT codes for DICOM SEG).
+(``dilation``, ``min_lesion_mm3`` of the lesion-wise scores), ``qc_inputs`` (the input keys the QC
+picture shows, one row each, as the preprocessing leaves them on the reference grid: FLAIR and T1c
+for a brain tumor), ``name``, ``version`` and ``dicom_seg_segments`` (SNOMED CT codes for DICOM SEG).
 
 A bundle is code: its configs evaluate Python expressions when they are parsed. Run only bundles you
 trust. The weights load with ``torch.load(..., weights_only=True)`` (no pickled code).
@@ -55,6 +56,14 @@ __all__ = ["OPTIONAL_IDS", "PRED", "PROB", "REQUIRED_IDS", "BundleModel", "bundl
 REQUIRED_IDS = ("network_def", "preprocessing", "inferer", "postprocessing")
 OPTIONAL_IDS = ("series_rules", "network_input_key", "reference_key", "tta_inferer", "probabilities")
 PRED, PROB = "pred", "prob"  # MONAI's engine keys (CommonKeys.PRED) for the network output, and ours
+
+
+def _optional(parser, config_id: str):
+    """An optional config id's value, its references and expressions resolved (``"@reference_channel"``,
+    ``"$@_meta_#series_rules"``); None when the config lacks it."""
+    if config_id not in parser:
+        return None
+    return parser.get_parsed_content(config_id)
 
 
 def bundle_hash(bundle_dir: str | os.PathLike, weights: str | os.PathLike | None = None) -> str:
@@ -160,7 +169,7 @@ class BundleModel:
         self.load_options = dict(getattr(getattr(transforms[0], "loader", None), "options", {}))
         self.series_rules = self._rules(parser, transforms[0], config)
         self.network_input_key = self._network_input_key(parser, config)
-        reference = parser.get("reference_key") or (
+        reference = _optional(parser, "reference_key") or (
             self.network_input_key if self.network_input_key in self.input_keys else self.input_keys[0])
         if reference not in self.input_keys:
             raise BundleContractError(f"{config}: `reference_key` must be one of the input keys "
@@ -186,11 +195,12 @@ class BundleModel:
         self.lesion_scoring = self._lesion_scoring(meta_file)
         self.lesion_labels = self._lesion_labels(meta_file)
         self.segments = self._segments()
+        self.qc_inputs = self._qc_inputs(meta_file)
 
     def _rules(self, parser, loader, config: Path) -> dict[str, SeriesRules]:
         """Each input key's DICOM series rules: the loading transform's, then ``series_rules``."""
         base = getattr(getattr(loader, "loader", None), "rules", None) or SeriesRules()
-        given = parser.get("series_rules") or {}
+        given = _optional(parser, "series_rules") or {}
         if not isinstance(given, Mapping):
             raise BundleContractError(f"{config}: `series_rules` must be a mapping, got {type(given).__name__}")
         per_key = (bool(given) and set(given) <= set(self.input_keys)
@@ -201,8 +211,17 @@ class BundleModel:
         except (TypeError, ValueError) as exc:
             raise BundleContractError(f"{config}: `series_rules`: {exc}") from exc
 
+    def _qc_inputs(self, meta_file: Path) -> list[str]:
+        """``qc_inputs`` of the metadata: the input keys the QC picture shows, one row each, as the
+        preprocessing leaves them on the reference grid (default: the reference input as loaded)."""
+        given = self.metadata.get("qc_inputs") or []
+        if not isinstance(given, list) or any(key not in self.input_keys for key in given):
+            raise BundleContractError(f"{meta_file}: `qc_inputs` must list input keys among {list(self.input_keys)}, "
+                                      f"got {given!r}")
+        return [str(key) for key in given]
+
     def _network_input_key(self, parser, config: Path) -> str:
-        key = parser.get("network_input_key")
+        key = _optional(parser, "network_input_key")
         if key is None:
             if len(self.input_keys) > 1:
                 raise BundleContractError(

@@ -335,7 +335,6 @@ def _from_manifest(path: Path, section: str, dataset_dir, image_key: str | None,
     import json
 
     from pipelines.data import load_manifest
-    from pipelines.data.manifest import resolve_path
 
     with open(path) as handle:
         raw = json.load(handle)
@@ -353,7 +352,7 @@ def _from_manifest(path: Path, section: str, dataset_dir, image_key: str | None,
         case = Case(case_id=case_id, path=str(first or path), label=entry.get("label"))
         try:
             paths = {next(iter(inputs)): first} if single else {
-                k: resolve_path(base, raw[section][index][k], path) for k in inputs}
+                k: _input_path(raw[section][index], k, key, base, path) for k in inputs}
         except KeyError as exc:
             case.error = (f"{path}: {section} entry {case_id} has no path for input {exc.args[0]!r} "
                           f"({', '.join(inputs)})")
@@ -366,6 +365,22 @@ def _from_manifest(path: Path, section: str, dataset_dir, image_key: str | None,
                 break
         cases.append(case)
     return cases
+
+
+def _input_path(entry: Mapping, input_key: str, image_key: str, base: Path, manifest: Path) -> Path:
+    """Where a manifest entry keeps one input of a bundle of several: under the input's own key; as
+    the file of that channel in an ``image`` list with ``channels`` (BraTS layout); or in the study
+    folder the entry's image key names, whose series the input's rules pick. KeyError otherwise."""
+    from pipelines.data.manifest import resolve_path
+
+    image = entry.get(image_key)
+    if input_key in entry:
+        return resolve_path(base, entry[input_key], manifest)
+    if isinstance(image, list) and input_key in (entry.get("channels") or []):
+        return resolve_path(base, image[list(entry["channels"]).index(input_key)], manifest)
+    if isinstance(image, str) and (where := resolve_path(base, image, manifest)).is_dir():
+        return where
+    raise KeyError(input_key)
 
 
 def _entry_source(case: Case, key: str, where: Path, inputs: Mapping[str, SeriesRules],

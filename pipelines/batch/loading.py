@@ -84,6 +84,11 @@ class _CaseLoader(torch.utils.data.Dataset):
 
 
 def describe_error(exc: BaseException) -> str:
+    """The reason a record gives: the error's own text (through MONAI's "applying transform ..."
+    wrappers, to the error the transform raised), its type named unless it is a ValueError or
+    OSError, whose texts name the file and the problem."""
+    while isinstance(exc, RuntimeError) and str(exc).startswith("applying transform") and exc.__cause__ is not None:
+        exc = exc.__cause__
     text = str(exc).strip() or type(exc).__name__
     return text if isinstance(exc, ValueError | OSError) else f"{type(exc).__name__}: {text}"
 

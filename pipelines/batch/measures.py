@@ -35,6 +35,9 @@ def max_diameter_mm(mask: np.ndarray, affine) -> float:
     return float(pdist(points).max())
 
 
+MAX_LESIONS_LISTED = 20  # a record lists this many lesions, the largest; lesion_count counts them all
+
+
 def lesion_measurements(labels: np.ndarray, affine, names: Mapping[int, str],
                         lesion_labels: Sequence[int] | None = None) -> dict:
     """Volumes and lesions of a label map ``(X, Y, Z)`` with an RAS ``affine`` in mm.
@@ -44,10 +47,10 @@ def lesion_measurements(labels: np.ndarray, affine, names: Mapping[int, str],
     lesions are its tumor cores names those labels, so two tumors in one edema count as two.
 
     Returns:
-        ``volumes_ml`` per label name, ``lesion_count``, and for the largest lesion by volume
-        ``largest_lesion`` with ``volume_ml``, ``diameter_mm`` (maximum Feret diameter) and
-        ``centre_voxel`` (index of its centre of mass, used to place the QC slices); ``None``
-        without lesions.
+        ``volumes_ml`` per label name, ``lesion_count``, ``lesions``: the largest
+        :data:`MAX_LESIONS_LISTED` lesions by volume, each with ``volume_ml``, ``diameter_mm``
+        (maximum Feret diameter) and ``centre_voxel`` (index of its centre of mass, used to place
+        the QC slices), and ``largest_lesion``, the first of them (``None`` without lesions).
     """
     from scipy import ndimage
 
@@ -57,16 +60,20 @@ def lesion_measurements(labels: np.ndarray, affine, names: Mapping[int, str],
     volumes = {name: round(float(counts[value]) * voxel_ml, 3) for value, name in sorted(names.items())}
     lesions = labels > 0 if lesion_labels is None else np.isin(labels, list(lesion_labels))
     components, count = ndimage.label(lesions, structure=np.ones((3, 3, 3), bool))
-    result = {"volumes_ml": volumes, "lesion_count": int(count), "largest_lesion": None}
+    result = {"volumes_ml": volumes, "lesion_count": int(count), "lesions": [], "largest_lesion": None}
     if count:
         sizes = np.bincount(components.ravel())[1:]
-        largest = int(np.argmax(sizes)) + 1
-        mask = components == largest
-        result["largest_lesion"] = {
-            "volume_ml": round(float(sizes[largest - 1]) * voxel_ml, 3),
-            "diameter_mm": round(max_diameter_mm(mask, affine), 2),
-            "centre_voxel": [int(round(c)) for c in ndimage.center_of_mass(mask)],
-        }
+        boxes = ndimage.find_objects(components)
+        for index in np.argsort(-sizes, kind="stable")[:MAX_LESIONS_LISTED]:
+            box = boxes[index]
+            mask = np.zeros(labels.shape, bool)
+            mask[box] = components[box] == index + 1
+            result["lesions"].append({
+                "volume_ml": round(float(sizes[index]) * voxel_ml, 3),
+                "diameter_mm": round(max_diameter_mm(mask, affine), 2),
+                "centre_voxel": [int(round(c)) for c in ndimage.center_of_mass(mask)],
+            })
+        result["largest_lesion"] = result["lesions"][0]
     return result
 
 

@@ -12,7 +12,7 @@ import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +42,8 @@ class CaseOutput:
         reference_key: the input whose grid the label map is on.
         labels: the label map ``(*spatial)`` on that grid.
         probabilities: ``(C, *spatial)`` float32 there, or None.
+        views: input key -> ``(*spatial)`` volume on that grid (the bundle's ``qc_inputs`` as the
+            preprocessing aligned them), for the QC picture.
         record: the record being made; outputs add their fields.
         files: the files written so far (names in ``case_dir``).
     """
@@ -52,6 +54,7 @@ class CaseOutput:
     reference_key: str
     labels: np.ndarray
     probabilities: np.ndarray | None = None
+    views: Mapping = field(default_factory=dict)
     record: dict = field(default_factory=dict)
     files: list[str] = field(default_factory=list)
 
@@ -154,8 +157,9 @@ class MeasuresOutput(Output):
 
 
 class QcOutput(Output):
-    """``qc.png`` (axial, coronal and sagittal slices through the largest lesion, or the section) and
-    ``qc_thumbnail.png`` for the run report. Follows :class:`MeasuresOutput` (it places the slices
+    """``qc.png`` (axial, coronal and sagittal slices through the largest lesion, or the section; a
+    row per input the bundle's ``qc_inputs`` names, e.g. FLAIR and T1c) and ``qc_thumbnail.png`` for
+    the run report. Follows :class:`MeasuresOutput` (it places the slices
     and writes the caption from its fields)."""
 
     def write(self, out: CaseOutput) -> None:
@@ -166,7 +170,8 @@ class QcOutput(Output):
         else:
             parts = [f"{k} {v:.1%}" for k, v in (out.record.get("area_fractions") or {}).items()]
         largest = out.record.get("largest_lesion")
-        image = np.asarray(out.reference[0])
+        views = {key: view for key, view in out.views.items() if np.shape(view) == out.labels.shape}
+        image = views or np.asarray(out.reference[0])
         save_qc_picture(out.case_dir / "qc.png", image, out.labels, out.affine,
                         point=largest["centre_voxel"] if largest else None,
                         caption=f"{out.case.case_id}  " + "  ".join(parts), thumbnail=out.case_dir / "qc_thumbnail.png")
@@ -256,7 +261,8 @@ class Records:
         logger.warning("%s: failed; the reason is in %s/record.json", case.case_id, case.case_id)
         return record
 
-    def ok(self, case: Case, sources: Mapping, labels, probabilities, timings: dict, warnings: Sequence[str]) -> dict:
+    def ok(self, case: Case, sources: Mapping, labels, probabilities, timings: dict, warnings: Sequence[str],
+           views: Mapping | None = None) -> dict:
         """Writes the outputs of a segmented case (``labels`` ``(1, *spatial)`` on the reference input's
         grid) and its record. ``warnings``: the case's so far, a list that warnings raised while the
         outputs are written join (:class:`~pipelines.batch.notices.CaseWarnings`). Raises what an
@@ -274,7 +280,7 @@ class Records:
                                f"must return the label map on the reference input's grid")
         out = CaseOutput(case, self._start(case), sources, self.reference_key, label_map,
                          None if probabilities is None else np.asarray(probabilities, dtype=np.float32),
-                         record=self._record(case))
+                         views=dict(views or {}), record=self._record(case))
         for output in self.outputs:
             output.write(out)
         timings = dict(timings, write_s=time.perf_counter() - start)
@@ -284,6 +290,7 @@ class Records:
             "error": None,
             "outputs": out.files,
             "geometry_corrections": geometry_corrections(reference.meta),
+            **_registration(sources),
             "timings": {k: round(v, 3) for k, v in timings.items()},
             "warnings": case_warnings(case, warnings),  # read now: the outputs may have added some
             "finished": _now(),
@@ -297,10 +304,18 @@ class Records:
         return out.record
 
 
+def _registration(sources: Mapping) -> dict:
+    """``{"registration": {input: how it was aligned with the reference}}`` when the bundle's
+    preprocessing registered inputs (:class:`pipelines.transforms.RegisterToReferenced`), else {}."""
+    found = {key: source.meta["registration"] for key, source in sources.items()
+             if "registration" in getattr(source, "meta", {})}
+    return {"registration": found} if found else {}
+
+
 def _write_record(case_dir: Path, record: dict) -> None:
     with atomic_path(case_dir / "record.json") as tmp:
         tmp.write_text(json.dumps(record, indent=2) + "\n")
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")

@@ -4,7 +4,7 @@ section with its labels."""
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -49,46 +49,64 @@ def _panel(image2d: np.ndarray, labels2d: np.ndarray, spacing2d: Sequence[float]
     return Image.fromarray(overlay_slice(grey, lab))
 
 
-def qc_picture(image: np.ndarray, labels: np.ndarray, affine, point: Sequence[int] | None = None,
+def qc_picture(image, labels: np.ndarray, affine, point: Sequence[int] | None = None,
                caption: str = "") -> Image.Image:
     """RGB picture: axial | coronal | sagittal slices through ``point`` (voxel index; default the
     volume's centre) of ``image`` ``(X, Y, Z)`` with ``labels`` blended on top, at true aspect ratio;
     for a 2D section ``(X, Y)`` (a picture, x along its columns) the section with its labels.
 
+    ``image`` may also map names to volumes of the labels' shape (the channels of a multi-parametric
+    study, e.g. FLAIR and T1c on the reference grid): one row of the three views per volume, named.
     The display follows radiological convention whatever the storage order of the volume.
     """
-    image = np.asarray(image, np.float32)
+    images = dict(image) if isinstance(image, Mapping) else {"": image}
     labels = np.asarray(labels).astype(np.uint8)
-    if image.shape != labels.shape or image.ndim not in (2, 3):
-        raise ValueError(f"`image` and `labels` must be 2D or 3D arrays of one shape, got {image.shape} and {labels.shape}")
-    if image.ndim == 2:
-        return _captioned([("section", Image.fromarray(overlay_slice(image.T, labels.T)))], caption)
+    if not images:
+        raise ValueError("`image` names no volume")
+    rows = []
+    for name, volume in images.items():
+        volume = np.asarray(volume, np.float32)
+        if volume.shape != labels.shape or volume.ndim not in (2, 3):
+            raise ValueError(f"`image` {name + ' ' if name else ''}and `labels` must be 2D or 3D arrays of one shape, "
+                             f"got {volume.shape} and {labels.shape}")
+        prefix = f"{name} " if name else ""
+        if volume.ndim == 2:
+            rows.append([(f"{prefix}section", Image.fromarray(overlay_slice(volume.T, labels.T)))])
+        else:
+            rows.append(_views(volume, labels, affine, point, prefix))
+    return _captioned(rows, caption)
+
+
+def _views(image: np.ndarray, labels: np.ndarray, affine, point: Sequence[int] | None, prefix: str) -> list:
     if point is None:
         point = [s // 2 for s in labels.shape]
     image, labels, (i, j, k), spacing = _canonical(image, labels, affine, point)
     fov = max(n * s for n, s in zip(labels.shape, spacing))
     mm_per_px = fov / _PANEL_PX
-    panels = [
-        ("axial", _panel(image[:, :, k], labels[:, :, k], (spacing[0], spacing[1]), mm_per_px)),
-        ("coronal", _panel(image[:, j, :], labels[:, j, :], (spacing[0], spacing[2]), mm_per_px)),
-        ("sagittal", _panel(image[i, :, :], labels[i, :, :], (spacing[1], spacing[2]), mm_per_px)),
+    return [
+        (f"{prefix}axial", _panel(image[:, :, k], labels[:, :, k], (spacing[0], spacing[1]), mm_per_px)),
+        (f"{prefix}coronal", _panel(image[:, j, :], labels[:, j, :], (spacing[0], spacing[2]), mm_per_px)),
+        (f"{prefix}sagittal", _panel(image[i, :, :], labels[i, :, :], (spacing[1], spacing[2]), mm_per_px)),
     ]
-    return _captioned(panels, caption)
 
 
-def _captioned(panels: list[tuple[str, Image.Image]], caption: str) -> Image.Image:
-    """The panels side by side, each named above it, the caption below."""
-    width = sum(p.width for _, p in panels) + 4 * (len(panels) - 1)
-    height = max(p.height for _, p in panels) + 2 * _CAPTION_PX
-    canvas = Image.new("RGB", (width, height), (0, 0, 0))
+def _captioned(rows: list[list[tuple[str, Image.Image]]], caption: str) -> Image.Image:
+    """Each row's panels side by side, each named above it; the rows one below the other; the caption
+    below."""
+    width = max(sum(p.width for _, p in row) + 4 * (len(row) - 1) for row in rows)
+    heights = [max(p.height for _, p in row) + _CAPTION_PX for row in rows]
+    canvas = Image.new("RGB", (width, sum(heights) + _CAPTION_PX), (0, 0, 0))
     draw = ImageDraw.Draw(canvas)
-    x = 0
-    for name, panel in panels:
-        canvas.paste(panel, (x, _CAPTION_PX))
-        draw.text((x + 4, 2), name, fill=(255, 255, 255))
-        x += panel.width + 4
+    y = 0
+    for row, height in zip(rows, heights):
+        x = 0
+        for name, panel in row:
+            canvas.paste(panel, (x, y + _CAPTION_PX))
+            draw.text((x + 4, y + 2), name, fill=(255, 255, 255))
+            x += panel.width + 4
+        y += height
     if caption:
-        draw.text((4, height - _CAPTION_PX + 2), caption, fill=(255, 255, 255))
+        draw.text((4, y + 2), caption, fill=(255, 255, 255))
     return canvas
 
 

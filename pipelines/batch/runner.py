@@ -276,15 +276,20 @@ def _segment(item: dict, plan: _Plan, warned: CaseWarnings) -> tuple[dict | None
         except Exception as exc:  # noqa: BLE001 - e.g. out of memory on one huge study
             return _record_failure(plan, case, describe_error(exc), item["timings"], caught), None
     timings = dict(item["timings"], inference_s=time.perf_counter() - start)
-    return None, (case, item["sources"], labels, probabilities, timings, caught)
+    for key, source in item["sources"].items():  # how the preprocessing aligned each input, for the record
+        found = getattr(item["data"].get(key), "meta", {}).get("registration")
+        if found is not None and hasattr(source, "meta"):
+            source.meta["registration"] = found
+    views = {key: item["data"][key][0].numpy() for key in plan.model.qc_inputs if key in item["data"]}
+    return None, (case, item["sources"], labels, probabilities, timings, caught, views)
 
 
 def _write_safely(plan: _Plan, cores: CoreShare | None, warned: CaseWarnings, case: Case, sources, labels,
-                  probabilities, timings, caught: list[str]) -> dict:
+                  probabilities, timings, caught: list[str], views: dict) -> dict:
     with warned.into(caught):
         try:
             with cores.working() if cores else nullcontext():
-                return plan.records.ok(case, sources, labels, probabilities, timings, caught)
+                return plan.records.ok(case, sources, labels, probabilities, timings, caught, views)
         except Exception as exc:
             if _fatal(exc, plan.output):
                 raise _aborted(plan.output, case, exc) from exc

@@ -9,8 +9,9 @@
 
 A case's ``image`` is the list of its channel files in the order asked for (a subset and order of
 :data:`BRATS_CHANNELS`, named as in BraTS 2023: native T1, contrast-enhanced T1, T2, FLAIR), its
-``label`` the segmentation when present (validation data have none). ``label_convention`` names the
-layout, so a bundle maps 2021's label 4 to 3. The files of a case must share one grid, as BraTS
+``label`` the segmentation when present (validation data have none). ``convention`` names the
+layout, so a bundle maps 2021's label 4 to 3 (not ``label_convention``: MONAI's ``Spacingd`` overwrites
+every key that starts with ``label_`` as if it were the label's metadata). The files of a case must share one grid, as BraTS
 distributes them co-registered; headers are read, not the voxels.
 """
 
@@ -125,7 +126,7 @@ def _describe(case_dir: Path, layout: BratsLayout, channels: Sequence[str], root
         "case_id": case_id,
         "patient": layout.patient(case_id),
         "channels": list(channels),
-        "label_convention": layout.name,
+        "convention": layout.name,
         "modality": "MR",
         "shape": list(shape),
         "spacing": [round(z, 6) for z in zooms],

@@ -81,7 +81,8 @@ def resolve_path(dataset_dir: str | os.PathLike, relative: str, manifest: object
 
 
 def load_manifest(
-    path: str | os.PathLike, section: str, dataset_dir: str | os.PathLike, image_key: str = "image"
+    path: str | os.PathLike, section: str, dataset_dir: str | os.PathLike, image_key: str = "image",
+    channels: Sequence[str] | None = None,
 ) -> list[dict]:
     """One section of a manifest with ``image``/``label`` made absolute under ``dataset_dir``.
 
@@ -90,6 +91,11 @@ def load_manifest(
     ``image`` (the demo manifest's ``dicom``: the same case as a DICOM study); a case without it is
     an error naming the manifest and the case. An ``image`` that lists one file per channel (a BraTS
     case) stays a list, each path made absolute.
+
+    ``channels`` (names from the cases' own ``channels`` list, a subset in any order) also gives
+    each case one key per channel: its file from the ``image`` list, or, when ``image`` is one path
+    (a DICOM study folder), that path for every channel, whose series a bundle's rules pick. A case
+    lacking a channel is an error naming the manifest, the case and the channel.
     """
     if section not in SECTIONS:
         raise ValueError(f"`section` must be one of {SECTIONS}, got {section!r}")
@@ -105,8 +111,24 @@ def load_manifest(
             elif key in entry:
                 entry[key] = str(resolve_path(dataset_dir, entry[key], path))
         entry["image"] = entry[image_key]
+        if channels is not None:
+            entry.update(_channel_paths(entry, channels, f"{path}: {section} case {entry.get('case_id', index)}"))
         cases.append(entry)
     return cases
+
+
+def _channel_paths(entry: Mapping, channels: Sequence[str], where: str) -> dict[str, str]:
+    image = entry["image"]
+    if not isinstance(image, list):
+        return {channel: image for channel in channels}
+    named = list(entry.get("channels") or [])
+    if len(named) != len(image):
+        raise ManifestError(f"{where}: `image` lists {len(image)} files but `channels` names {len(named)} "
+                            f"({named}); name each file's channel")
+    missing = [c for c in channels if c not in named]
+    if missing:
+        raise ManifestError(f"{where}: no {', '.join(map(repr, missing))} channel among its {named}")
+    return {channel: image[named.index(channel)] for channel in channels}
 
 
 def image_hash(files: Sequence[str | os.PathLike]) -> str:
@@ -272,7 +294,7 @@ def split_manifest(manifest: Mapping, folds: int, seed: int = 0, validation_fold
     if not 0 <= validation_fold < folds:
         raise ValueError(f"`validation_fold` must be in [0, {folds}), got {validation_fold!r}")
     cases = [dict(c) for section in ("training", "validation") for c in manifest.get(section, [])]
-    key: Callable[[dict], str] = lambda c: str(c.get("patient") or c.get("case_id") or c["image"])  # noqa: E731
+    key: Callable[[dict], str] = lambda c: str(c.get("patient") or c.get("case_id") or c["image"])
     groups: dict[str, list[dict]] = defaultdict(list)
     for case in cases:
         groups[key(case)].append(case)

@@ -10,7 +10,10 @@
   grid, co-registered, as BraTS distributes its cases (labels 1 NCR, 2 ED, 3 ET);
 
 and a manifest whose ``image`` is the list of channel files (``channels`` order), ``study`` the
-DICOM study folder (six series: a bundle's series rules pick its channels), with ``tumors``, ``moved`` and ``dicom_missing`` describing the case. :data:`DEMO_SERIES_RULES`
+DICOM study folder (six series: a bundle's series rules pick its channels), with ``tumors``,
+``moved`` and ``dicom_missing`` describing the case, and for a moved case ``movements``: per series,
+the RAS matrix (mm) mapping a point of the T1 series to where that anatomy lies in the series, the
+matrix a registration to the T1 should find. :data:`DEMO_SERIES_RULES`
 find each channel in these studies. Cases are written by a process pool, each from its own seed,
 into a staging folder renamed into place: the data set is the same on every machine, and an
 interrupted run leaves the previous one intact.
@@ -30,7 +33,7 @@ from pipelines.demo.dataset import staged_folder, write_dicom_series
 
 __all__ = ["DEFAULT_BRAIN_SPLIT", "DEMO_SERIES_RULES", "SERIES_DESCRIPTIONS", "SERIES_NUMBERS", "write_brain_demo"]
 
-DEFAULT_BRAIN_SPLIT = {"training": 5, "validation": 2, "test": 2}
+DEFAULT_BRAIN_SPLIT = {"training": 16, "validation": 3, "test": 3}
 
 # series numbers in the order a protocol runs them: contrast agent last
 SERIES_NUMBERS = {"localizer": 1, "t1n": 2, "t2w": 3, "t2f": 4, "dwi": 5, "t1c": 6}
@@ -69,11 +72,12 @@ _ATTRIBUTES = {  # what each series' files say about its acquisition
 
 
 def _case_kind(index: int, count: int) -> dict:
-    """What case ``index`` of ``count`` shows: two tumors, a small enhancing lesion only, a patient
-    who moved, a study without T1c."""
+    """What case ``index`` of ``count`` shows: two tumors, a small enhancing lesion only (the third
+    from last, and every seventh from the fourth so training sees some), a patient who moved, a study
+    without T1c (the last)."""
     return {
         "tumors": 2 if index % 4 == 1 else 1,
-        "small": index == count - 3,
+        "small": index == count - 3 or index % 7 == 3,
         "moved": index % 3 == 2,
         "missing": ("t1c",) if index == count - 1 else (),
     }
@@ -112,7 +116,7 @@ def _write_case(task: tuple) -> dict:
         "case_id": case_id,
         "patient": case_id.rsplit("-", 1)[0],
         "channels": list(CHANNELS),
-        "label_convention": "brats2023",
+        "convention": "brats2023",
         "modality": "MR",
         "shape": [int(s) for s in case.label.shape],
         "spacing": [round(float(s), 6) for s in np.abs(np.diag(case.affine))[:3]],
@@ -123,6 +127,9 @@ def _write_case(task: tuple) -> dict:
     }
     if kind["missing"]:
         entry["dicom_missing"] = list(kind["missing"])
+    if kind["moved"]:  # the truth a registration is checked against
+        entry["movements"] = {series: np.round(case.acquisitions[series].movement, 6).tolist()
+                              for series in CHANNELS[1:] if series not in kind["missing"]}
     return entry
 
 
@@ -134,7 +141,7 @@ def write_brain_demo(out_dir: str | os.PathLike, manifest_path: str | os.PathLik
     Args:
         out_dir: the data set folder (``demo_brain``).
         manifest_path: where to write the manifest; None writes none.
-        split: cases per section; default 5 training, 2 validation, 2 test.
+        split: cases per section; default :data:`DEFAULT_BRAIN_SPLIT` (16 training, 3 validation, 3 test).
         seed: case ``i`` (counted over the sections in order) uses seed ``seed + i``.
         workers: processes rendering cases (default: one per CPU, at most 4).
         progress: called with a line per case.

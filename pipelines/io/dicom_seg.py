@@ -33,6 +33,9 @@ _TYPE2_COPIED = (
 )
 
 
+_LONG_STRING = 64  # characters of a DICOM LO value (AlgorithmName, ManufacturerModelName)
+
+
 def write_dicom_seg(
     labels,
     meta: Mapping,
@@ -53,7 +56,8 @@ def write_dicom_seg(
         meta: the loaded volume's metadata (``load_volume(...).meta``) of a DICOM source.
         segments: which label values to encode, with names and codes; other values are ignored.
         path: output file, written atomically.
-        algorithm_name, algorithm_version: the algorithm identification (e.g. bundle name and version).
+        algorithm_name, algorithm_version: the algorithm identification (e.g. bundle name and version);
+            a name longer than DICOM's 64 characters is cut there.
         omit_empty_frames: leave out frames where a segment is absent (smaller, faster to write;
             viewers place frames by their positions). By default every source slice has a frame
             per segment.
@@ -67,6 +71,7 @@ def write_dicom_seg(
     from pipelines import __version__
 
     memoise_iod_lookups()  # highdicom scans its tables for every source image otherwise
+    algorithm_name = algorithm_name[:_LONG_STRING]  # a bundle's name is free text; DICOM keeps 64 characters
     references = dicom_references(meta)
     if not references:
         raise InputDataError(f"{meta.get('filename_or_obj', '?')}: DICOM SEG needs a DICOM source, got {meta.get('source_format')}")

@@ -19,6 +19,11 @@ What this app changes in MONAI Label's bundle tasks:
   written after the first epoch and the next inference uses it), validates on the training
   images when too few labels leave the validation split empty, and never resumes the bundle's
   own interrupted-run checkpoint (each MONAI Label training is a fresh fine-tuning run);
+- a multi-parametric bundle (channels loaded under their own keys, aligned and stacked into
+  ``image``) takes one multi-channel image per case, a 4D NIfTI of the channels in the bundle's
+  order, for inference and training (:func:`stacked_channels`); its configs' references to the
+  metadata (``@_meta_#...``) resolve, as under ``python -m monai.bundle run``; and its labels are the
+  metadata's ``labels`` (the values of the label map it returns), not its output channels (regions);
 - no dcmqi download at start (nothing may be fetched at run time): unless dcmqi's
   ``itkimage2segimage`` is on ``PATH``, labels saved to a DICOMweb store, and ``/infer`` results
   asked for as ``dicom_seg``, are written as DICOM SEG with pydicom-seg, the converter's other
@@ -37,6 +42,7 @@ from pathlib import Path
 
 from pipelines.label.compat import provide_torchvision_utils
 from pipelines.label.seg_codes import bundle_segments, segment_attributes
+from pipelines.label.stacking import stacked_channels, stacked_training_transforms
 from pipelines.label.server import bundle_names
 
 provide_torchvision_utils()  # before monailabel.tasks.infer.bundle imports torchvision.utils
@@ -47,18 +53,43 @@ from monailabel.tasks.train.bundle import BundleTrainTask  # noqa: E402
 
 import pipelines  # noqa: E402
 
-__all__ = ["UNetBundleInferTask", "UNetBundleTrainTask", "UNetPipelinesApp", "use_coded_dicom_seg"]
+__all__ = [
+    "UNetBundleInferTask",
+    "UNetBundleTrainTask",
+    "UNetPipelinesApp",
+    "use_coded_dicom_seg",
+]
 
 logger = logging.getLogger(__name__)
 
 _DCMQI_TOOL = "itkimage2segimage"
 
 
+def _with_metadata(parser, bundle_path: str):
+    """MONAI Label parses a bundle's config without its metadata; configs that refer to it
+    (``"$@_meta_#series_rules"``) need it, as ``python -m monai.bundle run`` gives it."""
+    parser.read_meta(str(Path(bundle_path) / "configs" / "metadata.json"))
+    return parser
+
+
 class UNetBundleInferTask(BundleInferTask):
-    """MONAI Label's bundle inference with strict weight loading and NIfTI results for DICOM folders."""
+    """MONAI Label's bundle inference with strict weight loading and NIfTI results for DICOM folders;
+    a multi-parametric bundle takes one multi-channel image (:func:`stacked_channels`)."""
 
     def __init__(self, path: str, conf: dict, **kwargs) -> None:
         super().__init__(path, conf, load_strict=True, **kwargs)
+        import json
+
+        # MONAI Label names the output channels; a region bundle's result holds the metadata's labels
+        labels = json.loads((Path(path) / "configs" / "metadata.json").read_text()).get("labels")
+        if labels:
+            self.labels = {str(name): int(value) for value, name in labels.items()}
+
+    def _load_bundle_config(self, path, config):
+        return _with_metadata(super()._load_bundle_config(path, config), path)
+
+    def pre_transforms(self, data=None):
+        return stacked_channels(list(super().pre_transforms(data)))
 
     def run_pre_transforms(self, data: dict, transforms):
         # MONAI 1.6's Spacingd updates every "image_*" key of a NIfTI case with the image's metadata,
@@ -89,9 +120,16 @@ class UNetBundleTrainTask(BundleTrainTask):
     def __init__(self, path: str, conf: dict, **kwargs) -> None:
         super().__init__(path, conf, load_strict=True, **kwargs)
 
+    def _load_bundle_config(self, path, config):
+        return _with_metadata(super()._load_bundle_config(path, config), path)
+
     def _update_overrides(self, overrides: dict) -> dict:
         overrides["val_interval"] = 1
         overrides["resume"] = False
+        channels = self.bundle_config.get("channels") or []
+        stacked = stacked_training_transforms(self.bundle_config.get("deterministic_transforms") or [], channels)
+        if stacked is not None:  # a multi-parametric bundle: MONAI Label's images hold the channels
+            overrides["deterministic_transforms"] = stacked
         key = self.const.key_validate_dataset_data()
         if key in overrides and not overrides[key]:  # absent: val_split < 0 asks for the bundle's own list
             train = overrides[self.const.key_train_dataset_data()]

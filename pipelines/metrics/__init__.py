@@ -3,7 +3,7 @@ measures, and BraTS region and lesion-wise scores (:mod:`pipelines.metrics.brats
 
 from __future__ import annotations
 
-from .brats import BRATS_REGIONS, RegionScores, brats_scores
+from .brats import BRATS_REGIONS, BratsRegionMetric, RegionScores, brats_scores
 from .segmentation_errors import (
     AdaptedRandErrorMetric,
     ClassDiceMetric,
@@ -16,6 +16,7 @@ from .segmentation_errors import (
 __all__ = [
     "BRATS_REGIONS",
     "AdaptedRandErrorMetric",
+    "BratsRegionMetric",
     "ClassDiceMetric",
     "PixelErrorMetric",
     "RegionScores",

@@ -35,9 +35,20 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import torch
+from monai.metrics import CumulativeIterationMetric
 from scipy import ndimage
 
-__all__ = ["BRATS_REGIONS", "MAX_DISTANCE_MM", "RegionScores", "brats_scores", "dice", "hd95", "lesion_wise"]
+__all__ = [
+    "BRATS_REGIONS",
+    "MAX_DISTANCE_MM",
+    "BratsRegionMetric",
+    "RegionScores",
+    "brats_scores",
+    "dice",
+    "hd95",
+    "lesion_wise",
+]
 
 # BraTS 2023 labels: 1 necrotic core (NCR), 2 edema (ED), 3 enhancing tumor (ET)
 BRATS_REGIONS: dict[str, tuple[int, ...]] = {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)}
@@ -215,3 +226,67 @@ def brats_scores(pred: np.ndarray, ref: np.ndarray, spacing: float | Sequence[fl
         scores[name] = RegionScores(dice(p, r), hd95(p, r, spacing, max_distance), lesion_dice, lesion_hd,
                                     lesions, detected, fps)
     return scores
+
+
+class BratsRegionMetric(CumulativeIterationMetric):
+    """One BraTS score of one region, per image, for Ignite evaluation (``IgniteMetricHandler``).
+
+    Takes region channel maps ``(B, R, *spatial)`` (a region-based network's thresholded output and
+    the reference as :class:`pipelines.transforms.LabelsToRegionsd` gives it) and scores channel
+    ``channel``; the voxel size in mm comes from the reference's affine (a MetaTensor), else 1.
+    ``aggregate`` is the mean over images.
+
+    Args:
+        channel: the region channel (BraTS: 0 WT, 1 TC, 2 ET).
+        score: ``"dice"``, ``"hd95"`` (mm), ``"lesion_dice"`` or ``"lesion_hd95"`` (BraTS 2023
+            lesion-wise, see :func:`lesion_wise`).
+        dilation, min_lesion_mm3, max_distance: as in :func:`lesion_wise`.
+    """
+
+    SCORES = ("dice", "hd95", "lesion_dice", "lesion_hd95")
+
+    def __init__(self, channel: int, score: str = "dice", dilation: int = 3, min_lesion_mm3: float = 50.0,
+                 max_distance: float = MAX_DISTANCE_MM) -> None:
+        super().__init__()
+        if score not in self.SCORES:
+            raise ValueError(f"`score` must be one of {self.SCORES}, got {score!r}")
+        self.channel, self.score = int(channel), score
+        self.dilation, self.min_lesion_mm3, self.max_distance = dilation, min_lesion_mm3, max_distance
+
+    def _item_spacing(self, y: torch.Tensor, index: int) -> tuple[float, ...] | None:
+        affine = getattr(y, "affine", None)
+        if affine is None:
+            return None
+        affine = np.asarray(affine.detach().cpu() if torch.is_tensor(affine) else affine, dtype=np.float64)
+        if affine.ndim == 3:
+            affine = affine[index]
+        ndim = y.ndim - 2
+        return tuple(float(v) for v in np.linalg.norm(affine[:ndim, :ndim], axis=0))
+
+    def _one(self, pred: np.ndarray, ref: np.ndarray, spacing) -> float:
+        if self.score == "dice":
+            return dice(pred, ref)
+        if self.score == "hd95":
+            return hd95(pred, ref, spacing, self.max_distance)
+        lesion_dice, lesion_hd, *_ = lesion_wise(pred, ref, spacing, self.dilation, self.min_lesion_mm3,
+                                                  self.max_distance)
+        return lesion_dice if self.score == "lesion_dice" else lesion_hd
+
+    def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        if y is None:
+            raise ValueError("BratsRegionMetric needs the reference `y`")
+        if y_pred.shape != y.shape or y_pred.ndim < 4 or not 0 <= self.channel < y_pred.shape[1]:
+            raise ValueError(f"BratsRegionMetric expects region maps (B, R, *spatial) of one shape with channel "
+                             f"{self.channel}, got {tuple(y_pred.shape)} and {tuple(y.shape)}")
+        scores = []
+        for index in range(y_pred.shape[0]):
+            pred = np.asarray(y_pred[index, self.channel].detach().cpu()) > 0.5
+            ref = np.asarray(y[index, self.channel].detach().cpu()) > 0.5
+            scores.append(self._one(pred, ref, self._item_spacing(y, index)))
+        return torch.tensor(scores, dtype=torch.float64)[:, None]
+
+    def aggregate(self) -> torch.Tensor:
+        data = self.get_buffer()
+        if not isinstance(data, torch.Tensor) or data.numel() == 0:
+            raise ValueError("BratsRegionMetric has no values to aggregate")
+        return data.float().nanmean()

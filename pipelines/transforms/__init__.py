@@ -1,21 +1,30 @@
-"""Transforms: loading volumes, a study's channels on one grid (registration), the U-Net paper's
+"""Transforms: loading volumes, a study's channels on one grid (registration), labels in a bundle's
+convention and as regions, the U-Net paper's
 training recipe (weight map, elastic deformation), and post-processing (membranes, probabilities)."""
 
 from __future__ import annotations
 
 from .elastic import RandCoarseElastic, RandCoarseElasticd
-from .intensity import ModalityNormalize, ModalityNormalized
+from .intensity import ChannelsNormalize, ChannelsNormalized, ModalityNormalize, ModalityNormalized
 from .io import LoadVolume, LoadVolumed
+from .labels import LabelsToRegions, LabelsToRegionsd, LabelValueError, MapLabels, MapLabelsd
 from .membrane import MembraneWatershed, MembraneWatershedd, membrane_watershed
 from .probabilities import FillBackground, FillBackgroundd, RegionsToLabels, RegionsToLabelsd
 from .registration import RegisterToReferenced, RegistrationError, register_rigid, resample_to
 from .weight_map import UNetWeightMap, UNetWeightMapd, unet_weight_map
 
 __all__ = [
+    "ChannelsNormalize",
+    "ChannelsNormalized",
     "FillBackground",
     "FillBackgroundd",
+    "LabelValueError",
+    "LabelsToRegions",
+    "LabelsToRegionsd",
     "LoadVolume",
     "LoadVolumed",
+    "MapLabels",
+    "MapLabelsd",
     "MembraneWatershed",
     "MembraneWatershedd",
     "ModalityNormalize",

@@ -49,19 +49,29 @@ class LoadVolumed(MapTransform):
             1 micrometre), else :class:`pipelines.io.GridMismatchError` names both files.
         allow_missing_keys: skip missing keys instead of raising.
         rules, options: see :class:`LoadVolume`.
+        key_rules: series rules of single keys (key -> rules or a mapping of their fields), merged
+            over ``rules`` for that key: the channels of one study folder, each found by its own
+            rules (a bundle's ``series_rules``); keys not loaded are ignored (the rules of every
+            channel a bundle knows, with a subset of them asked for).
     """
 
     def __init__(self, keys: KeysCollection, check_grid: bool = True, allow_missing_keys: bool = False, rules=None,
-                 **options) -> None:
+                 key_rules: Mapping[str, object] | None = None, **options) -> None:
         super().__init__(keys, allow_missing_keys)
         self.loader = LoadVolume(rules, **options)
+        loaded = {str(k) for k in self.keys}
+        self.loaders = {
+            key: LoadVolume(own if not isinstance(own, Mapping) else self.loader.rules.of(self.loader.rules, **own),
+                            **self.loader.options)
+            for key, own in (key_rules or {}).items() if key in loaded
+        }
         self.check_grid = check_grid
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
         d = dict(data)
         reference_key = None
         for key in self.key_iterator(d):
-            d[key] = self.loader(d[key])
+            d[key] = self.loaders.get(str(key), self.loader)(d[key])
             if reference_key is None:
                 reference_key = key
             elif self.check_grid:

@@ -30,7 +30,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
 from pipelines.io.errors import InputDataError
-from pipelines.io.grid import LPS_TO_RAS
+from pipelines.io.grid import AFFINE_TOLERANCE_MM, LPS_TO_RAS
 
 __all__ = ["RegisterToReferenced", "RegistrationError", "RigidRegistration", "register_rigid", "resample_to"]
 
@@ -75,6 +75,7 @@ class RigidRegistration:
             "mutual_information_before": round(self.mutual_information_before, 4),
             "mutual_information_after": round(self.mutual_information_after, 4),
             "kept": self.kept,
+            "registered": True,
         }
 
 
@@ -196,6 +197,17 @@ def resample_to(moving: torch.Tensor, reference: torch.Tensor, matrix: np.ndarra
     return result
 
 
+def _same_grid(volume, reference) -> bool:
+    return tuple(volume.shape[1:]) == tuple(reference.shape[1:]) and np.allclose(
+        np.asarray(volume.affine), np.asarray(reference.affine), atol=AFFINE_TOLERANCE_MM)
+
+
+def _other_series(volume, reference) -> bool:
+    """Two DICOM series: the patient may have moved between them, whatever their grids."""
+    series = [getattr(v, "meta", {}).get("series_instance_uid") or "" for v in (volume, reference)]
+    return all(series) and series[0] != series[1]
+
+
 class RegisterToReferenced(MapTransform):
     """Every channel under ``keys`` onto the grid of ``reference_key``, rigidly registered when
     ``register`` (see the module docstring); the channel's metadata gains ``registration``.
@@ -203,17 +215,23 @@ class RegisterToReferenced(MapTransform):
     Args:
         keys: the channels to align (the reference key among them is left as it is).
         reference_key: the channel whose grid the others take.
-        register: register (True) or only resample by patient coordinates (False).
+        register: register (True); only resample by patient coordinates (False); or ``"auto"``:
+            register the channels that are other DICOM series than the reference (the patient may
+            have moved between them, even on one grid) or lie on another grid, and keep files already
+            on the reference grid as they are (BraTS-layout files, co-registered by their
+            distributor). Without registering, a channel already on the reference grid is kept as it is.
         min_mutual_information: a registered channel with less mutual information (nats) is refused.
         min_gain, bins, sampling, iterations, seed: as in :func:`register_rigid`.
         allow_missing_keys: skip keys that are absent.
     """
 
-    def __init__(self, keys: KeysCollection, reference_key: str, register: bool = True,
+    def __init__(self, keys: KeysCollection, reference_key: str, register: bool | str = True,
                  min_mutual_information: float = 0.05, min_gain: float = 0.01, bins: int = 32,
                  sampling: float = 0.2, iterations: int = 200, seed: int = 0,
                  allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
+        if register not in (True, False, "auto"):
+            raise ValueError(f"`register` must be true, false or 'auto', got {register!r}")
         self.reference_key = reference_key
         self.register = register
         self.min_mutual_information = min_mutual_information
@@ -228,9 +246,12 @@ class RegisterToReferenced(MapTransform):
         for key in self.key_iterator(d):
             if key == self.reference_key:
                 continue
-            if not self.register:
-                d[key] = resample_to(d[key], reference)
-                d[key].meta["registration"] = {"reference": self.reference_key, "kept": False}
+            same = _same_grid(d[key], reference)
+            if not self.register or (self.register == "auto" and same and not _other_series(d[key], reference)):
+                if not same:
+                    d[key] = resample_to(d[key], reference)
+                d[key].meta["registration"] = {"reference": self.reference_key, "kept": False,
+                                               "registered": False, "same_grid": same}
                 continue
             found = register_rigid(reference, d[key], **self.options)
             if found.mutual_information_after < self.min_mutual_information:

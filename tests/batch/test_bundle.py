@@ -20,6 +20,7 @@ from pipelines.io.writers import resample_labels, save_nifti
 from pipelines.metrics.brats import brats_scores
 from pipelines.networks import UNet
 from tests.batch.conftest import BUNDLE, DEMO, demo_case
+from tests.conftest import REPO
 
 
 def tumor_copy(tmp_path: Path, change) -> Path:
@@ -71,12 +72,14 @@ def test_several_inputs_need_the_network_input_key(tmp_path):
 
 LESION_SCORING = r"`lesion_scoring` must map dilation"
 LESION_LABELS = r"`lesion_labels` must list label values among \[1, 2\]"
+QC_INPUTS = r"`qc_inputs` must list input keys among \['image'\]"
 
 
 @pytest.mark.parametrize("key, value, message", [
     *[("lesion_scoring", v, LESION_SCORING)
       for v in ({"dilation": -1}, {"dilation": 1.5}, {"min_lesion_mm3": "50"}, {"radius": 3}, [3])],
     *[("lesion_labels", v, LESION_LABELS) for v in ([3], [], "1", [True], [1.0])],
+    *[("qc_inputs", v, QC_INPUTS) for v in (["flair"], "image")],
 ])
 def test_malformed_optional_metadata_is_refused_by_name(tmp_path, key, value, message):
     bundle = tumor_copy(tmp_path, lambda config: None)
@@ -213,3 +216,16 @@ def test_two_inputs_from_a_manifest_of_files(region_bundle, tmp_path):
     from_dicom = json.loads((tmp_path / "from_dicom" / pseudonym(study["study"]) / "record.json").read_text())
     # the same case either way, to NIfTI's float32 affine (a grid moved by micrometres, resampled)
     assert from_dicom["volumes_ml"] == pytest.approx(from_files["volumes_ml"], rel=0.01)
+
+
+def test_the_brain_tumor_bundle_resolves_its_optional_ids():
+    """Optional ids may be references and expressions: the reference channel by name, the series
+    rules from the metadata."""
+    from pipelines.demo.brain_dataset import DEMO_SERIES_RULES
+
+    model = BundleModel(REPO / "bundles" / "unet3d_brain_tumor")
+    assert model.input_keys == ("t1n", "t1c", "t2w", "t2f") and model.network_input_key == "image"
+    assert model.reference_key == "t1n" and model.qc_inputs == ["t2f", "t1c"]
+    for key, rules in DEMO_SERIES_RULES.items():
+        assert model.series_rules[key].description == rules["description"] and model.series_rules[key].min_slices == 20
+    assert model.regions == {"WT": [1, 2, 3], "TC": [1, 3], "ET": [3]} and model.lesion_labels == [1, 3]

@@ -34,6 +34,23 @@ def test_two_tumors_in_one_edema_are_two_lesions_when_lesions_are_tumors():
     assert tumors["largest_lesion"]["volume_ml"] == pytest.approx(6 * 16 / 1000)
     assert tumors["largest_lesion"]["diameter_mm"] == pytest.approx(np.sqrt(5**2 + 3**2 + 3**2), abs=0.01)
     assert tumors["volumes_ml"] == every_label["volumes_ml"]
+    # each tumor measured on its own, the largest first
+    assert [(t["volume_ml"], t["diameter_mm"], t["centre_voxel"]) for t in tumors["lesions"]] == [
+        (pytest.approx(0.096), pytest.approx(np.sqrt(5**2 + 3**2 + 3**2), abs=0.01), [22, 6, 6]),  # centre 22.5, rounded half to even
+        (pytest.approx(0.064), pytest.approx(np.sqrt(3**2 + 3**2 + 3**2), abs=0.01), [6, 6, 6]),
+    ]
+    assert tumors["largest_lesion"] == tumors["lesions"][0]
+
+
+def test_a_record_lists_the_largest_lesions_and_counts_them_all(monkeypatch):
+    from pipelines.batch import measures
+
+    monkeypatch.setattr(measures, "MAX_LESIONS_LISTED", 2)
+    labels = np.zeros((30, 6, 6), np.uint8)
+    for start, size in ((0, 1), (4, 3), (10, 2), (16, 4)):
+        labels[start:start + size, 1:3, 1:3] = 1
+    result = lesion_measurements(labels, np.eye(4), {1: "tumor"})
+    assert result["lesion_count"] == 4 and [t["volume_ml"] for t in result["lesions"]] == [0.016, 0.012]
 
 
 def test_diameter_of_a_ball_uses_the_convex_hull_and_physical_spacing():
@@ -48,7 +65,7 @@ def test_diameter_of_a_ball_uses_the_convex_hull_and_physical_spacing():
 
 def test_no_lesion():
     result = lesion_measurements(np.zeros((5, 5, 5), np.uint8), np.eye(4), {1: "tumor"})
-    assert result == {"volumes_ml": {"tumor": 0.0}, "lesion_count": 0, "largest_lesion": None}
+    assert result == {"volumes_ml": {"tumor": 0.0}, "lesion_count": 0, "lesions": [], "largest_lesion": None}
 
 
 def test_dice_scores_leave_undefined_labels_out():

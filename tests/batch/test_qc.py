@@ -55,3 +55,18 @@ def test_default_point_and_file_written_atomically(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["qc.png", "qc_thumbnail.png"]
     with pytest.raises(ValueError, match="one shape"):
         qc_picture(image, labels[:-1], affine)
+
+
+def test_one_row_per_named_channel():
+    """A multi-parametric case: FLAIR and T1c rows, each with its three views and the same labels."""
+    image, labels, affine = _volume()
+    single = np.asarray(qc_picture(image, labels, affine, point=[16, 20, 13]))
+    plain = np.where(image > 0, 100.0, 0.0).astype(np.float32)  # a channel where the lesion does not show
+    rows = np.asarray(qc_picture({"t2f": image, "t1c": plain}, labels, affine, point=[16, 20, 13], caption="x"))
+    assert rows.shape == (2 * (320 + 16) + 16, single.shape[1], 3)
+    top, bottom = rows[16:16 + 320], rows[336 + 16:336 + 16 + 320]
+    np.testing.assert_array_equal(top, single[16:16 + 320])  # the first row is that channel's picture
+    assert _bright(top[:, :267]) == pytest.approx(_bright(bottom[:, :267]), abs=0.02)  # the labels in both rows
+    assert not np.array_equal(top, bottom)
+    with pytest.raises(ValueError, match="`image` t1c and `labels` must be 2D or 3D arrays of one shape"):
+        qc_picture({"t2f": image, "t1c": image[:-1]}, labels, affine)

@@ -258,3 +258,20 @@ def test_kill_9_mid_run_then_rerun_completes_every_case(tmp_path):
         hd.seg.segread(case_dir / "seg.dcm")
     assert _partials(out) == [] and not (out / ".cache").exists()
     assert len(list(out.glob("*/record.json"))) == 4
+
+
+def test_an_error_inside_a_bundles_transforms_is_described_by_its_cause():
+    """MONAI's Compose wraps what a transform raises in "applying transform <object at 0x...>"; the
+    record gives the transform's own error."""
+    from monai.transforms import Compose, Lambda
+
+    from pipelines.batch.loading import describe_error
+    from pipelines.io.errors import InputDataError
+
+    def broken(_):
+        raise InputDataError("flair/IM0001.dcm: channel 't2f' cannot be aligned")
+
+    with pytest.raises(RuntimeError, match="applying transform") as caught:
+        Compose([Compose([Lambda(broken)])])({"image": 0})
+    assert describe_error(caught.value) == "flair/IM0001.dcm: channel 't2f' cannot be aligned"
+    assert describe_error(MemoryError("out of memory")) == "MemoryError: out of memory"

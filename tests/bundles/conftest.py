@@ -73,3 +73,14 @@ def bundle_parser(bundle: str, *files: str):
     p.read_meta(str(configs / "metadata.json"))
     p["bundle_root"] = str(BUNDLES / bundle)
     return p
+
+
+BUNDLE_FILES = ("configs/metadata.json", "configs/train.json", "configs/inference.json", "configs/evaluate.json",
+                "configs/multi_gpu_train.json", "configs/logging.conf", "docs/README.md", "LICENSE", "models/model.pt")
+
+
+def assert_bundle_layout(bundle: Path) -> None:
+    """The files a bundle of this project ships, and weights small enough for the repository."""
+    for name in BUNDLE_FILES:
+        assert (bundle / name).is_file(), name
+    assert (bundle / "models" / "model.pt").stat().st_size <= 20 * 2**20

@@ -22,7 +22,15 @@ from pipelines.engines import latest_checkpoint
 from pipelines.io import load_volume
 from pipelines.io.dicom_seg import segments_from_metadata
 from pipelines.networks import UNet
-from tests.bundles.conftest import BUNDLES, assert_bundle_ids, bundle_metadata, bundle_parser, read_metrics, run_bundle
+from tests.bundles.conftest import (
+    BUNDLES,
+    assert_bundle_ids,
+    assert_bundle_layout,
+    bundle_metadata,
+    bundle_parser,
+    read_metrics,
+    run_bundle,
+)
 from tests.conftest import REPO
 from tests.servers import free_port, stop_server, wait_for
 
@@ -60,11 +68,7 @@ def train_command(demo, tmp_path: Path, *extra: str) -> list[str]:
 
 
 def test_bundle_layout():
-    for name in ("metadata.json", "train.json", "inference.json", "evaluate.json", "multi_gpu_train.json", "logging.conf"):
-        assert (CONFIGS / name).is_file(), name
-    for name in ("docs/README.md", "LICENSE", "models/model.pt"):
-        assert (BUNDLE / name).is_file(), name
-    assert (BUNDLE / "models" / "model.pt").stat().st_size <= 20 * 2**20
+    assert_bundle_layout(BUNDLE)
 
 
 def test_metadata_validates_and_codes_the_segments():

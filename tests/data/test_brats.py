@@ -55,7 +55,7 @@ def test_2023_layout_gives_channel_lists_in_order(brats2023, tmp_path):
     first = cases["BraTS-GLI-00001-000"]
     assert first["image"] == [f"BraTS-GLI-00001-000/BraTS-GLI-00001-000-{c}.nii.gz" for c in ("t1n", "t1c", "t2w", "t2f")]
     assert first["label"] == "BraTS-GLI-00001-000/BraTS-GLI-00001-000-seg.nii.gz"
-    assert (first["channels"], first["label_convention"], first["shape"]) == (["t1n", "t1c", "t2w", "t2f"], "brats2023",
+    assert (first["channels"], first["convention"], first["shape"]) == (["t1n", "t1c", "t2w", "t2f"], "brats2023",
                                                                               [6, 7, 5])
     assert cases["BraTS-GLI-00001-001"]["patient"] == first["patient"] == "BraTS-GLI-00001"
     assert "label" not in cases["BraTS-GLI-00003-000"]
@@ -85,7 +85,7 @@ def test_2021_layout_is_recognised_and_its_names_mapped(tmp_path):
     assert problems == []
     first = manifest["training"][0]
     assert first["image"] == ["BraTS2021_00000/BraTS2021_00000_t1ce.nii.gz", "BraTS2021_00000/BraTS2021_00000_flair.nii.gz"]
-    assert first["label_convention"] == "brats2021" and first["patient"] == "BraTS2021_00000"
+    assert first["convention"] == "brats2021" and first["patient"] == "BraTS2021_00000"
 
 
 def test_broken_cases_are_left_out_with_a_reason(brats2023, tmp_path):

@@ -139,3 +139,23 @@ def test_image_key_selects_another_path_of_each_case(tmp_path):
     manifest.write_text(json.dumps({"test": [{"image": "a.nii.gz", "dicom": "../../etc"}]}))
     with pytest.raises(ManifestError):
         load_manifest(manifest, "test", tmp_path)
+
+
+def test_channels_become_keys_in_the_order_asked(tmp_path):
+    """A BraTS case lists one file per channel; a bundle asks for a subset in its own order."""
+    entry = {"case_id": "a", "image": ["a-t1n.nii.gz", "a-t1c.nii.gz", "a-t2w.nii.gz", "a-t2f.nii.gz"],
+             "channels": ["t1n", "t1c", "t2w", "t2f"], "label": "a-seg.nii.gz", "study": "dicom/a"}
+    lacking = {"case_id": "b", "image": ["b-t1n.nii.gz", "b-t2f.nii.gz"], "channels": ["t1n", "t2f"]}
+    unnamed = {"case_id": "c", "image": ["c-1.nii.gz", "c-2.nii.gz"]}
+    manifest = tmp_path / "m.json"
+    manifest.write_text(json.dumps({"training": [entry], "validation": [lacking], "test": [unnamed]}))
+    [case] = load_manifest(manifest, "training", tmp_path, channels=["t2f", "t1c"])
+    assert (case["t2f"], case["t1c"]) == (str(tmp_path / "a-t2f.nii.gz"), str(tmp_path / "a-t1c.nii.gz"))
+    assert "t1n" not in case and case["image"][0] == str(tmp_path / "a-t1n.nii.gz")
+    # the same case as one DICOM study: every channel reads the study, its series picked by rules
+    [study] = load_manifest(manifest, "training", tmp_path, image_key="study", channels=["t2f", "t1c"])
+    assert study["t2f"] == study["t1c"] == str(tmp_path / "dicom" / "a")
+    with pytest.raises(ManifestError, match=r"m.json: validation case b: no 't1c' channel among its \['t1n', 't2f'\]"):
+        load_manifest(manifest, "validation", tmp_path, channels=["t2f", "t1c"])
+    with pytest.raises(ManifestError, match=r"test case c: `image` lists 2 files but `channels` names 0"):
+        load_manifest(manifest, "test", tmp_path, channels=["t1n"])

@@ -129,7 +129,7 @@ def test_the_brats_layout_is_read_and_checked_like_a_download(written, tmp_path)
     ours = {e["case_id"]: e for s in ("training", "validation", "test") for e in manifest[s]}
     for entry in built["training"]:
         assert entry["image"] == ours[entry["case_id"]]["image"]
-        assert entry["sha256"] == ours[entry["case_id"]]["sha256"] and entry["label_convention"] == "brats2023"
+        assert entry["sha256"] == ours[entry["case_id"]]["sha256"] and entry["convention"] == "brats2023"
     report = check_manifest(out.parent / "m.json", out)
     assert report.ok, report.problems
     values = set(np.unique(load_volume(out / ours["BraTS-DEMO-00001-000"]["label"]).numpy()).astype(int))
@@ -158,7 +158,7 @@ def test_generated_studies_match_the_committed_manifest():
 
     manifest = read_manifest(REPO / "data_manifests" / "demo_brain.json")
     cases = [c for section in ("training", "validation", "test") for c in manifest[section]]
-    assert len(cases) == 9 and sum(c["moved"] for c in cases) == 3 and sum(c["tumors"] == 2 for c in cases) == 2
+    assert len(cases) == 22 and sum(c["moved"] for c in cases) == 7 and sum(c["tumors"] == 2 for c in cases) == 6
     data = REPO / "demo_brain"
     if not (data / "brats").is_dir():
         pytest.skip("demo_brain/ not generated (make demo-brain)")

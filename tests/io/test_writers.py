@@ -115,6 +115,15 @@ def test_dicom_seg_without_empty_frames(tmp_path):
     assert hd.seg.segread(empty).NumberOfFrames == len(frames)
 
 
+def test_a_long_bundle_name_is_cut_to_what_dicom_keeps(tmp_path):
+    write_series(tmp_path / "ct", SeriesSpec(rows=12, columns=10))
+    volume = load_volume(tmp_path / "ct")
+    name = "U-Net 3D brain tumor segmentation (multi-parametric MR, BraTS regions)"  # 71 characters
+    seg = hd.seg.segread(write_dicom_seg(sphere_labels(volume), volume.meta, [TUMOR], tmp_path / "s.dcm", name, "1"))
+    assert seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0].AlgorithmName == name[:64]
+    assert seg.ManufacturerModelName == name[:64]
+
+
 def test_highdicom_iod_lookups_are_memoised(tmp_path, monkeypatch):
     """highdicom scans the standard's tables for each source image; after the first SEG the answers
     come from the cache, and they are the scan's answers."""
@@ -179,7 +188,7 @@ def test_prediction_on_a_resampled_grid_returns_to_the_source_grid(tmp_path):
 
 
 def test_label_sampling_in_chunks_equals_one_pass(tmp_path, monkeypatch):
-    import pipelines.io.writers as writers
+    from pipelines.io import writers
 
     write_series(tmp_path / "ct", SeriesSpec(orientation="oblique", rows=24, columns=20))
     source = load_volume(tmp_path / "ct")
@@ -198,7 +207,7 @@ def test_grid_aligned_planes_copied_by_index_equal_sampling(monkeypatch):
     """The index fast path (planes that are grid planes, as for an axial series on its own grid)
     gives what coordinate sampling gives: flips, any axis pair, rounding noise, planes partly or
     wholly outside the grid."""
-    import pipelines.io.writers as writers
+    from pipelines.io import writers
 
     rng = np.random.default_rng(7)
     cases = []
@@ -222,7 +231,7 @@ def test_grid_aligned_planes_copied_by_index_equal_sampling(monkeypatch):
 
 
 def test_oblique_or_off_centre_planes_are_sampled():
-    import pipelines.io.writers as writers
+    from pipelines.io import writers
 
     labels = np.ones((6, 6, 6), np.uint8)
     out = np.zeros((2, 4, 4), np.uint8)
@@ -233,7 +242,6 @@ def test_oblique_or_off_centre_planes_are_sampled():
 
 
 def test_nifti_units_are_mm_and_bytes_reproducible(tmp_path):
-    import nibabel as nib
 
     data = np.arange(60, dtype=np.int16).reshape(3, 4, 5)
     first, second = tmp_path / "a.nii.gz", tmp_path / "b.nii.gz"

@@ -58,10 +58,11 @@ def test_unknown_bundles_and_bundles_without_weights_are_refused(tmp_path):
 
 def test_project_bundles_are_servable(tmp_path):
     served = prepare_app(tmp_path / "app", REPO / "bundles")
-    assert [p.name for p in served] == ["unet2d_isbi2012", "unet3d_tumor"]
+    assert [p.name for p in served] == ["unet2d_isbi2012", "unet3d_brain_tumor", "unet3d_tumor"]
     command = server_command(tmp_path / "app", "/studies", 8123, [p.name for p in served])
     assert command[command.index("--host") + 1] == "127.0.0.1"
-    assert command[command.index("--conf") + 1 : command.index("--conf") + 3] == ["models", "unet2d_isbi2012,unet3d_tumor"]
+    assert command[command.index("--conf") + 1 : command.index("--conf") + 3] == [
+        "models", "unet2d_isbi2012,unet3d_brain_tumor,unet3d_tumor"]
 
 
 def test_cli_errors(tmp_path, capsys):

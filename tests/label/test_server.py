@@ -42,42 +42,59 @@ def _infer(base: str, model: str, image: str, target) -> nib.Nifti1Image:
     return nib.load(target)
 
 
-def _batch_mask(bundle, entry: dict, out) -> tuple[np.ndarray, dict]:
+def _batch_mask(bundle, entry: dict, out, data=DEMO) -> tuple[np.ndarray, dict]:
     """The batch job's mask and record for one demo case (a one-case manifest, so it also scores Dice)."""
     manifest = out.parent / f"{out.name}.json"
     manifest.write_text(json.dumps({"test": [entry]}))
-    summary = run_batch(bundle, manifest, out, workers=0, dataset_dir=DEMO, image_key="image")
+    summary = run_batch(bundle, manifest, out, workers=0, dataset_dir=data, image_key="image")
     assert summary.done == 1, summary
     (case_dir,) = [p for p in out.iterdir() if p.is_dir() and not p.name.startswith(".")]
     record = json.loads((case_dir / "record.json").read_text())
     return np.asarray(nib.load(case_dir / "mask.nii.gz").dataobj), record
 
 
+BRAIN = REPO / "bundles" / "unet3d_brain_tumor"
+BRAIN_DEMO = REPO / "demo_brain"
+
+
+def _brain_case() -> dict:
+    entries = json.loads((REPO / "data_manifests" / "demo_brain.json").read_text())["validation"]
+    if not (BRAIN_DEMO / "brats").is_dir():
+        pytest.skip("demo_brain/ not generated (make demo-brain)")
+    return entries[0]
+
+
 @pytest.fixture(scope="module")
 def local_server(tmp_path_factory):
-    """The server over a folder of three demo test images (``<case_id>.nii.gz``)."""
+    """The server over a folder of three demo test images (``<case_id>.nii.gz``) and one brain
+    tumor case as a 4D NIfTI of its four channels."""
     root = tmp_path_factory.mktemp("label")
     studies = root / "studies"
     studies.mkdir()
     entries = [demo_case("test", i) for i in TEST_CASES]
     for entry in entries:
         shutil.copy(DEMO / entry["image"], studies / f"{entry['case_id']}.nii.gz")
+    brain = _brain_case()
+    channels = [nib.load(BRAIN_DEMO / path) for path in brain["image"]]
+    stacked = np.stack([np.asarray(c.dataobj) for c in channels], axis=-1)
+    nib.save(nib.Nifti1Image(stacked, channels[0].affine), studies / f"{brain['case_id']}.nii.gz")
     with label_server(root, str(studies)) as (base, app, log):
-        yield base, app, log, entries
+        yield base, app, log, entries, brain
 
 
-def test_info_lists_both_bundles_with_their_labels(local_server):
-    base, app, log, entries = local_server
+def test_info_lists_the_bundles_with_their_labels(local_server):
+    base, app, log, entries, brain = local_server
     info = requests.get(f"{base}/info/", timeout=30).json()
     assert info["models"]["unet3d_tumor"]["labels"] == {"tumor": 1, "edema": 2}
     assert info["models"]["unet3d_tumor"]["dimension"] == 3
     assert info["models"]["unet2d_isbi2012"]["labels"] == {"membrane": 0, "cell": 1}
     assert info["models"]["unet2d_isbi2012"]["dimension"] == 2
-    assert set(info["trainers"]) == {"unet3d_tumor", "unet2d_isbi2012"}
+    assert info["models"]["unet3d_brain_tumor"]["labels"] == {"necrotic core": 1, "edema": 2, "enhancing tumor": 3}
+    assert set(info["trainers"]) == {"unet3d_tumor", "unet2d_isbi2012", "unet3d_brain_tumor"}
     listed = set(requests.get(f"{base}/datastore/?output=all", timeout=30).json()["objects"])
-    assert listed == {e["case_id"] for e in entries}
+    assert listed == {e["case_id"] for e in entries} | {brain["case_id"]}
     # served from copies: training never touches the repository's bundles
-    for name in ("unet3d_tumor", "unet2d_isbi2012"):
+    for name in ("unet3d_tumor", "unet2d_isbi2012", "unet3d_brain_tumor"):
         assert (app / "model" / name / "models" / "model.pt").is_file()
     # listening on loopback only
     port = int(base.rsplit(":", 1)[1])
@@ -87,7 +104,7 @@ def test_info_lists_both_bundles_with_their_labels(local_server):
 
 
 def test_infer_matches_the_batch_job(local_server, tmp_path):
-    base, app, log, entries = local_server
+    base, app, log, entries, brain = local_server
     entry = entries[0]
     result = _infer(base, "unet3d_tumor", entry["case_id"], tmp_path / "served.nii.gz")
     image = nib.load(DEMO / entry["image"])
@@ -100,6 +117,20 @@ def test_infer_matches_the_batch_job(local_server, tmp_path):
     for name, label in (("tumor", 1), ("edema", 2)):
         assert _dice(served, reference, label) == pytest.approx(record["dice"][name], abs=0.005)
         assert _dice(served, reference, label) > 0.85
+
+
+def test_the_brain_bundle_segments_a_four_channel_image_as_the_batch_job_does(local_server, tmp_path):
+    """One 4D NIfTI per case (T1, T1c, T2, FLAIR): the served label map equals the batch job's on the
+    same case from its BraTS-layout files."""
+    base, app, log, entries, brain = local_server
+    result = _infer(base, "unet3d_brain_tumor", brain["case_id"], tmp_path / "served.nii.gz")
+    t1 = nib.load(BRAIN_DEMO / brain["image"][0])
+    assert result.shape == t1.shape and np.allclose(result.affine, t1.affine, atol=1e-4)
+    served = np.asarray(result.dataobj)
+    batch, record = _batch_mask(BRAIN, brain, tmp_path / "batch", BRAIN_DEMO)
+    assert np.mean(served == batch) > 0.999 and set(np.unique(served)) <= {0, 1, 2, 3}
+    reference = np.asarray(nib.load(BRAIN_DEMO / brain["label"]).dataobj)
+    assert _dice(served > 0, reference > 0, True) == pytest.approx(record["region_scores"]["WT"]["dice"], abs=0.005)
 
 
 def test_2d_bundle_segments_an_uploaded_em_section(local_server, isbi_dir, tmp_path):
@@ -117,7 +148,7 @@ def test_2d_bundle_segments_an_uploaded_em_section(local_server, isbi_dir, tmp_p
 
 
 def test_saved_labels_train_and_the_next_inference_uses_the_new_weights(local_server, tmp_path):
-    base, app, log, entries = local_server
+    base, app, log, entries, brain = local_server
     shipped = _sha256(BUNDLE / "models" / "model.pt")
     served_weights = app / "model" / "unet3d_tumor" / "models" / "model.pt"
     before = np.asarray(_infer(base, "unet3d_tumor", entries[1]["case_id"], tmp_path / "before.nii.gz").dataobj)

@@ -138,3 +138,40 @@ def test_bad_arguments_are_refused():
         hd95(np.ones((4, 4, 4)), np.ones((4, 4, 4)), spacing=(1.0, 0.0, 1.0))
     with pytest.raises(ValueError, match="dilation"):
         lesion_wise(np.ones((4, 4, 4)), np.ones((4, 4, 4)), dilation=-1)
+
+
+def test_the_ignite_metric_scores_region_channels_as_brats_scores_does():
+    """BratsRegionMetric, fed as IgniteMetricHandler feeds it (lists of decollated MetaTensors), gives
+    brats_scores' values per region channel, in mm from the reference's affine, averaged over images."""
+    from monai.data import MetaTensor
+    from monai.handlers import IgniteMetricHandler
+
+    from pipelines.metrics import BratsRegionMetric
+    from pipelines.transforms import LabelsToRegions
+
+    to_regions = LabelsToRegions([[1, 2, 3], [1, 3], [3]])
+    spacing = (2.0, 1.5, 3.0)
+    affine = torch.diag(torch.tensor([*spacing, 1.0]))
+    ref = _tumor()
+    shifted = np.roll(ref, 2, axis=0)
+    shifted[_cubes(ref.shape, (2, 2, 2), size=4)] = 3  # a false positive enhancing lesion
+    pairs = [(shifted, ref), (ref, ref)]
+    preds = [MetaTensor(to_regions(torch.from_numpy(p)[None]), affine=affine) for p, _ in pairs]
+    refs = [MetaTensor(to_regions(torch.from_numpy(r)[None]), affine=affine) for _, r in pairs]
+    expected = [brats_scores(p, r, spacing, dilation=1, min_lesion_mm3=10) for p, r in pairs]
+    for channel, region in enumerate(("WT", "TC", "ET")):
+        for score in BratsRegionMetric.SCORES:
+            metric = BratsRegionMetric(channel, score, dilation=1, min_lesion_mm3=10)
+            metric(preds, refs)
+            want = np.mean([getattr(e[region], score) for e in expected])
+            assert metric.aggregate().item() == pytest.approx(want, rel=1e-5), (region, score)
+    assert expected[0]["ET"].false_positives == 1  # the case the lesion-wise scores charge
+    # a batch tensor without metadata: 1 mm voxels
+    batch = BratsRegionMetric(0, "hd95")
+    batch(torch.stack([p.as_tensor() for p in preds]), torch.stack([r.as_tensor() for r in refs]))
+    assert batch.aggregate().item() == pytest.approx(np.mean([hd95(p > 0, r > 0) for p, r in pairs]), rel=1e-5)
+    assert isinstance(IgniteMetricHandler(metric_fn=BratsRegionMetric(0)), IgniteMetricHandler)
+    with pytest.raises(ValueError, match="`score` must be one of"):
+        BratsRegionMetric(0, "jaccard")
+    with pytest.raises(ValueError, match=r"expects region maps \(B, R, \*spatial\)"):
+        BratsRegionMetric(3)(torch.zeros(1, 3, 4, 4, 4), torch.zeros(1, 3, 4, 4, 4))

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from monai.data import MetaTensor
@@ -34,3 +35,32 @@ def test_empty_image_and_bad_options():
         ModalityNormalize("XR")
     with pytest.raises(ValueError, match="window"):
         ModalityNormalize("CT", window=(100, -100))
+
+
+def test_channels_z_scored_within_the_foreground_they_share():
+    """Four MR channels with Rician background noise: the shared foreground is the brain (not the
+    noise, not a channel's dark CSF), each channel has mean 0 and std 1 there, and the rest is 0."""
+    from pipelines.transforms import ChannelsNormalize, ChannelsNormalized
+
+    rng = np.random.default_rng(0)
+    shape = (24, 24, 24)
+    brain = np.zeros(shape, bool)
+    brain[4:20, 4:20, 4:20] = True
+    csf = np.zeros(shape, bool)
+    csf[10:14, 10:14, 10:14] = True
+    levels = [(0.8, 0.15), (0.8, 0.15), (0.4, 1.0), (0.45, 0.08)]  # (tissue, CSF) for T1, T1c, T2, FLAIR
+    image = np.stack([np.where(csf, c, np.where(brain, t, 0.0)) * 2000 for t, c in levels])
+    noise = 60 * (rng.standard_normal(image.shape) + 1j * rng.standard_normal(image.shape))
+    image = np.abs(image + noise).astype(np.float32)
+    normalize = ChannelsNormalize()
+    mask = normalize.foreground(torch.from_numpy(image)).numpy()
+    assert mask[brain].mean() == 1.0 and mask[~brain].mean() < 0.001  # CSF is dark on FLAIR yet inside
+    out = ChannelsNormalized("image")({"image": torch.from_numpy(image)})["image"].numpy()
+    for channel in out:
+        assert channel[mask].mean() == pytest.approx(0.0, abs=1e-5) and channel[mask].std() == pytest.approx(1.0, abs=1e-3)
+        assert not channel[~mask].any()
+    # skull-stripped data (zeros outside the brain) take the brain exactly
+    stripped = np.where(brain, image, 0.0).astype(np.float32)
+    assert np.array_equal(normalize.foreground(torch.from_numpy(stripped)).numpy(), brain)
+    with pytest.raises(ValueError, match="`fraction` must be in"):
+        ChannelsNormalize(1.5)

@@ -4,9 +4,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from pydicom.uid import generate_uid
 from monai.data import DataLoader, Dataset, decollate_batch, pad_list_data_collate
 from monai.transforms import Compose, Orientationd, Spacingd
+from pydicom.uid import generate_uid
 
 from pipelines.io import AmbiguousSeriesError, GridMismatchError, InvalidValuesError, NoImageDataError, dicom_references
 from pipelines.transforms import LoadVolume, LoadVolumed
@@ -79,3 +79,20 @@ def test_batches_of_series_with_different_slice_counts_collate(tmp_path):
     first = decollate_batch(batch)[0]["image"]
     assert len(dicom_references(first.meta)["sop_instance_uids"]) == 3
     assert isinstance(first.meta["series_number"], (int, torch.Tensor))
+
+
+def test_each_key_finds_its_own_series_in_one_study(tmp_path):
+    """A multi-parametric study: one folder, each channel key picks its series by its own rules."""
+    study = generate_uid()
+    write_series(tmp_path / "t1", SeriesSpec(modality="MR", series_description="AX T1 3D", series_number=2,
+                                             study_uid=study))
+    write_series(tmp_path / "flair", SeriesSpec(modality="MR", series_description="AX T2 FLAIR", series_number=3,
+                                                study_uid=study, rows=8, slice_positions=[4.0 * k for k in range(5)]))
+    loader = LoadVolumed(["t1n", "t2f"], check_grid=False, modality="MR",
+                         key_rules={"t1n": {"description": "(?i)t1"}, "t2f": {"description": "(?i)flair"}})
+    data = loader({"t1n": tmp_path, "t2f": tmp_path})
+    assert data["t1n"].shape == (1, 10, 12, 7) and data["t2f"].shape == (1, 10, 8, 5)
+    assert loader.loaders["t2f"].rules.modality == "MR"  # the shared rules stay under each key's own
+    with pytest.raises(AmbiguousSeriesError):  # without its rules, a key sees two series
+        LoadVolumed("t1n", modality="MR")({"t1n": tmp_path})
+    assert set(LoadVolumed(["t1n"], key_rules={"t1n": {}, "t1c": {}}).loaders) == {"t1n"}  # rules of channels not asked for

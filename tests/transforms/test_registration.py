@@ -87,7 +87,7 @@ def test_only_resampling_keeps_patient_coordinates(anatomy):
     template, reference, _ = anatomy
     moved = _t2_like(template, _movement(reference, (5, 0, 0), (0, 0, 0)))
     data = RegisterToReferenced("t2", "t1", register=False)({"t1": reference, "t2": moved})
-    assert data["t2"].meta["registration"] == {"reference": "t1", "kept": False}
+    assert data["t2"].meta["registration"] == {"reference": "t1", "kept": False, "registered": False, "same_grid": False}
     assert torch.equal(data["t2"].affine, reference.affine) and data["t2"].shape == reference.shape
     # resampling a volume onto its own grid gives it back
     again = resample_to(reference, reference)
@@ -105,3 +105,28 @@ def test_a_channel_that_cannot_be_aligned_is_refused_by_name(anatomy):
         RegisterToReferenced("flair", "t1")({"t1": reference, "flair": noise})
     with pytest.raises(KeyError, match="reference key 't1'"):
         RegisterToReferenced("flair", "t1")({"flair": noise})
+
+
+def test_auto_registers_other_grids_and_keeps_channels_on_the_reference_grid(anatomy):
+    """BraTS-layout files share the reference grid and are co-registered by their distributor: "auto"
+    leaves them untouched; a series on its own grid is registered."""
+    template, reference, points = anatomy
+    same_grid = MetaTensor(reference.as_tensor() * 0.5, affine=reference.affine.clone(), meta={"filename_or_obj": "t1c"})
+    movement = _movement(reference, (4, -3, 5), (3, -4, 2.5))
+    data = RegisterToReferenced(["t1", "t1c", "t2"], "t1", register="auto")(
+        {"t1": reference, "t1c": same_grid, "t2": _t2_like(template, movement)})
+    assert data["t1c"] is same_grid
+    assert data["t1c"].meta["registration"] == {"reference": "t1", "kept": False, "registered": False, "same_grid": True}
+    found = data["t2"].meta["registration"]
+    assert found["registered"] and found["kept"]
+    residual = np.linalg.norm((np.asarray(found["matrix"]) @ points - movement @ points)[:3], axis=0)
+    assert residual.max() <= 1.0
+    # two DICOM series on one grid (a 3D T1 and T1c of one protocol): the patient may have moved between them
+    series = {"t1": MetaTensor(reference.as_tensor(), affine=reference.affine.clone(),
+                               meta={"filename_or_obj": "t1", "series_instance_uid": "1.2.3"}),
+              "t1c": MetaTensor(same_grid.as_tensor(), affine=reference.affine.clone(),
+                                meta={"filename_or_obj": "t1c", "series_instance_uid": "1.2.4"})}
+    found = RegisterToReferenced(["t1", "t1c"], "t1", register="auto")(series)["t1c"].meta["registration"]
+    assert found["registered"] and not found["kept"]  # registered, and nothing to correct
+    with pytest.raises(ValueError, match="`register` must be true, false or 'auto'"):
+        RegisterToReferenced(["t1"], "t1", register="yes")
