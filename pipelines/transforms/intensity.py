@@ -13,6 +13,19 @@ from monai.transforms import MapTransform, Transform
 __all__ = ["ChannelsNormalize", "ChannelsNormalized", "ModalityNormalize", "ModalityNormalized"]
 
 
+def _z_scored(image: torch.Tensor, masks: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Each channel ``c`` minus its mean over ``masks[c]``, divided by its standard deviation there;
+    0 outside the mask (and for a channel whose mask is empty)."""
+    out = torch.zeros_like(image)
+    for c, mask in enumerate(masks):
+        if not mask.any():
+            continue
+        values = image[c][mask]
+        std = values.std() if values.numel() > 1 else values.new_tensor(1.0)
+        out[c][mask] = (values - values.mean()) / std.clamp_min(1e-6)
+    return out
+
+
 class ModalityNormalize(Transform):
     """Normalise an image ``(C, *spatial)`` as its modality needs.
 
@@ -43,15 +56,7 @@ class ModalityNormalize(Transform):
         if self.modality == "CT":
             low, high = self.window
             return (image.clamp(low, high) - low) / (high - low)
-        out = torch.zeros_like(image)
-        for c in range(image.shape[0]):
-            mask = image[c] > self.foreground_threshold
-            if not mask.any():
-                continue
-            values = image[c][mask]
-            std = values.std() if values.numel() > 1 else values.new_tensor(1.0)
-            out[c][mask] = (values - values.mean()) / std.clamp_min(1e-6)
-        return out
+        return _z_scored(image, [image[c] > self.foreground_threshold for c in range(image.shape[0])])
 
 
 class ModalityNormalized(MapTransform):
@@ -95,15 +100,7 @@ class ChannelsNormalize(Transform):
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         image = image.float() if torch.is_tensor(image) else torch.as_tensor(image, dtype=torch.float32)
-        mask = self.foreground(image)
-        out = torch.zeros_like(image)
-        if not mask.any():
-            return out
-        for c in range(image.shape[0]):
-            values = image[c][mask]
-            std = values.std() if values.numel() > 1 else values.new_tensor(1.0)
-            out[c][mask] = (values - values.mean()) / std.clamp_min(1e-6)
-        return out
+        return _z_scored(image, [self.foreground(image)] * image.shape[0])
 
 
 class ChannelsNormalized(MapTransform):

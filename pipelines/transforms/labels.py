@@ -22,6 +22,13 @@ from pipelines.io.grid import check_same_grid
 __all__ = ["LabelValueError", "LabelsToRegions", "LabelsToRegionsd", "MapLabels", "MapLabelsd"]
 
 
+def _like(label, data: torch.Tensor):
+    """``data`` with ``label``'s metadata and transform trace when ``label`` is a MetaTensor."""
+    if hasattr(label, "meta"):
+        return type(label)(data, meta=label.meta, applied_operations=label.applied_operations)
+    return data
+
+
 class LabelValueError(InputDataError):
     """A label map holding values outside the bundle's convention."""
 
@@ -66,10 +73,7 @@ class MapLabels(Transform):
                 f"{source}: label values {listed} are outside the convention {self.values}{mapping}; "
                 f"map them with `label_map` (e.g. BraTS 2021's enhancing tumor: {{\"4\": 3}})"
             )
-        out = array.to(torch.uint8)
-        if hasattr(label, "meta"):
-            out = type(label)(out, meta=label.meta, applied_operations=label.applied_operations)
-        return out
+        return _like(label, array.to(torch.uint8))
 
 
 class MapLabelsd(MapTransform):
@@ -107,10 +111,7 @@ class LabelsToRegions(Transform):
             raise ValueError(f"label must have shape (1, *spatial), got {tuple(label.shape)}")
         array = label.as_tensor() if hasattr(label, "as_tensor") else torch.as_tensor(label)
         channels = torch.cat([torch.isin(array, torch.tensor(r, device=array.device)) for r in self.regions])
-        out = channels.to(torch.uint8)
-        if hasattr(label, "meta"):
-            out = type(label)(out, meta=label.meta, applied_operations=label.applied_operations)
-        return out
+        return _like(label, channels.to(torch.uint8))
 
 
 class LabelsToRegionsd(MapTransform):
