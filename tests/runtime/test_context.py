@@ -110,9 +110,12 @@ def test_concurrent_uses_from_two_threads(settings):
 def test_objects_frozen_by_the_caller_stay_frozen(settings):
     gc.freeze()
     frozen = gc.get_freeze_count()
+    young = [[index] for index in range(10_000)]  # freezing again would take these in
     with cpu_runtime():
-        assert gc.get_freeze_count() == frozen
-    assert gc.get_freeze_count() == frozen
+        inside = gc.get_freeze_count()
+    del young
+    # frozen objects that reference counting frees meanwhile lower the count by a handful at most
+    assert frozen - 1000 < inside <= frozen and frozen - 1000 < gc.get_freeze_count() <= frozen
 
 
 def test_cores_need_a_network():
