@@ -172,6 +172,31 @@ def test_saved_labels_train_and_the_next_inference_uses_the_new_weights(local_se
     assert np.mean(after == batch) > 0.999
 
 
+def test_a_saved_brain_label_trains_the_four_channel_bundle(local_server, tmp_path):
+    """An annotator's label on the 4D case (BraTS 2023 values) fine-tunes the brain bundle through the
+    server: the stacked image and the label go through the bundle's own preprocessing (regions, the
+    label's value check), and the next inference uses the new weights, as the batch job does with them."""
+    base, app, log, entries, brain = local_server
+    served_weights = app / "model" / "unet3d_brain_tumor" / "models" / "model.pt"
+    shipped, old = _sha256(BRAIN / "models" / "model.pt"), _sha256(served_weights)
+    before = np.asarray(_infer(base, "unet3d_brain_tumor", brain["case_id"], tmp_path / "before.nii.gz").dataobj)
+    with open(BRAIN_DEMO / brain["label"], "rb") as label:
+        response = requests.put(f"{base}/datastore/label", params={"image": brain["case_id"], "tag": "final"},
+                                files={"label": (f"{brain['case_id']}.nii.gz", label)}, timeout=60)
+    assert response.status_code == 200, response.text
+    logged = len(log.read_text())
+    response = requests.post(f"{base}/train/unet3d_brain_tumor", params={"run_sync": "true"},
+                             json={"max_epochs": 1, "device": "cpu", "multi_gpu": False}, timeout=600)
+    assert response.status_code == 200, response.text
+    text = log.read_text()[logged:]
+    assert "Epoch[1] Metrics" in text and "Restored all variables from" in text  # fine-tuned from the served weights
+    assert _sha256(served_weights) != old and _sha256(BRAIN / "models" / "model.pt") == shipped
+    after = np.asarray(_infer(base, "unet3d_brain_tumor", brain["case_id"], tmp_path / "after.nii.gz").dataobj)
+    assert np.any(after != before) and set(np.unique(after)) <= {0, 1, 2, 3}
+    batch, _ = _batch_mask(app / "model" / "unet3d_brain_tumor", brain, tmp_path / "batch", BRAIN_DEMO)
+    assert np.mean(after == batch) > 0.999
+
+
 def test_dicomweb_store_infers_saves_seg_and_trains(tmp_path):
     """Orthanc as the datastore: inference on a series by its UID, the corrected label stored back as a
     DICOM SEG (pydicom-seg, no dcmqi), and a training epoch that reads that SEG back."""
