@@ -5,10 +5,10 @@ neither), moved by a per-case pose and deformed around each tumor (mass effect),
 the BraTS 2023 convention: 1 necrotic core (NCR: dark on T1, bright on T2, never enhancing), 2 edema
 (ED: spreading along white matter, bright on T2 and FLAIR), 3 enhancing tumor (ET: a rim bright on
 T1c only). Four sequences are rendered from each tissue's relative brightness in that sequence
-(:data:`TISSUE_LEVELS`), each on its own acquisition grid (:data:`SEQUENCES`: T1 and T1c 3D at
-1 mm, T2 and FLAIR 2D axial at 0.7 x 0.7 x 4 mm, and a localizer and a diffusion trace series that a
-study holds too), with a smooth bias field and Rician noise; a case may have the patient moved
-between series (a rigid movement of the anatomy, recorded).
+(:data:`TISSUE_LEVELS`), each on its own acquisition grid (:data:`SEQUENCES`: T1 3D axial at 1 mm,
+T1c 3D sagittal at 0.9 x 0.9 x 1 mm, T2 and FLAIR 2D axial at 0.7 x 0.7 x 4 mm, and a localizer and a
+diffusion trace series that a study holds too), with a smooth bias field and Rician noise; a case may
+have the patient moved between series (a rigid movement of the anatomy, recorded).
 
 :func:`make_brain_case` gives the four acquisitions, the label on the reference (T1) grid and the
 four channels on that grid as BraTS distributes them (co-registered, no movement).
@@ -23,7 +23,7 @@ from scipy import ndimage
 
 from pipelines.demo.synthetic import Template, _grid, _rotation, _smooth_field
 
-__all__ = ["BRATS_LABELS", "CHANNELS", "SEQUENCES", "TISSUE_LEVELS", "Acquisition", "BrainCase", "make_brain_case"]
+__all__ = ["BRATS_LABELS", "CHANNELS", "ORIENTATIONS", "SEQUENCES", "TISSUE_LEVELS", "Acquisition", "BrainCase", "make_brain_case"]
 
 BRATS_LABELS = {"background": 0, "NCR": 1, "ED": 2, "ET": 3}
 
@@ -38,23 +38,32 @@ TISSUE_LEVELS = {
     "dwi": {"wm": 0.50, "gm": 0.58, "csf": 0.12, "ncr": 0.25, "et": 0.62, "ed": 0.66},
 }
 
-# each series of a study: its contrast (a TISSUE_LEVELS key) and voxel size in mm (x, y, z); the
+# each series of a study: its contrast (a TISSUE_LEVELS key), voxel size in mm along the grid's
+# axes (along a row, down a column, between slices) and orientation (:data:`ORIENTATIONS`); the
 # localizer and the diffusion series are there to be ignored
 SEQUENCES = {
-    "t1n": ("t1n", (1.0, 1.0, 1.0)),
-    "t1c": ("t1c", (1.0, 1.0, 1.0)),
-    "t2w": ("t2w", (0.7, 0.7, 4.0)),
-    "t2f": ("t2f", (0.7, 0.7, 4.0)),
-    "localizer": ("t1n", (2.0, 2.0, 40.0)),
-    "dwi": ("dwi", (2.0, 2.0, 5.0)),
+    "t1n": ("t1n", (1.0, 1.0, 1.0), "axial"),
+    "t1c": ("t1c", (0.9, 0.9, 1.0), "sagittal"),
+    "t2w": ("t2w", (0.7, 0.7, 4.0), "axial"),
+    "t2f": ("t2f", (0.7, 0.7, 4.0), "axial"),
+    "localizer": ("t1n", (2.0, 2.0, 40.0), "axial"),
+    "dwi": ("dwi", (2.0, 2.0, 5.0), "axial"),
+}
+# RAS direction of each grid axis (columns): axial rows run to the patient's left and columns to
+# the back (as the DICOM writer flips them), slices upwards; sagittal rows run to the back, columns
+# downwards, slices to the patient's right (ImageOrientationPatient 0\1\0\0\0\-1, along its normal)
+ORIENTATIONS = {
+    "axial": np.eye(3),
+    "sagittal": np.array([[0.0, 0.0, 1.0], [-1.0, 0.0, 0.0], [0.0, -1.0, 0.0]]),
 }
 _FOV_MARGIN_MM = 8.0
 
 
 @dataclass
 class Acquisition:
-    """One series: ``image`` (float32, 0-4095 scanner units, ``(X, Y, Z)``) on an axial RAS ``affine``;
-    ``movement`` the rigid RAS matrix that moved the anatomy since the reference series."""
+    """One series: ``image`` (float32, 0-4095 scanner units, ``(X, Y, Z)``) on its RAS ``affine``
+    (axial or sagittal, :data:`ORIENTATIONS`); ``movement`` the rigid RAS matrix that moved the
+    anatomy since the reference series."""
 
     image: np.ndarray
     affine: np.ndarray
@@ -178,25 +187,42 @@ def make_brain_case(template: Template, seed: int, tumors: int = 1, small: bool 
     gain = rng.uniform(1800, 2600)
     noise = rng.uniform(0.012, 0.03)
 
-    def render(contrast_name: str, spacing, movement: np.ndarray) -> Acquisition:
-        spacing = np.asarray(spacing, dtype=float)
-        grid_shape = tuple(int(v) for v in np.ceil(brain_extent / spacing))
-        affine = np.diag([*spacing, 1.0])
-        affine[:3, 3] = centre_world - spacing * (np.asarray(grid_shape) - 1) / 2.0
+    def axes(spacing, orientation: str) -> tuple[tuple[int, ...], np.ndarray]:
+        directions = ORIENTATIONS[orientation] * np.asarray(spacing, dtype=float)
+        extent = np.abs(ORIENTATIONS[orientation].T) @ brain_extent  # the field of view along each axis
+        grid_shape = tuple(int(v) for v in np.ceil(extent / np.asarray(spacing, dtype=float)))
+        affine = np.eye(4)
+        affine[:3, :3] = directions
+        affine[:3, 3] = centre_world - directions @ (np.asarray(grid_shape) - 1) / 2.0
+        return grid_shape, affine
+
+    def render(contrast_name: str, spacing, movement: np.ndarray, orientation: str = "axial",
+               draws: np.random.Generator = rng) -> Acquisition:
+        grid_shape, affine = axes(spacing, orientation)
         world = _grid(grid_shape, affine).reshape(3, -1)
         anatomy = np.linalg.inv(movement @ pose)
         points = anatomy[:3, :3] @ world + anatomy[:3, 3:4]
         image = _sample(contrast[contrast_name], canon_affine, points, order=1).reshape(grid_shape)
-        bias = np.exp(0.15 * _smooth_field(rng, grid_shape, control=3))
-        real = image * bias + noise * rng.standard_normal(grid_shape)
-        imaginary = noise * rng.standard_normal(grid_shape)
+        bias = np.exp(0.15 * _smooth_field(draws, grid_shape, control=3))
+        real = image * bias + noise * draws.standard_normal(grid_shape)
+        imaginary = noise * draws.standard_normal(grid_shape)
         stored = np.clip(np.sqrt(real**2 + imaginary**2) * gain, 0, 4095)
         return Acquisition(stored.astype(np.float32), affine, movement)
 
     acquisitions, notes = {}, []
-    for sequence, (contrast_name, spacing) in SEQUENCES.items():
+    for number, (sequence, (contrast_name, spacing, orientation)) in enumerate(SEQUENCES.items()):
         movement = _rigid(rng, centre_world, 4.0, 4.0) if moved and acquisitions else np.eye(4)
-        acquisitions[sequence] = render(contrast_name, spacing, movement)
+        if orientation == "axial":
+            acquisitions[sequence] = render(contrast_name, spacing, movement)
+            continue
+        # A series not on the axial 1 mm grid every series had at first takes its noise from a
+        # stream of its own and skips the case's draws for that grid: the other series and the
+        # BraTS-layout channels (those the shipped weights were trained on) stay as they were.
+        acquisitions[sequence] = render(contrast_name, spacing, movement, orientation,
+                                        np.random.default_rng([seed, number]))
+        skipped, _ = axes((1.0, 1.0, 1.0), "axial")
+        _smooth_field(rng, skipped, control=3)
+        rng.standard_normal(skipped), rng.standard_normal(skipped)
         if moved and sequence != "t1n":
             notes.append(f"{sequence} moved {np.linalg.norm(movement[:3, 3]):.1f} mm")
     reference = acquisitions["t1n"]
@@ -206,5 +232,5 @@ def make_brain_case(template: Template, seed: int, tumors: int = 1, small: bool 
     ref_label = _sample(label, canon_affine, points, order=0).reshape(reference.image.shape).astype(np.uint8)
     channels = {"t1n": reference.image}
     for sequence in CHANNELS[1:]:  # as BraTS distributes them: on the reference grid, no movement
-        channels[sequence] = render(sequence, SEQUENCES["t1n"][1], np.eye(4)).image
+        channels[sequence] = render(sequence, SEQUENCES["t1n"][1], np.eye(4), SEQUENCES["t1n"][2]).image
     return BrainCase(acquisitions, ref_label, channels, reference.affine, tumors, moved, notes)

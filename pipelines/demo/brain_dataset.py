@@ -3,8 +3,8 @@
 ``write_brain_demo(out_dir, manifest_path)`` writes, for every case ``BraTS-DEMO-NNNNN-000``:
 
 - ``dicom/<case>/NN_<series>/IM*.dcm``: one MR study of six series as a scanner exports them: a
-  localizer, T1 and T1c 3D at 1 mm, T2 and FLAIR 2D axial at 0.7 x 0.7 x 4 mm, and a diffusion
-  trace series, named in one of three vendors' habits (:data:`SERIES_DESCRIPTIONS`); in some
+  localizer, T1 3D axial at 1 mm, T1c 3D sagittal at 0.9 x 0.9 x 1 mm, T2 and FLAIR 2D axial at
+  0.7 x 0.7 x 4 mm, and a diffusion trace series, named in one of three vendors' habits (:data:`SERIES_DESCRIPTIONS`); in some
   studies the patient moved between series; one study has no T1c;
 - ``brats/<case>/<case>-{t1n,t1c,t2w,t2f,seg}.nii.gz``: the four channels and the label on the T1
   grid, co-registered, as BraTS distributes its cases (labels 1 NCR, 2 ED, 3 ET);
@@ -42,7 +42,7 @@ SERIES_NUMBERS = {"localizer": 1, "t1n": 2, "t2w": 3, "t2f": 4, "dwi": 5, "t1c":
 SERIES_DESCRIPTIONS = {
     "localizer": ("localizer", "3-Plane Loc", "SURVEY"),
     "t1n": ("t1_mprage_tra_p2_iso", "AX T1 3D BRAVO", "T1W_3D_TFE"),
-    "t1c": ("t1_mprage_tra_p2_iso_POST", "AX T1 3D BRAVO +C", "T1W_3D_TFE_GD"),
+    "t1c": ("t1_mprage_sag_p2_iso_POST", "SAG T1 3D BRAVO +C", "T1W_3D_TFE_SAG_GD"),
     "t2w": ("t2_tse_tra_p2", "AX T2 FSE", "T2W_TSE_TRA"),
     "t2f": ("t2_tirm_tra_dark-fluid", "AX T2 FLAIR", "T2W_FLAIR_TRA"),
     "dwi": ("ep2d_diff_tra_TRACEW", "AX DWI b1000", "DWI_TRA"),

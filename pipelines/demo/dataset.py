@@ -44,11 +44,13 @@ def write_dicom_series(
     series_number: int = 3,
     attributes: Mapping[str, object] | None = None,
 ) -> list[Path]:
-    """Write an unsigned 12-bit volume ``(X, Y, Z)`` with RAS ``affine`` as one axial MR series.
+    """Write an unsigned 12-bit volume ``(X, Y, Z)`` with RAS ``affine`` as one MR series, a file per
+    ``Z`` slice.
 
-    Axis 0 must point to the patient's left or right, axis 1 to anterior or posterior and axis 2
-    along the body axis (the demo's grids): each slice is flipped as needed so the files carry the
-    usual axial ImageOrientationPatient ``1\\0\\0\\0\\1\\0``. UIDs derive from ``study_key``
+    An axial grid (axis 0 to the patient's left or right, axis 1 to anterior or posterior, axis 2
+    along the body axis) is flipped in each slice as needed so the files carry the usual axial
+    ImageOrientationPatient ``1\\0\\0\\0\\1\\0``; any other grid with orthogonal axes (sagittal,
+    coronal, oblique) is written as it lies: rows along axis 0, columns along axis 1. UIDs derive from ``study_key``
     (the study and its frame of reference) and ``series_key`` (the series of a study with several).
     ``attributes`` set or replace DICOM attributes of every file (``ImageType``, ``EchoTime``, ...).
 
@@ -59,16 +61,21 @@ def write_dicom_series(
     if stored.ndim != 3 or stored.min() < 0 or stored.max() > 4095:
         raise ValueError(f"stored must be a 3D array of 12-bit values, got shape {stored.shape}")
     lps = LPS_TO_RAS @ np.asarray(affine, dtype=float)  # its own inverse: RAS to LPS
-    # flip axes 0 and 1 where they run against LPS, so rows run left and columns posterior
-    for axis in (0, 1):
-        if lps[axis, axis] < 0:
-            stored = np.flip(stored, axis)
-            flip = np.eye(4)
-            flip[axis, axis], flip[axis, 3] = -1.0, stored.shape[axis] - 1
-            lps = lps @ flip
-    if not np.allclose(lps[:3, :3], np.diag(np.diag(lps[:3, :3]))) or (np.diag(lps)[:3] <= 0).any():
-        raise ValueError("affine must be axis-aligned with axis 2 towards the head (an axial grid)")
-    spacing = np.diag(lps)[:3]
+    if np.allclose(lps[:3, :3], np.diag(np.diag(lps[:3, :3]))):  # axial
+        # flip axes 0 and 1 where they run against LPS, so rows run left and columns posterior
+        for axis in (0, 1):
+            if lps[axis, axis] < 0:
+                stored = np.flip(stored, axis)
+                flip = np.eye(4)
+                flip[axis, axis], flip[axis, 3] = -1.0, stored.shape[axis] - 1
+                lps = lps @ flip
+        if lps[2, 2] <= 0:
+            raise ValueError("an axial affine's axis 2 must point towards the head")
+    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    directions = lps[:3, :3] / spacing
+    if not np.allclose(directions.T @ directions, np.eye(3), atol=1e-6):
+        raise ValueError(f"affine's axes must be orthogonal (a grid a scanner acquires), got\n{np.asarray(affine)}")
+    normal = np.cross(directions[:, 0], directions[:, 1])
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     series = () if series_key is None else (series_key,)
@@ -106,9 +113,9 @@ def write_dicom_series(
         ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
         ds.StudyID, ds.SeriesNumber, ds.AcquisitionNumber, ds.InstanceNumber = "1", series_number, 1, k + 1
         ds.ImagePositionPatient = [f"{v:.6f}" for v in position]
-        ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
+        ds.ImageOrientationPatient = [f"{v + 0.0:.6g}" for v in directions[:, :2].T.ravel()]
         ds.FrameOfReferenceUID, ds.PositionReferenceIndicator = frame_uid, ""
-        ds.SliceLocation = f"{position[2]:.6f}"
+        ds.SliceLocation = f"{position @ normal + 0.0:.6f}"
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
         ds.Rows, ds.Columns = stored.shape[1], stored.shape[0]
         ds.PixelSpacing = [f"{spacing[1]:.6g}", f"{spacing[0]:.6g}"]  # between rows, between columns

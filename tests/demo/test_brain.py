@@ -64,8 +64,12 @@ def test_lesions_are_nested_as_brats_labels_them(template, one_tumor):
 def test_series_have_their_own_grids_and_recorded_movement(template, one_tumor):
     acquisitions = one_tumor.acquisitions
     assert set(acquisitions) == {*CHANNELS, "localizer", "dwi"}
-    assert np.allclose(np.diag(acquisitions["t2f"].affine)[:3], (0.7, 0.7, 4.0))
-    assert np.allclose(np.diag(acquisitions["t1c"].affine)[:3], (1.0, 1.0, 1.0))
+    assert np.allclose(acquisitions["t2f"].affine[:3, :3], np.diag((0.7, 0.7, 4.0)))
+    assert np.allclose(acquisitions["t1n"].affine[:3, :3], np.eye(3))
+    # T1c sagittal (rows to the back, columns down, slices left to right), 0.9 mm in plane
+    assert np.allclose(acquisitions["t1c"].affine[:3, :3], [[0, 0, 1.0], [-0.9, 0, 0], [0, -0.9, 0]])
+    t1c_shape = acquisitions["t1c"].image.shape
+    assert t1c_shape[2] == pytest.approx(acquisitions["t1n"].image.shape[0], abs=1)  # as many slices as T1 columns
     assert all(np.array_equal(a.movement, np.eye(4)) for a in acquisitions.values())
     assert one_tumor.label.shape == acquisitions["t1n"].image.shape and np.array_equal(one_tumor.affine,
                                                                                     acquisitions["t1n"].affine)
@@ -118,6 +122,8 @@ def test_studies_hold_six_series_the_channel_rules_tell_apart(written):
         first = pydicom.dcmread(next((study / "06_t1c").glob("*.dcm"))) if not missing else None
         if first is not None:
             assert first.ContrastBolusAgent and first.SeriesNumber == 6  # contrast agent last
+            assert [float(v) for v in first.ImageOrientationPatient] == [0, 1, 0, 0, 0, -1]  # sagittal
+            assert [float(v) for v in first.PixelSpacing] == [0.9, 0.9]
     assert entries[2]["dicom_missing"] == ["t1c"]
 
 

@@ -100,10 +100,35 @@ def test_rewrite_replaces_the_data_set_and_keeps_it_on_failure(tmp_path, monkeyp
 def test_dicom_writer_refuses_bad_volumes(tmp_path):
     with pytest.raises(ValueError, match="12-bit"):
         write_dicom_series(np.full((4, 4, 2), 5000), np.eye(4), tmp_path, "P", "k")
-    oblique = np.eye(4)
-    oblique[:3, :3] = [[0, 1, 0], [1, 0, 0], [0, 0, 1]]
-    with pytest.raises(ValueError, match="axial"):
-        write_dicom_series(np.zeros((4, 4, 2)), oblique, tmp_path, "P", "k")
+    sheared = np.eye(4)
+    sheared[:3, :3] = [[1, 0.2, 0], [0, 1, 0], [0, 0, 1]]
+    with pytest.raises(ValueError, match="orthogonal"):
+        write_dicom_series(np.zeros((4, 4, 2)), sheared, tmp_path, "P", "k")
+    with pytest.raises(ValueError, match="towards the head"):
+        write_dicom_series(np.zeros((4, 4, 2)), np.diag([1.0, 1.0, -1.0, 1.0]), tmp_path, "P", "k")
+
+
+@pytest.mark.parametrize("name, directions", [
+    ("sagittal", [[0, 0, 1], [-1, 0, 0], [0, -1, 0]]),
+    ("coronal", [[1, 0, 0], [0, 0, 1], [0, -1, 0]]),
+    ("oblique", [[0.9659258, 0, -0.2588190], [0, 1, 0], [0.2588190, 0, 0.9659258]]),  # 15 degrees about y
+])
+def test_dicom_writer_writes_any_orthogonal_grid_where_it_lies(tmp_path, name, directions):
+    """A series not axial is written as it lies: read back, every voxel is where the affine put it."""
+    affine = np.eye(4)
+    affine[:3, :3] = np.asarray(directions) * [0.9, 0.8, 1.5]
+    affine[:3, 3] = [-40.0, 25.0, 10.0]
+    stored = np.random.default_rng(5).integers(0, 4096, size=(7, 6, 5)).astype(np.uint16)
+    paths = write_dicom_series(stored, affine, tmp_path / name, "P", "k", series_key=name)
+    first = pydicom.dcmread(paths[0])
+    assert [float(v) for v in first.PixelSpacing] == pytest.approx([0.8, 0.9])
+    volume = load_volume(tmp_path / name)
+    read = volume.affine.numpy()
+    world = read[:3, :3] @ np.indices(volume.shape[1:]).reshape(3, -1) + read[:3, 3:4]
+    index = np.linalg.solve(affine[:3, :3], world - affine[:3, 3:4])  # where each voxel read lay as written
+    assert np.allclose(index, np.rint(index), atol=1e-3)
+    i, j, k = np.rint(index).astype(int)
+    np.testing.assert_array_equal(volume[0].numpy().reshape(-1), stored[i, j, k])
 
 
 def test_cli_writes_the_data_set(tmp_path, capsys):
