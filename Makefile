@@ -10,10 +10,11 @@ STAMP := $(VENV)/.installed
 export UNET_SHARED_DATA ?= $(abspath $(CURDIR)/../shared/data)
 # Debian packages the tests need; `system-deps` installs those missing (needs root and apt).
 # Orthanc (the DICOMweb tests start their own on 127.0.0.1) is installed without starting its service.
-DEBIAN_PACKAGES := dcm2niix dicom3tools orthanc orthanc-dicomweb
+DEBIAN_PACKAGES := dcm2niix dicom3tools orthanc orthanc-dicomweb plastimatch
 DEMO := $(CURDIR)/demo_output
 ISBI_BUNDLE := bundles/unet2d_isbi2012
 TUMOR_BUNDLE := bundles/unet3d_tumor
+BRAIN_BUNDLE := bundles/unet3d_brain_tumor
 DEMO_DATA := $(CURDIR)/demo_data
 DEMO_MANIFEST := $(CURDIR)/data_manifests/demo_tumor.json
 DEMO_BRAIN := $(CURDIR)/demo_brain
@@ -34,7 +35,7 @@ export UNET_LABEL_PYTHON := $(LABEL_PY)
 .PHONY: help venv label-venv label-server system-deps test demo demo-data demo-brain demo-isbi bench clean
 
 help:
-	@echo "make demo   - create .venv, install, generate the demo data, train the 3D tumor bundle, run the batch job"
+	@echo "make demo   - create .venv, install, generate the demo data, train the 3D tumor bundle, run the batch jobs (tumor, brain)"
 	@echo "make demo-data - write the synthetic tumor data set to demo_data/ (and its manifest)"
 	@echo "make demo-brain - write the synthetic multi-parametric brain tumor studies to demo_brain/ (and manifest)"
 	@echo "make demo-isbi - train and run the U-Net ISBI 2012 bundle on ../shared/data/isbi2012"
@@ -85,20 +86,23 @@ system-deps:
 test: $(STAMP) $(LABEL_STAMP) system-deps demo-data demo-brain
 	$(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
 
-demo: $(STAMP) demo-data
-	@echo "== 2/4 train the 3D tumor bundle for $(DEMO_EPOCHS) epochs (from scratch, tracked in MLflow) =="
+demo: $(STAMP) demo-data demo-brain
+	@echo "== demo 1/4: train the 3D tumor bundle for $(DEMO_EPOCHS) epochs (from scratch, tracked in MLflow) =="
 	rm -rf $(DEMO)/tumor/models
 	cd $(TUMOR_BUNDLE) && $(PY) -m monai.bundle run training --meta_file configs/metadata.json \
 		--config_file configs/train.json --logging_file configs/logging.conf --tracking mlflow \
 		--max_epochs $(DEMO_EPOCHS) --val_interval $(DEMO_EPOCHS) \
 		--ckpt_dir $(DEMO)/tumor/models --output_dir $(DEMO)/tumor/mlflow
-	@echo "== 3/4 the batch job: segment the 8 test DICOM studies with the shipped weights =="
+	@echo "== demo 2/4: the batch job: segment the 8 test DICOM studies with the shipped weights =="
 	$(PY) -m pipelines batch --bundle $(TUMOR_BUNDLE) --input $(DEMO_MANIFEST) --dataset-dir $(DEMO_DATA) \
 		--section test --output $(DEMO)/tumor/batch
-	@echo "== 4/4 evaluate the shipped weights on the 8 validation cases =="
+	@echo "== demo 3/4: evaluate the shipped weights on the 8 validation cases =="
 	cd $(TUMOR_BUNDLE) && $(PY) -m monai.bundle run --meta_file configs/metadata.json \
 		--config_file "['configs/train.json','configs/evaluate.json']" --logging_file configs/logging.conf \
 		--output_dir $(DEMO)/tumor/evaluation
+	@echo "== demo 4/4: the brain tumor bundle on the 3 test MR studies (six series each, one lacks T1c) =="
+	$(PY) -m pipelines batch --bundle $(BRAIN_BUNDLE) --input $(DEMO_BRAIN_MANIFEST) --dataset-dir $(DEMO_BRAIN) \
+		--section test --image-key study --output $(DEMO)/brain/batch
 	@echo
 	@echo "Validation Dice of the shipped weights ($(DEMO)/tumor/evaluation/metrics.csv):"
 	@cat $(DEMO)/tumor/evaluation/metrics.csv
@@ -107,12 +111,13 @@ demo: $(STAMP) demo-data
 	@echo "Validation overlays (reference | prediction): $(DEMO)/tumor/evaluation/overlays/"
 	@echo "Demo training: weights $(DEMO)/tumor/models/model.pt, resumable state $(DEMO)/tumor/models/last_checkpoint_*.pt"
 	@echo "MLflow UI: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(DEMO)/tumor/mlflow/mlruns.db --host 127.0.0.1"
+	@echo "Brain tumor studies (WT/TC/ET volumes, lesions, registration per series, FLAIR and T1c QC): $(DEMO)/brain/batch/report.html"
 
 # regenerated only when the generator changes (or the folder is gone)
 demo-data: $(DEMO_DATA)/.written
 
 $(DEMO_DATA)/.written: $(STAMP) pipelines/demo/synthetic.py pipelines/demo/dataset.py pipelines/io/writers.py
-	@echo "== 1/4 write the synthetic demo data set to $(DEMO_DATA) =="
+	@echo "== write the synthetic tumor data set to $(DEMO_DATA) =="
 	$(PY) -m pipelines demo-data --out $(DEMO_DATA) --manifest $(DEMO_MANIFEST)
 	touch $@
 

@@ -187,7 +187,7 @@ def _batch(args: argparse.Namespace) -> int:
         try:
             summary = run_batch(
                 args.bundle, args.input, args.output, workers=args.workers, device=args.device, tta=args.tta,
-                probabilities=args.probabilities, rules=rules, section=args.section, dataset_dir=args.dataset_dir,
+                probabilities=args.probabilities, rtstruct=args.rtstruct, rules=rules, section=args.section, dataset_dir=args.dataset_dir,
                 image_key=args.image_key, push=args.push, fail_on_error=args.fail_on_error,
                 min_free_mb=args.min_free_mb, progress=not args.quiet,
             )
@@ -209,7 +209,7 @@ def _add_batch_command(commands) -> None:
         "batch",
         help="segment many studies with a bundle: masks, DICOM SEG, volumes, QC pictures, reports",
         description="Run a bundle over a folder tree of DICOM studies and/or NIfTI files, a manifest, or a "
-        "DICOMweb server. Writes <output>/<case_id>/{mask.nii.gz,seg.dcm,qc.png,qc_thumbnail.png,record.json} and "
+        "DICOMweb server. Writes <output>/<case_id>/{mask.nii.gz,seg.dcm,sr.dcm,qc.png,qc_thumbnail.png,record.json} and "
         "<output>/report.{csv,html}. Rerunning skips complete cases. Exit code 0 unless every case "
         "failed (or any, with --fail-on-error); 2 for unusable input or output, 3 when the output "
         "stopped taking writes mid-run (disk full, read-only, permission denied), 130 and 143 when "
@@ -223,7 +223,10 @@ def _add_batch_command(commands) -> None:
     batch.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     batch.add_argument("--tta", action="store_true", help="mirroring test-time augmentation")
     batch.add_argument("--probabilities", action="store_true", help="also write prob.nii.gz")
-    batch.add_argument("--push", action="store_true", help="store each DICOM SEG back to the DICOMweb input (STOW-RS)")
+    batch.add_argument("--rtstruct", action="store_true",
+                       help="also write rtstruct.dcm, an RT Structure Set for treatment planning (DICOM input)")
+    batch.add_argument("--push", action="store_true",
+                       help="store each case's DICOM SEG, SR (and RTSTRUCT) back to the DICOMweb input (STOW-RS)")
     batch.add_argument("--fail-on-error", action="store_true", help="exit code 1 when any case failed")
     batch.add_argument("--section", default="test", help="manifest section (default: test)")
     batch.add_argument("--dataset-dir", help="folder the manifest's paths are relative to (default: the manifest's)")

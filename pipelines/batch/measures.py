@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["dice_scores", "lesion_measurements", "max_diameter_mm", "region_volumes", "section_measurements"]
+__all__ = ["dice_scores", "lesion_map", "lesion_measurements", "max_diameter_mm", "region_volumes", "section_measurements"]
 
 
 def _voxel_ml(affine) -> float:
@@ -38,19 +38,41 @@ def max_diameter_mm(mask: np.ndarray, affine) -> float:
 MAX_LESIONS_LISTED = 20  # a record lists this many lesions, the largest; lesion_count counts them all
 
 
+def lesion_map(labels: np.ndarray, lesion_labels: Sequence[int] | None = None) -> tuple[np.ndarray, int]:
+    """The lesions of a label map ``(X, Y, Z)``: connected components (26-connectivity) of the
+    ``lesion_labels`` together (default: every foreground label), numbered by volume: 1 is the
+    largest (ties in scan order). Returns the map (``uint16``, 0 outside lesions) and the count."""
+    from scipy import ndimage
+
+    labels = np.asarray(labels)
+    lesions = labels > 0 if lesion_labels is None else np.isin(labels, list(lesion_labels))
+    components, count = ndimage.label(lesions, structure=np.ones((3, 3, 3), bool))
+    if count == 0:
+        return np.zeros(labels.shape, np.uint16), 0
+    order = np.argsort(-np.bincount(components.ravel())[1:], kind="stable")
+    rank = np.zeros(count + 1, np.uint16)
+    rank[order + 1] = np.arange(1, count + 1, dtype=np.uint16)
+    return rank[components], int(count)
+
+
 def lesion_measurements(labels: np.ndarray, affine, names: Mapping[int, str],
-                        lesion_labels: Sequence[int] | None = None) -> dict:
+                        lesion_labels: Sequence[int] | None = None, lesions: tuple[np.ndarray, int] | None = None) -> dict:
     """Volumes and lesions of a label map ``(X, Y, Z)`` with an RAS ``affine`` in mm.
 
     A lesion is a connected component (26-connectivity) of the ``lesion_labels`` together (default:
     every foreground label, so a tumor with its surrounding edema is one lesion). A bundle whose
     lesions are its tumor cores names those labels, so two tumors in one edema count as two.
 
+    Args:
+        lesions: :func:`lesion_map` of ``labels`` when the caller has it already.
+
     Returns:
         ``volumes_ml`` per label name, ``lesion_count``, ``lesions``: the largest
-        :data:`MAX_LESIONS_LISTED` lesions by volume, each with ``volume_ml``, ``diameter_mm``
-        (maximum Feret diameter) and ``centre_voxel`` (index of its centre of mass, used to place
-        the QC slices), and ``largest_lesion``, the first of them (``None`` without lesions).
+        :data:`MAX_LESIONS_LISTED` lesions by volume (lesion ``i`` of :func:`lesion_map` is the
+        ``i``-th), each with ``volume_ml``, ``diameter_mm`` (maximum Feret diameter),
+        ``centre_voxel`` (index of its centre of mass, used to place the QC slices) and
+        ``volumes_ml`` of each label within it, and ``largest_lesion``, the first of them (``None``
+        without lesions).
     """
     from scipy import ndimage
 
@@ -58,20 +80,22 @@ def lesion_measurements(labels: np.ndarray, affine, names: Mapping[int, str],
     voxel_ml = _voxel_ml(affine)
     counts = np.bincount(labels.ravel().astype(np.int64), minlength=max(names, default=0) + 1)
     volumes = {name: round(float(counts[value]) * voxel_ml, 3) for value, name in sorted(names.items())}
-    lesions = labels > 0 if lesion_labels is None else np.isin(labels, list(lesion_labels))
-    components, count = ndimage.label(lesions, structure=np.ones((3, 3, 3), bool))
+    components, count = lesion_map(labels, lesion_labels) if lesions is None else lesions
     result = {"volumes_ml": volumes, "lesion_count": int(count), "lesions": [], "largest_lesion": None}
     if count:
         sizes = np.bincount(components.ravel())[1:]
         boxes = ndimage.find_objects(components)
-        for index in np.argsort(-sizes, kind="stable")[:MAX_LESIONS_LISTED]:
+        for index in range(min(count, MAX_LESIONS_LISTED)):
             box = boxes[index]
             mask = np.zeros(labels.shape, bool)
             mask[box] = components[box] == index + 1
+            inside = np.bincount(labels[box][mask[box]].astype(np.int64), minlength=max(names, default=0) + 1)
             result["lesions"].append({
                 "volume_ml": round(float(sizes[index]) * voxel_ml, 3),
                 "diameter_mm": round(max_diameter_mm(mask, affine), 2),
                 "centre_voxel": [int(round(c)) for c in ndimage.center_of_mass(mask)],
+                "volumes_ml": {name: round(float(inside[value]) * voxel_ml, 3)
+                               for value, name in sorted(names.items()) if inside[value]},
             })
         result["largest_lesion"] = result["lesions"][0]
     return result

@@ -1,6 +1,6 @@
 """What the batch job writes for a segmented case: a list of small outputs, each adding its files to
-the case folder and its fields to the record. A new output (a DICOM SR, an RTSTRUCT) joins by being
-added to the list :func:`default_outputs` makes.
+the case folder and its fields to the record. A new output (an RTSTRUCT) joins by being added to the
+list :func:`default_outputs` makes.
 
 Every file is written under a temporary name and renamed when complete; ``record.json``, written
 last by :class:`Records`, lists the files of a complete case.
@@ -22,13 +22,14 @@ from pipelines.batch.notices import case_warnings
 from pipelines.io.writers import atomic_path, save_nifti
 
 __all__ = [
-    "CaseOutput", "DiceOutput", "DicomSegOutput", "MaskOutput", "MeasuresOutput", "Output", "ProbabilityOutput",
-    "QcOutput", "Records", "default_outputs",
+    "CaseOutput", "DiceOutput", "DicomSegOutput", "DicomSrOutput", "MaskOutput", "MeasuresOutput", "Output",
+    "ProbabilityOutput", "PushOutput", "QcOutput", "Records", "RtstructOutput", "default_outputs",
 ]
 
 logger = logging.getLogger(__name__)
 
-OUTPUT_FILES = ("mask.nii.gz", "mask.png", "seg.dcm", "prob.nii.gz", "qc.png", "qc_thumbnail.png")
+OUTPUT_FILES = ("mask.nii.gz", "mask.png", "seg.dcm", "sr.dcm", "rtstruct.dcm", "prob.nii.gz", "qc.png", "qc_thumbnail.png")
+DICOM_OUTPUTS = ("seg.dcm", "sr.dcm", "rtstruct.dcm")  # what --push stores, in this order
 
 
 @dataclass
@@ -46,6 +47,8 @@ class CaseOutput:
             preprocessing aligned them), for the QC picture.
         record: the record being made; outputs add their fields.
         files: the files written so far (names in ``case_dir``).
+        lesions: the lesion map on that grid and the lesion count
+            (:func:`~pipelines.batch.measures.lesion_map`), once :class:`MeasuresOutput` made it.
     """
 
     case: Case
@@ -57,6 +60,7 @@ class CaseOutput:
     views: Mapping = field(default_factory=dict)
     record: dict = field(default_factory=dict)
     files: list[str] = field(default_factory=list)
+    lesions: tuple[np.ndarray, int] | None = None
 
     @property
     def reference(self):
@@ -113,26 +117,93 @@ class ProbabilityOutput(Output):
 
 class DicomSegOutput(Output):
     """``seg.dcm``: a DICOM SEG referencing the reference input's source series (DICOM input, and a
-    bundle that declares ``dicom_seg_segments``), stored back with STOW-RS when pushing."""
+    bundle that declares ``dicom_seg_segments``): a segment per coded label, per region of several
+    labels and per listed lesion (:func:`~pipelines.io.dicom_seg.write_dicom_seg`), tracking UIDs
+    from the input's hash. Follows :class:`MeasuresOutput` (its lesions)."""
 
-    def __init__(self, segments, algorithm: str, version: str, push_url: str | None = None) -> None:
-        self.segments, self.algorithm, self.version, self.push_url = segments, algorithm, version, push_url
+    def __init__(self, segments, algorithm: str, version: str, regions: Mapping[str, Sequence[int]] | None = None) -> None:
+        self.segments, self.algorithm, self.version = segments, algorithm, version
+        self.regions = {name: tuple(values) for name, values in (regions or {}).items()}
 
     def write(self, out: CaseOutput) -> None:
         from pipelines.io import dicom_references
 
-        out.record["pushed"] = None
         if not self.segments or not dicom_references(out.reference.meta):
             return
-        from pipelines.io.dicom_seg import write_dicom_seg
+        from pipelines.io.dicom_seg import RegionSegment, write_dicom_seg
 
+        regions = [RegionSegment(name, values) for name, values in self.regions.items() if len(values) > 1]
+        lesions = None if out.lesions is None else (out.lesions[0], len(out.record.get("lesions") or ()))
         write_dicom_seg(out.labels[None], out.reference.meta, self.segments, out.case_dir / "seg.dcm",
-                        algorithm_name=self.algorithm, algorithm_version=self.version, omit_empty_frames=True)
+                        algorithm_name=self.algorithm, algorithm_version=self.version, omit_empty_frames=True,
+                        regions=regions, lesions=lesions, tracking_key=out.case.input_hash)
         out.files.append("seg.dcm")
-        if self.push_url:
-            from pipelines.batch.dicomweb import push_instance
 
-            out.record["pushed"] = push_instance(self.push_url, out.case_dir / "seg.dcm")
+
+class DicomSrOutput(Output):
+    """``sr.dcm``: the TID 1500 measurement report (:func:`~pipelines.io.dicom_sr.write_measurement_report`)
+    of the record's volumes per label and region, its lesions and their count, each group referencing
+    its segment in ``seg.dcm`` (written only with it). Follows :class:`DicomSegOutput`."""
+
+    def __init__(self, segments, labels: Mapping[int, str], regions: Mapping[str, Sequence[int]] | None,
+                 algorithm: str, version: str, weights_sha256: str) -> None:
+        self.coded = {segment.label for segment in segments or ()}
+        self.labels, self.regions = dict(labels), {name: list(values) for name, values in (regions or {}).items()}
+        self.algorithm, self.version, self.weights_sha256 = algorithm, version, weights_sha256
+
+    def write(self, out: CaseOutput) -> None:
+        if "seg.dcm" not in out.files or "volumes_ml" not in out.record:
+            return
+        from pipelines.io.dicom_sr import Lesion, Measures, write_measurement_report
+
+        measures = Measures(
+            volumes_ml={value: out.record["volumes_ml"][name] for value, name in self.labels.items() if value in self.coded},
+            regions_ml=out.record.get("regions_ml") or {}, region_labels=self.regions,
+            lesions=[Lesion(lesion["volume_ml"], lesion["diameter_mm"]) for lesion in out.record.get("lesions") or ()],
+            lesion_count=int(out.record.get("lesion_count") or 0),
+        )
+        write_measurement_report(out.case_dir / "sr.dcm", out.case_dir / "seg.dcm", measures, self.algorithm,
+                                 self.version, self.weights_sha256, tracking_key=out.case.input_hash)
+        out.files.append("sr.dcm")
+
+
+class RtstructOutput(Output):
+    """``rtstruct.dcm`` (``--rtstruct``): an RT Structure Set of the bundle's coded labels on the
+    reference input's source slices (:func:`~pipelines.io.rtstruct.write_rtstruct`), for DICOM input."""
+
+    def __init__(self, segments, algorithm: str, version: str) -> None:
+        self.segments, self.algorithm, self.version = segments, algorithm, version
+
+    def write(self, out: CaseOutput) -> None:
+        from pipelines.io import dicom_references
+
+        if not self.segments or not dicom_references(out.reference.meta):
+            return
+        from pipelines.io.rtstruct import write_rtstruct
+
+        write_rtstruct(out.labels, out.reference.meta, self.segments, out.case_dir / "rtstruct.dcm",
+                       self.algorithm, self.version)
+        out.files.append("rtstruct.dcm")
+
+
+class PushOutput(Output):
+    """Stores the case's DICOM outputs (SEG, SR, RTSTRUCT) back on the DICOMweb input with STOW-RS
+    (``--push``): ``pushed`` in the record is ``{"url", <file>: {series and SOP instance UIDs}}``,
+    set only once every file is stored (a failure fails the case, and a rerun stores them again)."""
+
+    def __init__(self, push_url: str | None) -> None:
+        self.push_url = push_url
+
+    def write(self, out: CaseOutput) -> None:
+        out.record["pushed"] = None
+        files = [name for name in DICOM_OUTPUTS if name in out.files]
+        if not self.push_url or not files:
+            return
+        from pipelines.batch.dicomweb import push_instance
+
+        stored = {name: push_instance(self.push_url, out.case_dir / name) for name in files}
+        out.record["pushed"] = {"url": self.push_url,
+                                **{name: {k: v for k, v in where.items() if k != "url"} for name, where in stored.items()}}
 
 
 class MeasuresOutput(Output):
@@ -146,12 +217,13 @@ class MeasuresOutput(Output):
         self.lesion_labels = None if lesion_labels is None else list(lesion_labels)
 
     def write(self, out: CaseOutput) -> None:
-        from pipelines.batch.measures import lesion_measurements, region_volumes, section_measurements
+        from pipelines.batch.measures import lesion_map, lesion_measurements, region_volumes, section_measurements
 
         if out.labels.ndim == 2:
             out.record.update(section_measurements(out.labels, self.labels))
             return
-        out.record.update(lesion_measurements(out.labels, out.affine, self.labels, self.lesion_labels))
+        out.lesions = lesion_map(out.labels, self.lesion_labels)
+        out.record.update(lesion_measurements(out.labels, out.affine, self.labels, self.lesion_labels, out.lesions))
         if self.regions:
             out.record["regions_ml"] = region_volumes(out.labels, out.affine, self.regions)
 
@@ -215,14 +287,17 @@ class DiceOutput(Output):
             }
 
 
-def default_outputs(model, probabilities: bool = False, push_url: str | None = None) -> list[Output]:
+def default_outputs(model, probabilities: bool = False, push_url: str | None = None, rtstruct: bool = False) -> list[Output]:
     """The batch job's outputs for ``model`` (a :class:`~pipelines.batch.bundle.BundleModel`), in order."""
     outputs: list[Output] = [MaskOutput()]
     if probabilities:
         outputs.append(ProbabilityOutput())
     outputs += [
-        DicomSegOutput(model.segments, model.name, model.version, push_url),
         MeasuresOutput(model.labels, model.regions, model.lesion_labels),
+        DicomSegOutput(model.segments, model.name, model.version, model.regions),
+        DicomSrOutput(model.segments, model.labels, model.regions, model.name, model.version, model.weights_sha256),
+        *([RtstructOutput(model.segments, model.name, model.version)] if rtstruct else []),
+        PushOutput(push_url),
         QcOutput(),
         DiceOutput(model.labels, model.regions, model.lesion_scoring),
     ]

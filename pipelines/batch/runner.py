@@ -125,6 +125,7 @@ def run_batch(
     device: str = "cpu",
     tta: bool = False,
     probabilities: bool = False,
+    rtstruct: bool = False,
     rules: Mapping | None = None,
     section: str = "test",
     dataset_dir: str | os.PathLike | None = None,
@@ -145,9 +146,10 @@ def run_batch(
         device: ``cpu``, ``cuda`` or ``cuda:N`` (under torchrun, ``cuda`` means the local rank's GPU).
         tta: test-time augmentation, through the bundle's ``tta_inferer``.
         probabilities: also write ``prob.nii.gz`` (the bundle's ``probabilities`` transform).
+        rtstruct: also write ``rtstruct.dcm`` (an RT Structure Set, for DICOM input).
         rules: DICOM series rules by name (``{"modality": "CT"}``), over each input's rules from the bundle.
         section, dataset_dir, image_key: for manifest input.
-        push: store each DICOM SEG back to the DICOMweb ``source`` (STOW-RS).
+        push: store each case's DICOM outputs (SEG, SR, RTSTRUCT) back to the DICOMweb ``source`` (STOW-RS).
         fail_on_error: exit code 1 when any case failed (default: only when all failed).
         min_free_mb: refuse to start with less free space on the output's disk.
         progress: show a progress bar with ETA.
@@ -161,7 +163,7 @@ def run_batch(
     """
     with _stopped_by_signals():
         plan = _plan(bundle, source, Path(output), device=device, tta=tta, probabilities=probabilities,
-                     rules=rules or {}, section=section, dataset_dir=dataset_dir, image_key=image_key, push=push,
+                     rtstruct=rtstruct, rules=rules or {}, section=section, dataset_dir=dataset_dir, image_key=image_key, push=push,
                      min_free_mb=min_free_mb)
         summary = BatchSummary(cases=len(plan.mine), skipped=len(plan.mine) - len(plan.todo))
         logger.info("rank %d/%d: %d cases, %d complete from an earlier run, %d to do", plan.rank, plan.world,
@@ -176,7 +178,7 @@ def run_batch(
     return summary
 
 
-def _plan(bundle, source, output: Path, *, device: str, tta: bool, probabilities: bool, rules: Mapping,
+def _plan(bundle, source, output: Path, *, device: str, tta: bool, probabilities: bool, rtstruct: bool, rules: Mapping,
           section: str, dataset_dir, image_key, push: bool, min_free_mb: float) -> _Plan:
     """Everything decided before the first case: refuses an unusable input, output or bundle."""
     if device == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -184,7 +186,7 @@ def _plan(bundle, source, output: Path, *, device: str, tta: bool, probabilities
         torch.cuda.set_device(torch.device(device))  # before NCCL joins: one GPU per rank
     rank, world, joined = _distributed(device)
     if push and not is_dicomweb_url(source):
-        raise BatchInputError("--push stores DICOM SEGs back to a DICOMweb input; the input is not a URL")
+        raise BatchInputError("--push stores DICOM SEGs (and SRs, RTSTRUCTs) back to a DICOMweb input; the input is not a URL")
     _check_output(output, min_free_mb)
     model = BundleModel(bundle, device=device, tta=tta, probabilities=probabilities)
     try:
@@ -192,7 +194,7 @@ def _plan(bundle, source, output: Path, *, device: str, tta: bool, probabilities
     except (TypeError, ValueError) as exc:
         raise BatchInputError(f"DICOM series rules: {exc}") from exc
     cases = discover_cases(source, model.series_rules, section=section, dataset_dir=dataset_dir, image_key=image_key)
-    settings = {"tta": tta, "probabilities": probabilities, "push": push,
+    settings = {"tta": tta, "probabilities": probabilities, "rtstruct": rtstruct, "push": push,
                 "series_rules": {key: r.as_dict() for key, r in model.series_rules.items()}}
     run_key = _run_key(model, settings)
     mine = cases[rank::world]
@@ -204,7 +206,7 @@ def _plan(bundle, source, output: Path, *, device: str, tta: bool, probabilities
     base = {"model": model.describe(), "settings": {**settings, "device": str(model.device), "rank": rank,
                                                     "world_size": world},
             "run_key": run_key, "software": _software()}
-    records = Records(output, default_outputs(model, probabilities, str(source) if push else None), base,
+    records = Records(output, default_outputs(model, probabilities, str(source) if push else None, rtstruct), base,
                       model.reference_key)
     return _Plan(output, model, cases, mine, todo, records, rank, world, joined)
 

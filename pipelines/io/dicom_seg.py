@@ -4,6 +4,12 @@ Frames are laid on the source slices: a label map on the loaded (possibly correc
 read at every source pixel centre (:func:`pipelines.io.writers.labels_on_source_slices`), then each
 frame is given its source slice's position explicitly, so highdicom need not match frames to source
 images by list order.
+
+Segments: one per label the bundle codes, then one per region made of several labels (e.g. BraTS
+whole tumor and tumor core: they overlap the labels' segments) and one per lesion of a lesion map
+(lesion ``i`` the ``i``-th largest), so that each measurement of the case's DICOM SR
+(:mod:`pipelines.io.dicom_sr`) references the segment it measures. Each segment's tracking UID is
+derived from a key (the input's hash), the same on a rerun: :func:`tracking_uid`.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +28,7 @@ from pipelines.io.writers import atomic_path, labels_on_source_slices
 from pipelines.runtime.iod_memo import memoise_iod_lookups
 from pipelines.segment_codes import SegmentCode, segments_from_metadata
 
-__all__ = ["SegmentCode", "segments_from_metadata", "write_dicom_seg"]
+__all__ = ["LESION", "PRIVATE_SCHEME", "RegionSegment", "SegmentCode", "segments_from_metadata", "tracking_uid", "write_dicom_seg"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +42,44 @@ _TYPE2_COPIED = (
 
 _LONG_STRING = 64  # characters of a DICOM LO value (AlgorithmName, ManufacturerModelName)
 
+# a lesion's segment: Morphologically Altered Structure / Lesion (SNOMED CT)
+LESION = (("49755003", "SCT", "Morphologically Altered Structure"), ("52988006", "SCT", "Lesion"))
+# a region's segment type where the bundle gives no code: private scheme (DICOM PS3.16 8.2)
+PRIVATE_SCHEME = "99UNETP"
+
+
+@dataclass(frozen=True)
+class RegionSegment:
+    """A region a bundle declares (name and the label values it covers) as a segment of its own."""
+
+    name: str
+    values: tuple[int, ...]
+
+    @property
+    def codes(self) -> tuple[tuple[str, str, str], tuple[str, str, str]]:
+        meaning = f"{self.name} region (labels {', '.join(map(str, self.values))})"
+        return LESION[0], (self.name[:16], PRIVATE_SCHEME, meaning[:_LONG_STRING])
+
+
+def identify_private_scheme(dataset) -> None:
+    """Declare :data:`PRIVATE_SCHEME` (region codes) in ``dataset``'s Coding Scheme Identification
+    Sequence, as DICOM asks of a private scheme a dataset uses (PS3.3 C.12.1.1.5)."""
+    from pydicom.dataset import Dataset
+
+    item = Dataset()
+    item.CodingSchemeDesignator = PRIVATE_SCHEME
+    item.CodingSchemeName = "unet-pipelines regions"
+    item.CodingSchemeResponsibleOrganization = "unet-pipelines"
+    dataset.CodingSchemeIdentificationSequence = [item]
+
+
+def tracking_uid(key: str, kind: str, ident) -> str:
+    """The tracking UID of a finding: ``kind`` ``"label"`` (value), ``"region"`` (name) or
+    ``"lesion"`` (number) of the case whose input hashes to ``key``; stable across reruns."""
+    from pydicom.uid import generate_uid
+
+    return generate_uid(entropy_srcs=[key, kind, str(ident)])
+
 
 def write_dicom_seg(
     labels,
@@ -47,6 +92,9 @@ def write_dicom_seg(
     manufacturer: str = "unet-pipelines",
     software_version: str | None = None,
     omit_empty_frames: bool = False,
+    regions: Sequence[RegionSegment] = (),
+    lesions: tuple[np.ndarray, int] | None = None,
+    tracking_key: str | None = None,
 ) -> Path:
     """Write ``labels`` as a BINARY DICOM SEG referencing the source series described by ``meta``.
 
@@ -61,6 +109,10 @@ def write_dicom_seg(
         omit_empty_frames: leave out frames where a segment is absent (smaller, faster to write;
             viewers place frames by their positions). By default every source slice has a frame
             per segment.
+        regions: regions made of several labels, each a segment after the labels' (overlapping them).
+        lesions: a lesion map on the grid of ``labels`` (:func:`pipelines.batch.measures.lesion_map`)
+            and how many of its lesions to write as segments (``"lesion 1"`` upwards), last.
+        tracking_key: makes the segments' tracking UIDs (:func:`tracking_uid`); None: random ones.
 
     Returns:
         ``path``.
@@ -79,9 +131,21 @@ def write_dicom_seg(
     affine = np.asarray(meta.get("affine") if "affine" in meta else meta["original_affine"], dtype=float)
     frames = labels_on_source_slices(np.asarray(labels), affine, geometry)
 
-    label_map = np.zeros(frames.shape, dtype=np.uint8)
-    for number, segment in enumerate(segments, start=1):
-        label_map[frames == segment.label] = number
+    colours = {segment.label: segment.color for segment in segments if segment.color}
+    coded = [(segment.name, segment.category, segment.type, "label", segment.label, frames == segment.label)
+             for segment in segments]
+    for region in regions:
+        category, kind = region.codes
+        coded.append((region.name, category, kind, "region", region.name, np.isin(frames, region.values)))
+    if lesions is not None and lesions[1] > 0:
+        lesion_frames = labels_on_source_slices(np.asarray(lesions[0]), affine, geometry)
+        coded += [(f"lesion {n}", *LESION, "lesion", n, lesion_frames == n) for n in range(1, lesions[1] + 1)]
+    if regions or lesions is not None:
+        pixels = np.stack([mask for *_, mask in coded], axis=-1).astype(np.uint8)  # segments may overlap
+    else:  # one label map: highdicom takes segment numbers
+        pixels = np.zeros(frames.shape, dtype=np.uint8)
+        for number, (*_, mask) in enumerate(coded, start=1):
+            pixels[mask] = number
     sources = _source_images(references)
     plane_positions = [
         hd.PlanePositionSequence(coordinate_system=hd.CoordinateSystemNames.PATIENT, image_position=position)
@@ -93,19 +157,20 @@ def write_dicom_seg(
     descriptions = [
         hd.seg.SegmentDescription(
             segment_number=number,
-            segment_label=segment.name,
-            segmented_property_category=hd.sr.CodedConcept(*segment.category),
-            segmented_property_type=hd.sr.CodedConcept(*segment.type),
+            segment_label=name,
+            segmented_property_category=hd.sr.CodedConcept(*category),
+            segmented_property_type=hd.sr.CodedConcept(*kind),
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algorithm,
-            tracking_uid=hd.UID(),
-            tracking_id=segment.name,
+            tracking_uid=hd.UID() if tracking_key is None else tracking_uid(tracking_key, what, ident),
+            tracking_id=name,
+            display_color=hd.color.CIELabColor.from_rgb(*colours[ident]) if what == "label" and ident in colours else None,
         )
-        for number, segment in enumerate(segments, start=1)
+        for number, (name, category, kind, what, ident, _) in enumerate(coded, start=1)
     ]
     seg = hd.seg.Segmentation(
         source_images=sources,
-        pixel_array=label_map,
+        pixel_array=pixels,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
         series_instance_uid=hd.UID(),
@@ -117,8 +182,10 @@ def write_dicom_seg(
         software_versions=software_version or __version__,
         device_serial_number="0",
         plane_positions=plane_positions,
-        omit_empty_frames=omit_empty_frames and bool(label_map.any()),  # a SEG needs at least one frame
+        omit_empty_frames=omit_empty_frames and bool(pixels.any()),  # a SEG needs at least one frame
     )
+    if regions:
+        identify_private_scheme(seg)
     path = Path(path)
     with atomic_path(path) as tmp:
         seg.save_as(tmp, enforce_file_format=True)

@@ -24,10 +24,11 @@ What this app changes in MONAI Label's bundle tasks:
   order, for inference and training (:func:`stacked_channels`); its configs' references to the
   metadata (``@_meta_#...``) resolve, as under ``python -m monai.bundle run``; and its labels are the
   metadata's ``labels`` (the values of the label map it returns), not its output channels (regions);
-- no dcmqi download at start (nothing may be fetched at run time): unless dcmqi's
-  ``itkimage2segimage`` is on ``PATH``, labels saved to a DICOMweb store, and ``/infer`` results
-  asked for as ``dicom_seg``, are written as DICOM SEG with pydicom-seg, the converter's other
-  writer (:func:`use_coded_dicom_seg`);
+- no dcmqi download at start (nothing may be fetched at run time): labels saved to a DICOMweb
+  store, and ``/infer`` results asked for as ``dicom_seg``, are written as DICOM SEG by dcmqi's
+  ``itkimage2segimage`` from the ``dcmqi`` wheel the environment installs (found beside its
+  Python, or on ``PATH``; MONAI Label's own converter), or without it by pydicom-seg, the
+  converter's other writer (:func:`use_coded_dicom_seg`);
 - those SEGs carry the bundles' SNOMED CT codes (``dicom_seg_segments`` in ``metadata.json``), one
   segment per label value present, where MONAI Label codes every segment as the spleen and pairs
   names with values by position (:mod:`pipelines.label.seg_codes`); saved labels are marked
@@ -37,7 +38,9 @@ What this app changes in MONAI Label's bundle tasks:
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import sys
 from pathlib import Path
 
 from pipelines.label.compat import provide_torchvision_utils
@@ -182,8 +185,15 @@ class UNetPipelinesApp(MONAILabelApp):
         return tasks
 
     def _download_dcmqi_tools(self) -> None:
-        """Called when the datastore is a DICOMweb store: never download; without dcmqi, use pydicom-seg."""
+        """Called when the datastore is a DICOMweb store: never download. dcmqi installed in this
+        environment (beside its Python, not necessarily on ``PATH``) is put on ``PATH``, where MONAI
+        Label's converter runs it; without dcmqi, use pydicom-seg."""
+        beside = Path(sys.executable).parent
+        if not shutil.which(_DCMQI_TOOL) and (beside / _DCMQI_TOOL).is_file():
+            os.environ["PATH"] = f"{beside}{os.pathsep}{os.environ.get('PATH', '')}"
         dcmqi = bool(shutil.which(_DCMQI_TOOL) or (Path(self.app_dir) / "bin" / _DCMQI_TOOL).exists())
+        if dcmqi:
+            logger.info("DICOM SEGs are written by dcmqi's %s (%s)", _DCMQI_TOOL, shutil.which(_DCMQI_TOOL))
         use_coded_dicom_seg(self.segments, dcmqi=dcmqi)
         if not dcmqi:
             logger.info("dcmqi's %s is not on PATH: DICOM SEGs are written with pydicom-seg", _DCMQI_TOOL)

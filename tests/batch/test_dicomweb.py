@@ -34,23 +34,27 @@ def test_studies_from_dicomweb_segmented_and_pushed_back(orthanc, tmp_path):
     cases = discover_cases(url, {"image": SeriesRules()})
     assert [c.kind for c in cases] == ["dicomweb", "dicomweb"]
     out = tmp_path / "out"
-    summary = run_batch(BUNDLE, url, out, workers=1, push=True)
+    summary = run_batch(BUNDLE, url, out, workers=1, push=True, rtstruct=True)
     assert (summary.done, summary.failed, summary.exit_code) == (2, [], 0)
     for case in cases:
         record = json.loads((out / case.case_id / "record.json").read_text())
         assert record["status"] == "ok" and record["source"]["kind"] == "dicomweb"
-        assert record["pushed"]["url"] == url
-        seg_uid = record["pushed"]["series_instance_uid"]
+        assert record["pushed"]["url"] == url and set(record["pushed"]) == {"url", "seg.dcm", "sr.dcm", "rtstruct.dcm"}
+        seg_uid, sr_uid, rt_uid = (record["pushed"][name]["series_instance_uid"]
+                                   for name in ("seg.dcm", "sr.dcm", "rtstruct.dcm"))
         series = _qido(url, f"studies/{case.study_uid}/series")
         modalities = {s["0020000E"]["Value"][0]: s["00080060"]["Value"][0] for s in series}
-        assert modalities[seg_uid] == "SEG" and len(modalities) == 2  # the SEG sits beside its source
+        assert (modalities[seg_uid], modalities[sr_uid], modalities[rt_uid]) == ("SEG", "SR", "RTSTRUCT")
+        assert len(modalities) == 4  # beside their source
+        stored = _qido(url, f"studies/{case.study_uid}/series/{sr_uid}/instances")
+        assert [i["00080018"]["Value"][0] for i in stored] == [record["pushed"]["sr.dcm"]["sop_instance_uid"]]
         seg = hd.seg.segread(out / case.case_id / "seg.dcm")
         source_uid = seg.ReferencedSeriesSequence[0].SeriesInstanceUID
         assert modalities[source_uid] == "MR" and seg.StudyInstanceUID == case.study_uid
         assert case.case_id == pseudonym(case.study_uid)
     assert not (out / ".cache").exists()  # downloaded studies are not kept
     # the pushed SEGs are not new input: a rerun finds both studies complete
-    again = run_batch(BUNDLE, url, out, workers=0, push=True)
+    again = run_batch(BUNDLE, url, out, workers=0, push=True, rtstruct=True)
     assert (again.skipped, again.done) == (2, 0)
 
 
@@ -68,5 +72,5 @@ def test_same_result_as_the_folder_input(orthanc, tmp_path):
 def test_unreachable_server_is_a_clear_error(tmp_path):
     with pytest.raises(BatchInputError, match="DICOMweb query .QIDO-RS. failed"):
         run_batch(BUNDLE, f"http://127.0.0.1:{servers.free_port()}/dicom-web", tmp_path / "out")
-    with pytest.raises(BatchInputError, match="--push stores DICOM SEGs back to a DICOMweb input"):
+    with pytest.raises(BatchInputError, match=r"--push stores DICOM SEGs \(and SRs, RTSTRUCTs\) back to a DICOMweb input"):
         run_batch(BUNDLE, DEMO, tmp_path / "out", push=True)

@@ -83,7 +83,6 @@ def test_every_case_gets_outputs_and_a_record(folder_run):
     case_a = _case_dir(root, root / "in" / "site" / "patient_a")
     record = json.loads((case_a / "record.json").read_text())
     assert record["status"] == "ok" and record["error"] is None
-    assert sorted(record["outputs"]) == ["mask.nii.gz", "qc.png", "qc_thumbnail.png", "seg.dcm"]
     source = load_volume(root / "in" / "site" / "patient_a")
     mask = load_volume(case_a / "mask.nii.gz")
     assert mask.shape == source.shape and np.allclose(mask.affine, source.affine, atol=1e-4)  # the source grid
@@ -103,7 +102,9 @@ def test_every_case_gets_outputs_and_a_record(folder_run):
     assert seg.SeriesInstanceUID != source.meta["series_instance_uid"]
     referenced = seg.ReferencedSeriesSequence[0]
     assert referenced.SeriesInstanceUID == source.meta["series_instance_uid"]
-    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["tumor", "edema"]
+    lesions = [f"lesion {n}" for n in range(1, len(record["lesions"]) + 1)]
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["tumor", "edema", *lesions]
+    assert record["outputs"] == ["mask.nii.gz", "seg.dcm", "sr.dcm", "qc.png", "qc_thumbnail.png"]
     # the NIfTI case: no DICOM SEG
     nifti = json.loads((out / pseudonym("scan.nii.gz") / "record.json").read_text())
     assert nifti["status"] == "ok" and "seg.dcm" not in nifti["outputs"]

@@ -29,6 +29,7 @@ from pipelines.segment_codes import segments_from_metadata
 from pipelines.transforms import LabelsToRegions, RegionsToLabels
 from tests.bundles.conftest import BUNDLES, assert_bundle_ids, assert_bundle_layout, read_metrics, run_bundle
 from tests.conftest import REPO
+from tests.dicom_checks import assert_report_matches_record, assert_seg_reads_back_as_mask
 
 BUNDLE = BUNDLES / "unet3d_brain_tumor"
 CONFIGS = BUNDLE / "configs"
@@ -291,7 +292,12 @@ def test_the_batch_job_segments_the_demo_studies(demo, tmp_path):
         seg = pydicom.dcmread(case_dir / "seg.dcm")
         t1_uid = pydicom.dcmread(next((inbox / entry["case_id"] / "02_t1n").glob("*.dcm"))).SeriesInstanceUID
         assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == t1_uid
-        assert {s.SegmentLabel for s in seg.SegmentSequence} <= {"necrotic core", "edema", "enhancing tumor"}
+        lesions = [f"lesion {n}" for n in range(1, record["lesion_count"] + 1)]
+        assert [s.SegmentLabel for s in seg.SegmentSequence] == ["necrotic core", "edema", "enhancing tumor", "WT", "TC",
+                                                                  *lesions]
+        assert record["lesion_count"] >= 1
+        assert_report_matches_record(case_dir, record, metadata()["regions"], tmp_path)
+        assert_seg_reads_back_as_mask(case_dir, metadata()["regions"], tmp_path)
 
 
 @pytest.mark.integration

@@ -1,8 +1,6 @@
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 
 import highdicom as hd
 import nibabel as nib
@@ -14,6 +12,7 @@ import torch
 from pipelines.io import InputDataError, dicom_references, load_volume
 from pipelines.io.dicom_seg import SegmentCode, segments_from_metadata, write_dicom_seg
 from pipelines.io.writers import atomic_path, labels_on_source_slices, resample_labels, save_nifti
+from tests.dicom_checks import dciodvfy_errors
 from tests.io.dicom_factory import SeriesSpec, pixel_positions, read_slices, write_series
 
 TUMOR = SegmentCode(1, "tumor", ("49755003", "SCT", "Morphologically Altered Structure"), ("108369006", "SCT", "Neoplasm"))
@@ -94,10 +93,7 @@ def test_dicom_seg_references_the_source_and_validates(tmp_path, spec):
             mask = seg.get_pixels_by_source_instance(source_sop_instance_uids=[uid], segment_numbers=[number],
                                                      ignore_spatial_locations=True)[0, :, :, 0]
             assert np.array_equal(mask.astype(bool), expected == segment.label)
-    if shutil.which("dciodvfy") is None:
-        pytest.skip("dciodvfy not installed (make system-deps)")
-    result = subprocess.run(["dciodvfy", str(out)], capture_output=True, text=True)
-    errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]
+    errors = dciodvfy_errors(out)
     assert not errors, "\n".join(errors)
 
 

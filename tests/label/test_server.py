@@ -199,7 +199,8 @@ def test_a_saved_brain_label_trains_the_four_channel_bundle(local_server, tmp_pa
 
 def test_dicomweb_store_infers_saves_seg_and_trains(tmp_path):
     """Orthanc as the datastore: inference on a series by its UID, the corrected label stored back as a
-    DICOM SEG (pydicom-seg, no dcmqi), and a training epoch that reads that SEG back."""
+    DICOM SEG written by dcmqi (the wheel the MONAI Label environment installs; nothing downloaded)
+    with the bundle's codes, and a training epoch that reads that SEG back."""
     entry = demo_case("test", 0)
     study = DEMO / entry["dicom"]
     first = pydicom.dcmread(sorted(study.glob("*.dcm"))[0], stop_before_pixels=True)
@@ -234,6 +235,8 @@ def test_dicomweb_store_infers_saves_seg_and_trains(tmp_path):
             assert response.status_code == 200, response.text[-2000:]
             (tmp_path / "infer_seg.dcm").write_bytes(response.content)
             infer_seg = pydicom.dcmread(tmp_path / "infer_seg.dcm")
+            assert "dcmqi" in str(infer_seg.get("SoftwareVersions", "")) + str(infer_seg.get("ManufacturerModelName", ""))
+            assert "DICOM SEGs are written by dcmqi's itkimage2segimage" in log.read_text()
             coded = [(s.SegmentLabel, s.SegmentAlgorithmType, s.SegmentedPropertyTypeCodeSequence[0].CodeValue)
                      for s in infer_seg.SegmentSequence]
             assert coded == [(expected[v][0], "AUTOMATIC", expected[v][1]) for v in present]

@@ -1,0 +1,163 @@
+"""DICOM SR measurement report (TID 1500, Comprehensive 3D SR) of a segmented case (highdicom).
+
+A PACS shows it beside the images and a reporting system takes its numbers: a measurement group
+(TID 1411) per label, per region the bundle declares (e.g. BraTS whole tumor, tumor core, enhancing
+tumor) and per lesion, each with its volume in mL (a lesion also its largest diameter in mm), each
+referencing its segment in the case's DICOM SEG (:func:`pipelines.io.dicom_seg.write_dicom_seg`
+writes a segment per label, per region of several labels and per lesion) and the source series;
+and a group (TID 1501) with the lesion count. The algorithm is identified by the bundle's name,
+version and weights hash.
+
+Each group's tracking identifier is the segment's name and its tracking UID the segment's, derived
+from the input's hash (:func:`pipelines.io.dicom_seg.tracking_uid`): a rerun on the same input
+gives the same UIDs, so a reporting system that follows a finding by its UID sees one finding.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipelines.io.dicom_seg import identify_private_scheme, tracking_uid
+from pipelines.io.writers import atomic_path
+
+__all__ = ["Lesion", "Measures", "write_measurement_report"]
+
+_LONG_STRING = 64  # characters of a DICOM LO value
+
+
+@dataclass
+class Lesion:
+    """One lesion (number ``i``: the ``i``-th largest): its volume and largest diameter."""
+
+    volume_ml: float
+    diameter_mm: float
+
+
+@dataclass
+class Measures:
+    """What the report states, as the batch record has it: ``volumes_ml`` per label value,
+    ``regions_ml`` per region name (regions of one label reference that label's segment, as
+    ``region_labels`` tells), ``lesions`` (the listed ones, largest first: ``lesion 1`` upwards)
+    and ``lesion_count`` (all of them)."""
+
+    volumes_ml: Mapping[int, float]
+    regions_ml: Mapping[str, float] = field(default_factory=dict)
+    region_labels: Mapping[str, Sequence[int]] = field(default_factory=dict)
+    lesions: Sequence[Lesion] = ()
+    lesion_count: int = 0
+
+
+def write_measurement_report(
+    path: str | os.PathLike,
+    seg_path: str | os.PathLike,
+    measures: Measures,
+    algorithm_name: str,
+    algorithm_version: str,
+    weights_sha256: str,
+    tracking_key: str,
+    series_number: int = 901,
+    manufacturer: str = "unet-pipelines",
+) -> Path:
+    """Write the TID 1500 measurement report of a case whose DICOM SEG is ``seg_path``.
+
+    Args:
+        path: the SR file, written atomically.
+        seg_path: the case's SEG, written with the same ``tracking_key``: its segments are found by
+            their tracking UIDs; its patient, study and source series are the report's.
+        measures: the numbers.
+        algorithm_name, algorithm_version, weights_sha256: what computed them.
+        tracking_key: the input's hash (the SEG's ``tracking_key``).
+
+    Returns:
+        ``path``.
+
+    Raises:
+        ValueError: a measured label, region or lesion has no segment in ``seg_path``.
+    """
+    import highdicom as hd
+    import pydicom
+    from pydicom.sr.codedict import codes
+
+    from pipelines import __version__
+
+    seg = pydicom.dcmread(seg_path)
+    by_uid = {str(s.TrackingUID): s for s in seg.SegmentSequence if "TrackingUID" in s}
+    source_series = hd.sr.SourceSeriesForSegmentation(seg.ReferencedSeriesSequence[0].SeriesInstanceUID)
+    algorithm = hd.sr.AlgorithmIdentification(
+        name=algorithm_name[:_LONG_STRING], version=algorithm_version[:_LONG_STRING],
+        parameters=[f"weights sha256 {weights_sha256}"],
+    )
+    milliliter = hd.sr.CodedConcept("ml", "UCUM", "milliliter")
+
+    def measured(kind: str, ident, measurements: list, region: str | None = None):
+        """The group measuring segment ``kind`` ``ident``; tracked as ``region`` when given (a region
+        of one label: that label's segment, a finding of its own)."""
+        uid = tracking_uid(tracking_key, kind, ident)
+        if uid not in by_uid:
+            raise ValueError(f"{seg_path}: no segment for {kind} {ident!r} (tracking UID {uid}); "
+                             f"the SEG must be written with the same tracking key")
+        segment = by_uid[uid]
+        tracking = (uid, segment.SegmentLabel) if region is None else (tracking_uid(tracking_key, "region", region), region)
+        return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(*tracking),
+            referenced_segment=hd.sr.ReferencedSegment(
+                sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID,
+                segment_number=int(segment.SegmentNumber), source_series=source_series),
+            finding_type=_coded(segment.SegmentedPropertyTypeCodeSequence[0]),
+            finding_category=_coded(segment.SegmentedPropertyCategoryCodeSequence[0]),
+            algorithm_id=algorithm, measurements=measurements,
+        )
+
+    def volume(value: float) -> hd.sr.Measurement:
+        return hd.sr.Measurement(name=codes.SCT.Volume, value=float(value), unit=milliliter)
+
+    groups = [measured("label", label, [volume(value)]) for label, value in sorted(measures.volumes_ml.items())]
+    for name, value in measures.regions_ml.items():
+        labels = list(measures.region_labels.get(name, ()))
+        if len(labels) == 1:
+            groups.append(measured("label", labels[0], [volume(value)], region=name))
+        else:
+            groups.append(measured("region", name, [volume(value)]))
+    for number, lesion in enumerate(measures.lesions, start=1):
+        groups.append(measured("lesion", number, [
+            volume(lesion.volume_ml),
+            hd.sr.Measurement(name=codes.SCT.Diameter, value=float(lesion.diameter_mm), unit=codes.UCUM.Millimeter,
+                              derivation=codes.SCT.Maximum),
+        ]))
+    groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(tracking_uid(tracking_key, "lesions", "count"), "lesions"),
+        finding_type=codes.SCT.Lesion, algorithm_id=algorithm,
+        measurements=[hd.sr.Measurement(name=codes.SCT.NumberOfLesions, value=float(measures.lesion_count),
+                                        unit=codes.UCUM.NoUnits)],
+    ))
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=tracking_uid(weights_sha256, "device", algorithm_version), name=algorithm_name[:_LONG_STRING],
+            manufacturer_name=manufacturer, model_name=algorithm_name[:_LONG_STRING]),
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=codes.SCT.ImagingProcedure,
+        imaging_measurements=groups,
+    )
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=[seg], content=report, series_instance_uid=hd.UID(), series_number=series_number,
+        sop_instance_uid=hd.UID(), instance_number=1, manufacturer=manufacturer, is_complete=True,
+        series_description=f"{algorithm_name} measurements"[:_LONG_STRING], software_versions=__version__,
+    )
+    if any(len(measures.region_labels.get(name, ())) != 1 for name in measures.regions_ml):
+        identify_private_scheme(sr)  # region findings coded in it, as their segments are
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        sr.save_as(tmp, enforce_file_format=True)
+    return path
+
+
+def _coded(item):
+    import highdicom as hd
+
+    return hd.sr.CodedConcept(item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning)
