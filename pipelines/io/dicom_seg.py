@@ -73,6 +73,19 @@ def identify_private_scheme(dataset) -> None:
     dataset.CodingSchemeIdentificationSequence = [item]
 
 
+def _grid_affine(meta: Mapping) -> np.ndarray:
+    return np.asarray(meta.get("affine") if "affine" in meta else meta["original_affine"], dtype=float)
+
+
+def source_frames(labels, meta: Mapping, what: str) -> tuple[dict, np.ndarray]:
+    """The DICOM references of the source ``meta`` describes and ``labels`` (on the grid of
+    ``meta["affine"]``) read on its slices (:func:`labels_on_source_slices`), for writing ``what``."""
+    references = dicom_references(meta)
+    if not references:
+        raise InputDataError(f"{meta.get('filename_or_obj', '?')}: {what} needs a DICOM source, got {meta.get('source_format')}")
+    return references, labels_on_source_slices(np.asarray(labels), _grid_affine(meta), references["source_geometry"])
+
+
 def tracking_uid(key: str, kind: str, ident) -> str:
     """The tracking UID of a finding: ``kind`` ``"label"`` (value), ``"region"`` (name) or
     ``"lesion"`` (number) of the case whose input hashes to ``key``; stable across reruns."""
@@ -124,12 +137,9 @@ def write_dicom_seg(
 
     memoise_iod_lookups()  # highdicom scans its tables for every source image otherwise
     algorithm_name = algorithm_name[:_LONG_STRING]  # a bundle's name is free text; DICOM keeps 64 characters
-    references = dicom_references(meta)
-    if not references:
-        raise InputDataError(f"{meta.get('filename_or_obj', '?')}: DICOM SEG needs a DICOM source, got {meta.get('source_format')}")
+    references, frames = source_frames(labels, meta, "DICOM SEG")
     geometry = references["source_geometry"]
-    affine = np.asarray(meta.get("affine") if "affine" in meta else meta["original_affine"], dtype=float)
-    frames = labels_on_source_slices(np.asarray(labels), affine, geometry)
+    affine = _grid_affine(meta)
 
     colours = {segment.label: segment.color for segment in segments if segment.color}
     coded = [(segment.name, segment.category, segment.type, "label", segment.label, frames == segment.label)

@@ -22,9 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.io.errors import InputDataError
-from pipelines.io.metadata import dicom_references
-from pipelines.io.writers import atomic_path, labels_on_source_slices
+from pipelines.io.dicom_seg import source_frames
+from pipelines.io.writers import atomic_path
 from pipelines.segment_codes import SegmentCode
 
 __all__ = ["RT_STRUCTURE_SET_STORAGE", "contours_of_mask", "write_rtstruct"]
@@ -91,12 +90,8 @@ def write_rtstruct(
 
     from pipelines import __version__
 
-    references = dicom_references(meta)
-    if not references:
-        raise InputDataError(f"{meta.get('filename_or_obj', '?')}: an RTSTRUCT needs a DICOM source, got {meta.get('source_format')}")
+    references, frames = source_frames(labels, meta, "an RTSTRUCT")
     geometry = references["source_geometry"]
-    affine = np.asarray(meta.get("affine") if "affine" in meta else meta["original_affine"], dtype=float)
-    frames = labels_on_source_slices(np.asarray(labels), affine, geometry)
     row_dir = np.asarray(geometry["row_direction"], float)
     col_dir = np.asarray(geometry["column_direction"], float)
     spacing_y, spacing_x = (float(v) for v in geometry["pixel_spacing"])

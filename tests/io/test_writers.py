@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import highdicom as hd
@@ -11,6 +12,7 @@ import torch
 
 from pipelines.io import InputDataError, dicom_references, load_volume
 from pipelines.io.dicom_seg import SegmentCode, segments_from_metadata, write_dicom_seg
+from pipelines.io.rtstruct import write_rtstruct
 from pipelines.io.writers import atomic_path, labels_on_source_slices, resample_labels, save_nifti
 from tests.dicom_checks import dciodvfy_errors
 from tests.io.dicom_factory import SeriesSpec, pixel_positions, read_slices, write_series
@@ -157,6 +159,9 @@ def test_dicom_seg_needs_a_dicom_source(tmp_path):
     volume = load_volume(path)
     with pytest.raises(InputDataError, match="image.nii.gz: DICOM SEG needs a DICOM source, got nifti"):
         write_dicom_seg(volume[0].numpy(), volume.meta, [TUMOR], tmp_path / "seg.dcm", "x", "1")
+    with pytest.raises(InputDataError, match="image.nii.gz: an RTSTRUCT needs a DICOM source, got nifti"):
+        write_rtstruct(volume[0].numpy(), volume.meta, [TUMOR], tmp_path / "rt.dcm", "x", "1")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["image.nii.gz"]
 
 
 def test_segments_from_bundle_metadata():
@@ -164,6 +169,21 @@ def test_segments_from_bundle_metadata():
     assert segments_from_metadata(meta) == [TUMOR]
     with pytest.raises(ValueError, match="no `dicom_seg_segments`"):
         segments_from_metadata({})
+    meta["dicom_seg_segments"][0]["color"] = [230, 60, 50]
+    assert segments_from_metadata(meta)[0].color == (230, 60, 50)
+    for bad in ("red", [255, 0], [255, 0, 256], [1.5, 0, 0]):
+        meta["dicom_seg_segments"][0]["color"] = bad
+        with pytest.raises(ValueError, match="color must be \\[r, g, b\\], whole numbers 0-255"):
+            segments_from_metadata(meta)
+
+
+def test_segment_colours_reach_the_seg(tmp_path):
+    write_series(tmp_path / "ct", SeriesSpec(rows=24, columns=20))
+    volume = load_volume(tmp_path / "ct")
+    red = dataclasses.replace(TUMOR, color=(255, 0, 0))
+    seg = hd.seg.segread(write_dicom_seg(sphere_labels(volume), volume.meta, [red, EDEMA], tmp_path / "s.dcm", "u", "1"))
+    assert hd.color.CIELabColor.from_dicom_value(seg.SegmentSequence[0].RecommendedDisplayCIELabValue).to_rgb() == (255, 0, 0)
+    assert "RecommendedDisplayCIELabValue" not in seg.SegmentSequence[1]
 
 
 def test_prediction_on_a_resampled_grid_returns_to_the_source_grid(tmp_path):
