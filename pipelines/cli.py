@@ -179,6 +179,7 @@ def _batch(args: argparse.Namespace) -> int:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from pipelines.batch import BatchAbortedError, BatchInterrupted, run_batch
+    from pipelines.batch.cases import RemoteQuery
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("pipelines").setLevel(logging.WARNING if args.quiet else logging.INFO)
@@ -188,7 +189,9 @@ def _batch(args: argparse.Namespace) -> int:
             summary = run_batch(
                 args.bundle, args.input, args.output, workers=args.workers, device=args.device, tta=args.tta,
                 probabilities=args.probabilities, rtstruct=args.rtstruct, rules=rules, section=args.section, dataset_dir=args.dataset_dir,
-                image_key=args.image_key, push=args.push, fail_on_error=args.fail_on_error,
+                image_key=args.image_key, push=args.push,
+                query=RemoteQuery(tuple(args.study_uid or ()), args.study_date, args.calling_aet),
+                fail_on_error=args.fail_on_error,
                 min_free_mb=args.min_free_mb, progress=not args.quiet,
             )
         except BatchAbortedError as exc:  # disk full, read-only or permission denied mid-run
@@ -217,7 +220,8 @@ def _add_batch_command(commands) -> None:
         "configs run Python code: use bundles you trust.",
     )
     batch.add_argument("--bundle", required=True, help="bundle folder (configs/inference.json, models/model.pt)")
-    batch.add_argument("--input", required=True, help="folder, manifest .json, or DICOMweb URL (http://.../dicom-web)")
+    batch.add_argument("--input", required=True,
+                       help="folder, manifest .json, DICOMweb URL (http://.../dicom-web) or DICOM peer (dicom://AET@host:port)")
     batch.add_argument("--output", required=True, help="output folder")
     batch.add_argument("--workers", type=int, default=1, help="processes loading the next cases (0: none)")
     batch.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
@@ -225,8 +229,14 @@ def _add_batch_command(commands) -> None:
     batch.add_argument("--probabilities", action="store_true", help="also write prob.nii.gz")
     batch.add_argument("--rtstruct", action="store_true",
                        help="also write rtstruct.dcm, an RT Structure Set for treatment planning (DICOM input)")
-    batch.add_argument("--push", action="store_true",
-                       help="store each case's DICOM SEG, SR (and RTSTRUCT) back to the DICOMweb input (STOW-RS)")
+    batch.add_argument("--push", nargs="?", const=True, default=False, metavar="DESTINATION",
+                       help="store each case's DICOM SEG, SR (and RTSTRUCT): alone, back to the input server (STOW-RS "
+                            "or C-STORE); or to DESTINATION, a DICOMweb URL or dicom://AET@host:port")
+    batch.add_argument("--study-uid", action="append", metavar="UID",
+                       help="server input: this study (repeatable); a DICOM peer needs it or --study-date")
+    batch.add_argument("--study-date", metavar="DATES", help="server input: studies of YYYYMMDD or YYYYMMDD-YYYYMMDD")
+    batch.add_argument("--calling-aet", default="UNETPIPELINES",
+                       help="AE title this job calls DICOM peers with (default: UNETPIPELINES)")
     batch.add_argument("--fail-on-error", action="store_true", help="exit code 1 when any case failed")
     batch.add_argument("--section", default="test", help="manifest section (default: test)")
     batch.add_argument("--dataset-dir", help="folder the manifest's paths are relative to (default: the manifest's)")

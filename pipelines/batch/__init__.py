@@ -6,7 +6,7 @@ Any bundle runs through it: what a bundle must define is in :mod:`pipelines.batc
 from __future__ import annotations
 
 from .bundle import BundleModel, bundle_hash
-from .cases import Case, discover_cases, pseudonym
+from .cases import Case, RemoteQuery, discover_cases, pseudonym
 from .errors import BatchAbortedError, BatchInputError, BundleContractError
 from .measures import dice_scores, lesion_measurements, max_diameter_mm, region_volumes, section_measurements
 from .outputs import CaseOutput, Output, default_outputs
@@ -27,6 +27,7 @@ __all__ = [
     "bundle_hash",
     "default_outputs",
     "dice_scores",
+    "RemoteQuery",
     "discover_cases",
     "lesion_measurements",
     "max_diameter_mm",

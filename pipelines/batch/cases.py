@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import os
+import re
 from collections import defaultdict
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Executor, ProcessPoolExecutor
@@ -30,13 +31,14 @@ from pipelines.batch.sources import (
     DicomSeriesSource,
     DicomWebSeriesSource,
     DicomWebStudy,
+    DimseStudy,
     ImageFileSource,
     Source,
 )
 from pipelines.io.formats import is_image_file
 from pipelines.io.rules import SeriesRules
 
-__all__ = ["BatchInputError", "Case", "discover_cases", "is_dicomweb_url", "pseudonym"]
+__all__ = ["BatchInputError", "Case", "RemoteQuery", "discover_cases", "is_dicomweb_url", "is_remote", "pseudonym"]
 
 
 @dataclass
@@ -111,19 +113,52 @@ def is_dicomweb_url(source) -> bool:
     return str(source).startswith(("http://", "https://"))
 
 
+def is_remote(source) -> bool:
+    """Whether a batch input is a server: DICOMweb (``http(s)://``) or a DICOM peer (``dicom://``)."""
+    from pipelines.batch.dimse import is_dimse_url
+
+    return is_dicomweb_url(source) or is_dimse_url(source)
+
+
+@dataclass(frozen=True)
+class RemoteQuery:
+    """Which studies of a server to take, and as whom: ``study_uids``, or a StudyDate in ``dates``
+    (``YYYYMMDD`` or ``YYYYMMDD-YYYYMMDD``); ``calling_aet`` the AE title a DICOM peer sees."""
+
+    study_uids: tuple[str, ...] = ()
+    dates: str | None = None
+    calling_aet: str = "UNETPIPELINES"
+
+    def __post_init__(self) -> None:
+        from pipelines.batch.dimse import check_ae_title
+
+        try:
+            check_ae_title(self.calling_aet, "--calling-aet")
+        except ValueError as exc:
+            raise BatchInputError(str(exc)) from exc
+        if self.dates is not None and not re.fullmatch(r"\d{8}(-\d{8})?|\d{8}-|-\d{8}", self.dates):
+            raise BatchInputError(f"--study-date must be YYYYMMDD or a range YYYYMMDD-YYYYMMDD, got {self.dates!r}")
+        bad = [uid for uid in self.study_uids if not re.fullmatch(r"[0-9]+(\.[0-9]+)*", uid) or len(uid) > 64]
+        if bad:
+            raise BatchInputError(f"--study-uid must be DICOM UIDs (digits and dots, at most 64), got {bad}")
+
+
 def discover_cases(source: str | os.PathLike, inputs: Mapping[str, SeriesRules], section: str = "test",
-                   dataset_dir: str | os.PathLike | None = None, image_key: str | None = None) -> list[Case]:
-    """The cases under ``source``: a folder, a manifest (``.json``) or a DICOMweb URL.
+                   dataset_dir: str | os.PathLike | None = None, image_key: str | None = None,
+                   query: RemoteQuery | None = None) -> list[Case]:
+    """The cases under ``source``: a folder, a manifest (``.json``), a DICOMweb URL or a DICOM peer.
 
     Args:
         source: a folder tree of DICOM studies (any nesting, series mixed) and/or image files
-            (NIfTI, NRRD, MHA, PNG, TIFF); a manifest file; or an ``http(s)://`` DICOMweb service root.
+            (NIfTI, NRRD, MHA, PNG, TIFF); a manifest file; an ``http(s)://`` DICOMweb service root;
+            or a DICOM peer ``dicom://AET@host:port`` (C-FIND, then C-GET of each study).
         inputs: the bundle's input keys, each with its DICOM series rules (a study gives each input
             the series its rules choose; an image file is a case only for a bundle of one input).
         section, dataset_dir, image_key: manifest section, base folder (default: the manifest's)
             and, for a bundle of one input, the key of each entry's path (default: ``dicom`` when
             the entries have it, else ``image``); a bundle of several inputs finds each under its
             own key.
+        query: for a server, which studies (required for a DICOM peer) and the calling AE title.
 
     Returns:
         Cases sorted by id. Those that cannot be used come back with ``error`` set, so they are
@@ -136,7 +171,9 @@ def discover_cases(source: str | os.PathLike, inputs: Mapping[str, SeriesRules],
     if not inputs:
         raise ValueError("`inputs` must name at least one input key")
     if is_dicomweb_url(source):
-        cases = _from_dicomweb(str(source), inputs)
+        cases = _from_dicomweb(str(source), inputs, query or RemoteQuery())
+    elif str(source).startswith("dicom://"):
+        cases = _from_dimse(str(source), inputs, query or RemoteQuery())
     else:
         path = Path(source)
         if not path.exists():
@@ -188,22 +225,45 @@ def _file_case(path: Path, root: Path, inputs: Mapping, case_id: str | None = No
     return Case(case_id=case_id, sources={next(iter(inputs)): ImageFileSource(str(path))}, path=str(path), label=label)
 
 
-def _from_dicomweb(url: str, inputs: Mapping[str, SeriesRules]) -> list[Case]:
+def _modalities(inputs: Mapping[str, SeriesRules]) -> set[str] | None:
+    """The modalities every input's rules name, or None when one names none."""
+    named = [rules.modality for rules in inputs.values()]
+    if not all(named):
+        return None
+    return {m.upper() for wanted in named for m in ([wanted] if isinstance(wanted, str) else wanted)}
+
+
+def _from_dicomweb(url: str, inputs: Mapping[str, SeriesRules], query: RemoteQuery) -> list[Case]:
     """One case per study on the server with an image series (of the rules' modalities, when they
     all name some); each input's series is chosen by its rules once the study is fetched."""
     from pipelines.batch.dicomweb import discover_studies
 
-    named = [rules.modality for rules in inputs.values()]
-    modalities = None
-    if all(named):
-        modalities = {m.upper() for wanted in named for m in ([wanted] if isinstance(wanted, str) else wanted)}
+    modalities = _modalities(inputs)
     try:
-        found = discover_studies(url, modalities)
+        found = discover_studies(url, modalities, query.study_uids, query.dates)
     except ValueError as exc:
         raise BatchInputError(str(exc)) from exc
     cases = []
     for uid, listing_hash, _ in found:
         study = DicomWebStudy(url, uid, listing_hash, tuple(sorted(modalities)) if modalities else None)
+        cases.append(Case(case_id=pseudonym(uid), sources={key: DicomWebSeriesSource(study) for key in inputs},
+                          path=study.path, study_uid=uid))
+    return cases
+
+
+def _from_dimse(url: str, inputs: Mapping[str, SeriesRules], query: RemoteQuery) -> list[Case]:
+    """One case per study the DICOM peer finds (C-FIND) with an image series; each is fetched (C-GET)
+    when its turn comes, and each input's series chosen by its rules."""
+    from pipelines.batch.dimse import DimsePeer, find_studies
+
+    try:
+        peer = DimsePeer.parse(url)
+        found = find_studies(peer, query.calling_aet, query.study_uids, query.dates, _modalities(inputs))
+    except ValueError as exc:
+        raise BatchInputError(str(exc)) from exc
+    cases = []
+    for uid, listing_hash, series in found:
+        study = DimseStudy(str(peer), query.calling_aet, uid, listing_hash, tuple(series))
         cases.append(Case(case_id=pseudonym(uid), sources={key: DicomWebSeriesSource(study) for key in inputs},
                           path=study.path, study_uid=uid))
     return cases

@@ -13,8 +13,8 @@ from pathlib import Path
 
 __all__ = ["discover_studies", "download_study", "push_instance"]
 
-# series that hold no image volume: our own SEGs (after --push), reports, presentation states...
-_NON_IMAGE_MODALITIES = {"SEG", "SR", "PR", "KO", "RTSTRUCT", "RTPLAN", "RTDOSE", "RTRECORD", "DOC", "REG", "OT"}
+from pipelines.batch.dimse import NON_IMAGE_MODALITIES as _NON_IMAGE_MODALITIES
+
 _STUDY, _SERIES, _MODALITY, _COUNT = "0020000D", "0020000E", "00080060", "00201209"
 
 
@@ -37,15 +37,20 @@ def _image_series(entries, modalities: set[str] | None) -> list[Mapping]:
     ]
 
 
-def discover_studies(url: str, modalities: set[str] | None = None) -> list[tuple[str, str, list[str]]]:
-    """The studies on the server that have an image series (of ``modalities``, when given):
+def discover_studies(url: str, modalities: set[str] | None = None, study_uids=(), dates: str | None = None,
+                     ) -> list[tuple[str, str, list[str]]]:
+    """The studies on the server that have an image series (of ``modalities``, when given), all or
+    those of ``study_uids`` or with a StudyDate in ``dates`` (``YYYYMMDD`` or ``YYYYMMDD-YYYYMMDD``):
     ``(StudyInstanceUID, hash of its series and instance counts, its image SeriesInstanceUIDs)``.
 
     Raises:
         ValueError: the query failed (the message names the server and the error).
     """
+    filters = [{"StudyInstanceUID": uid} for uid in study_uids] or [{"StudyDate": dates} if dates else {}]
     try:
-        entries = _client(url).search_for_series(fields=["NumberOfSeriesRelatedInstances"])
+        client = _client(url)
+        entries = [entry for search in filters
+                   for entry in client.search_for_series(search_filters=search, fields=["NumberOfSeriesRelatedInstances"])]
     except Exception as exc:  # requests raises connection and HTTP errors of many types
         raise ValueError(f"{url}: DICOMweb query (QIDO-RS) failed: {type(exc).__name__}: {exc}") from exc
     studies: dict[str, list[Mapping]] = defaultdict(list)

@@ -81,6 +81,15 @@ class CaseOutput:
         return self.reference.meta.get("source_format") == "picture"
 
 
+def _uids(out: CaseOutput, name: str) -> tuple[str, str]:
+    """Series and SOP instance UIDs of one DICOM output of a case, the same for the same input and
+    run settings (the record's ``run_key``): stored again, it replaces its copy in an archive."""
+    from pydicom.uid import generate_uid
+
+    key = [out.case.input_hash, str(out.record.get("run_key")), name]
+    return generate_uid(entropy_srcs=[*key, "series"]), generate_uid(entropy_srcs=[*key, "instance"])
+
+
 class Output:
     """One kind of output. ``write`` adds files to ``out.case_dir`` (and their names to ``out.files``)
     and fields to ``out.record``."""
@@ -136,7 +145,7 @@ class DicomSegOutput(Output):
         lesions = None if out.lesions is None else (out.lesions[0], len(out.record.get("lesions") or ()))
         write_dicom_seg(out.labels[None], out.reference.meta, self.segments, out.case_dir / "seg.dcm",
                         algorithm_name=self.algorithm, algorithm_version=self.version, omit_empty_frames=True,
-                        regions=regions, lesions=lesions, tracking_key=out.case.input_hash)
+                        regions=regions, lesions=lesions, tracking_key=out.case.input_hash, uids=_uids(out, "seg"))
         out.files.append("seg.dcm")
 
 
@@ -163,7 +172,8 @@ class DicomSrOutput(Output):
             lesion_count=int(out.record.get("lesion_count") or 0),
         )
         write_measurement_report(out.case_dir / "sr.dcm", out.case_dir / "seg.dcm", measures, self.algorithm,
-                                 self.version, self.weights_sha256, tracking_key=out.case.input_hash)
+                                 self.version, self.weights_sha256, tracking_key=out.case.input_hash,
+                                 uids=_uids(out, "sr"))
         out.files.append("sr.dcm")
 
 
@@ -182,28 +192,41 @@ class RtstructOutput(Output):
         from pipelines.io.rtstruct import write_rtstruct
 
         write_rtstruct(out.labels, out.reference.meta, self.segments, out.case_dir / "rtstruct.dcm",
-                       self.algorithm, self.version)
+                       self.algorithm, self.version, uids=_uids(out, "rtstruct"))
         out.files.append("rtstruct.dcm")
 
 
 class PushOutput(Output):
-    """Stores the case's DICOM outputs (SEG, SR, RTSTRUCT) back on the DICOMweb input with STOW-RS
-    (``--push``): ``pushed`` in the record is ``{"url", <file>: {series and SOP instance UIDs}}``,
-    set only once every file is stored (a failure fails the case, and a rerun stores them again)."""
+    """Stores the case's DICOM outputs (SEG, SR, RTSTRUCT) on a server (``--push``): STOW-RS to a
+    DICOMweb URL, C-STORE to a DICOM peer ``dicom://AET@host:port`` (as ``calling_aet``). ``pushed``
+    in the record is ``{"url", <file>: {series and SOP instance UIDs}}``, set only once every file is
+    stored: a failure fails the case naming what was stored before it, and a rerun stores them all
+    again; their UIDs are the same for the same input and run settings, so the archive keeps one
+    copy of each, not two."""
 
-    def __init__(self, push_url: str | None) -> None:
-        self.push_url = push_url
+    def __init__(self, push_url: str | None, calling_aet: str = "UNETPIPELINES") -> None:
+        self.push_url, self.calling_aet = push_url, calling_aet
 
     def write(self, out: CaseOutput) -> None:
         out.record["pushed"] = None
         files = [name for name in DICOM_OUTPUTS if name in out.files]
         if not self.push_url or not files:
             return
-        from pipelines.batch.dicomweb import push_instance
+        if self.push_url.startswith("dicom://"):
+            from pipelines.batch.dimse import DimsePeer, store_files
 
-        stored = {name: push_instance(self.push_url, out.case_dir / name) for name in files}
-        out.record["pushed"] = {"url": self.push_url,
-                                **{name: {k: v for k, v in where.items() if k != "url"} for name, where in stored.items()}}
+            stored = store_files(DimsePeer.parse(self.push_url), self.calling_aet, [out.case_dir / n for n in files])
+        else:
+            from pipelines.batch.dicomweb import push_instance
+
+            stored = {}
+            for name in files:
+                try:
+                    where = push_instance(self.push_url, out.case_dir / name)
+                except ValueError as exc:
+                    raise ValueError(f"{exc} (stored before it: {', '.join(stored) or 'none'})") from exc
+                stored[name] = {k: v for k, v in where.items() if k != "url"}
+        out.record["pushed"] = {"url": self.push_url, **stored}
 
 
 class MeasuresOutput(Output):
@@ -287,7 +310,8 @@ class DiceOutput(Output):
             }
 
 
-def default_outputs(model, probabilities: bool = False, push_url: str | None = None, rtstruct: bool = False) -> list[Output]:
+def default_outputs(model, probabilities: bool = False, push_url: str | None = None, rtstruct: bool = False,
+                    calling_aet: str = "UNETPIPELINES") -> list[Output]:
     """The batch job's outputs for ``model`` (a :class:`~pipelines.batch.bundle.BundleModel`), in order."""
     outputs: list[Output] = [MaskOutput()]
     if probabilities:
@@ -297,7 +321,7 @@ def default_outputs(model, probabilities: bool = False, push_url: str | None = N
         DicomSegOutput(model.segments, model.name, model.version, model.regions),
         DicomSrOutput(model.segments, model.labels, model.regions, model.name, model.version, model.weights_sha256),
         *([RtstructOutput(model.segments, model.name, model.version)] if rtstruct else []),
-        PushOutput(push_url),
+        PushOutput(push_url, calling_aet),
         QcOutput(),
         DiceOutput(model.labels, model.regions, model.lesion_scoring),
     ]

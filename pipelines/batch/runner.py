@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from pipelines.batch.bundle import BundleModel
-from pipelines.batch.cases import Case, discover_cases, is_dicomweb_url
+from pipelines.batch.cases import Case, RemoteQuery, discover_cases, is_remote
 from pipelines.batch.errors import BatchAbortedError, BatchInputError
 from pipelines.batch.loading import Loading, describe_error
 from pipelines.batch.notices import CaseWarnings
@@ -130,7 +130,8 @@ def run_batch(
     section: str = "test",
     dataset_dir: str | os.PathLike | None = None,
     image_key: str | None = None,
-    push: bool = False,
+    push: bool | str = False,
+    query: RemoteQuery | None = None,
     fail_on_error: bool = False,
     min_free_mb: float = 100.0,
     progress: bool = False,
@@ -149,7 +150,11 @@ def run_batch(
         rtstruct: also write ``rtstruct.dcm`` (an RT Structure Set, for DICOM input).
         rules: DICOM series rules by name (``{"modality": "CT"}``), over each input's rules from the bundle.
         section, dataset_dir, image_key: for manifest input.
-        push: store each case's DICOM outputs (SEG, SR, RTSTRUCT) back to the DICOMweb ``source`` (STOW-RS).
+        push: store each case's DICOM outputs (SEG, SR, RTSTRUCT): True, back to the ``source`` server
+            (STOW-RS to DICOMweb, C-STORE to a DICOM peer); or to the destination given
+            (``http(s)://...`` DICOMweb or ``dicom://AET@host:port``).
+        query: for a server ``source``, which studies (``--study-uid``, ``--study-date``; required for a
+            DICOM peer) and the calling AE title (also used to push to a DICOM peer).
         fail_on_error: exit code 1 when any case failed (default: only when all failed).
         min_free_mb: refuse to start with less free space on the output's disk.
         progress: show a progress bar with ETA.
@@ -163,7 +168,8 @@ def run_batch(
     """
     with _stopped_by_signals():
         plan = _plan(bundle, source, Path(output), device=device, tta=tta, probabilities=probabilities,
-                     rtstruct=rtstruct, rules=rules or {}, section=section, dataset_dir=dataset_dir, image_key=image_key, push=push,
+                     rtstruct=rtstruct, rules=rules or {}, section=section, dataset_dir=dataset_dir, image_key=image_key,
+                     push=push, query=query or RemoteQuery(),
                      min_free_mb=min_free_mb)
         summary = BatchSummary(cases=len(plan.mine), skipped=len(plan.mine) - len(plan.todo))
         logger.info("rank %d/%d: %d cases, %d complete from an earlier run, %d to do", plan.rank, plan.world,
@@ -179,22 +185,27 @@ def run_batch(
 
 
 def _plan(bundle, source, output: Path, *, device: str, tta: bool, probabilities: bool, rtstruct: bool, rules: Mapping,
-          section: str, dataset_dir, image_key, push: bool, min_free_mb: float) -> _Plan:
+          section: str, dataset_dir, image_key, push: bool | str, query: RemoteQuery, min_free_mb: float) -> _Plan:
     """Everything decided before the first case: refuses an unusable input, output or bundle."""
     if device == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(torch.device(device))  # before NCCL joins: one GPU per rank
     rank, world, joined = _distributed(device)
-    if push and not is_dicomweb_url(source):
-        raise BatchInputError("--push stores DICOM SEGs (and SRs, RTSTRUCTs) back to a DICOMweb input; the input is not a URL")
+    if push is True and not is_remote(source):
+        raise BatchInputError("--push alone stores DICOM SEGs (and SRs, RTSTRUCTs) back to a DICOMweb or DICOM input; the "
+                              "input is not a server: give the destination (--push dicom://AET@host:port or a DICOMweb URL)")
+    destination = str(source) if push is True else (str(push) if push else None)
+    if destination and not is_remote(destination):
+        raise BatchInputError(f"--push: a destination is a DICOMweb URL or dicom://AET@host:port, got {destination!r}")
     _check_output(output, min_free_mb)
     model = BundleModel(bundle, device=device, tta=tta, probabilities=probabilities)
     try:
         model.series_rules = {key: SeriesRules.of(base, **rules) for key, base in model.series_rules.items()}
     except (TypeError, ValueError) as exc:
         raise BatchInputError(f"DICOM series rules: {exc}") from exc
-    cases = discover_cases(source, model.series_rules, section=section, dataset_dir=dataset_dir, image_key=image_key)
-    settings = {"tta": tta, "probabilities": probabilities, "rtstruct": rtstruct, "push": push,
+    cases = discover_cases(source, model.series_rules, section=section, dataset_dir=dataset_dir, image_key=image_key,
+                           query=query)
+    settings = {"tta": tta, "probabilities": probabilities, "rtstruct": rtstruct, "push": destination,
                 "series_rules": {key: r.as_dict() for key, r in model.series_rules.items()}}
     run_key = _run_key(model, settings)
     mine = cases[rank::world]
@@ -206,7 +217,7 @@ def _plan(bundle, source, output: Path, *, device: str, tta: bool, probabilities
     base = {"model": model.describe(), "settings": {**settings, "device": str(model.device), "rank": rank,
                                                     "world_size": world},
             "run_key": run_key, "software": _software()}
-    records = Records(output, default_outputs(model, probabilities, str(source) if push else None, rtstruct), base,
+    records = Records(output, default_outputs(model, probabilities, destination, rtstruct, query.calling_aet), base,
                       model.reference_key)
     return _Plan(output, model, cases, mine, todo, records, rank, world, joined)
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from pipelines.io.rules import SeriesRules
 
-__all__ = ["DicomSeriesSource", "DicomWebSeriesSource", "DicomWebStudy", "ImageFileSource", "Source", "stat_hash"]
+__all__ = ["DicomSeriesSource", "DicomWebSeriesSource", "DicomWebStudy", "DimseStudy", "ImageFileSource", "Source",
+           "stat_hash"]
 
 
 def stat_hash(paths, extra: str = "") -> str:
@@ -89,6 +90,7 @@ class DicomWebStudy:
     listing_hash: str  # of its series and instance counts: changes when the server's study does
     modalities: tuple[str, ...] | None = None
     folder: Path | None = field(default=None, compare=False)
+    kind = "dicomweb"
 
     def fetch(self, cache_dir: Path) -> Path:
         from pipelines.batch.dicomweb import download_study
@@ -104,11 +106,42 @@ class DicomWebStudy:
 
 
 @dataclass
-class DicomWebSeriesSource(Source):
-    """The series of a DICOMweb study that one input's rules choose, once the study is fetched."""
+class DimseStudy:
+    """A study on a DICOM peer (``url``: ``dicom://AET@host:port``), fetched (C-GET) once per case
+    into the run's cache: its image series, found when the run started."""
 
-    study: DicomWebStudy
-    kind = "dicomweb"
+    url: str
+    calling_aet: str
+    study_uid: str
+    listing_hash: str  # of its series and instance counts: changes when the peer's study does
+    series_uids: tuple[str, ...]
+    folder: Path | None = field(default=None, compare=False)
+    kind = "dimse"
+
+    def fetch(self, cache_dir: Path) -> Path:
+        from pipelines.batch.dimse import DimsePeer, retrieve_study
+
+        if self.folder is None:
+            target = cache_dir / hashlib.sha256(self.study_uid.encode()).hexdigest()[:16]
+            self.folder = retrieve_study(DimsePeer.parse(self.url), self.calling_aet, self.study_uid,
+                                         self.series_uids, target)
+        return self.folder
+
+    @property
+    def path(self) -> str:
+        return f"{self.url.rstrip('/')}/studies/{self.study_uid}"
+
+
+@dataclass
+class DicomWebSeriesSource(Source):
+    """The series of a remote study (DICOMweb or DIMSE) that one input's rules choose, once the study
+    is fetched."""
+
+    study: DicomWebStudy | DimseStudy
+
+    @property
+    def kind(self) -> str:
+        return self.study.kind
 
     def load(self, rules: SeriesRules, options: Mapping, cache_dir: Path):
         from pipelines.io import load_volume

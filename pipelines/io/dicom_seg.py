@@ -108,6 +108,7 @@ def write_dicom_seg(
     regions: Sequence[RegionSegment] = (),
     lesions: tuple[np.ndarray, int] | None = None,
     tracking_key: str | None = None,
+    uids: tuple[str, str] | None = None,
 ) -> Path:
     """Write ``labels`` as a BINARY DICOM SEG referencing the source series described by ``meta``.
 
@@ -126,6 +127,8 @@ def write_dicom_seg(
         lesions: a lesion map on the grid of ``labels`` (:func:`pipelines.batch.measures.lesion_map`)
             and how many of its lesions to write as segments (``"lesion 1"`` upwards), last.
         tracking_key: makes the segments' tracking UIDs (:func:`tracking_uid`); None: random ones.
+        uids: the SEG's series and SOP instance UIDs (the same for the same input and settings, so
+            that storing it again does not make a second copy in an archive); None: new ones.
 
     Returns:
         ``path``.
@@ -183,9 +186,9 @@ def write_dicom_seg(
         pixel_array=pixels,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
-        series_instance_uid=hd.UID(),
+        series_instance_uid=uids[0] if uids else hd.UID(),
         series_number=series_number,
-        sop_instance_uid=hd.UID(),
+        sop_instance_uid=uids[1] if uids else hd.UID(),
         instance_number=1,
         manufacturer=manufacturer,
         manufacturer_model_name=algorithm_name,

@@ -60,6 +60,7 @@ def write_measurement_report(
     tracking_key: str,
     series_number: int = 901,
     manufacturer: str = "unet-pipelines",
+    uids: tuple[str, str] | None = None,
 ) -> Path:
     """Write the TID 1500 measurement report of a case whose DICOM SEG is ``seg_path``.
 
@@ -70,6 +71,7 @@ def write_measurement_report(
         measures: the numbers.
         algorithm_name, algorithm_version, weights_sha256: what computed them.
         tracking_key: the input's hash (the SEG's ``tracking_key``).
+        uids: the report's series and SOP instance UIDs; None: new ones.
 
     Returns:
         ``path``.
@@ -145,8 +147,8 @@ def write_measurement_report(
         imaging_measurements=groups,
     )
     sr = hd.sr.Comprehensive3DSR(
-        evidence=[seg], content=report, series_instance_uid=hd.UID(), series_number=series_number,
-        sop_instance_uid=hd.UID(), instance_number=1, manufacturer=manufacturer, is_complete=True,
+        evidence=[seg], content=report, series_instance_uid=uids[0] if uids else hd.UID(), series_number=series_number,
+        sop_instance_uid=uids[1] if uids else hd.UID(), instance_number=1, manufacturer=manufacturer, is_complete=True,
         series_description=f"{algorithm_name} measurements"[:_LONG_STRING], software_versions=__version__,
     )
     if any(len(measures.region_labels.get(name, ())) != 1 for name in measures.regions_ml):

@@ -70,6 +70,7 @@ def write_rtstruct(
     algorithm_version: str,
     series_number: int = 902,
     manufacturer: str = "unet-pipelines",
+    uids: tuple[str, str] | None = None,
 ) -> Path:
     """Write ``labels`` as an RTSTRUCT referencing the source series described by ``meta``.
 
@@ -80,6 +81,7 @@ def write_rtstruct(
             and colour (without one, a colour of a fixed palette).
         path: output file, written atomically.
         algorithm_name, algorithm_version: written as each ROI's generation description.
+        uids: the structure set's series and SOP instance UIDs; None: new ones.
 
     Returns:
         ``path``.
@@ -117,7 +119,7 @@ def write_rtstruct(
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = RT_STRUCTURE_SET_STORAGE
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uids[1] if uids else generate_uid()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.SpecificCharacterSet = first.get("SpecificCharacterSet", "ISO_IR 100")
     ds.SOPClassUID = RT_STRUCTURE_SET_STORAGE
@@ -127,7 +129,7 @@ def write_rtstruct(
     ds.FrameOfReferenceUID = frame_uid
     ds.PositionReferenceIndicator = first.get("PositionReferenceIndicator", "")
     ds.Modality = "RTSTRUCT"
-    ds.SeriesInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = uids[0] if uids else generate_uid()
     ds.SeriesNumber = series_number
     ds.SeriesDescription = f"{algorithm_name} structures"[:_LONG_STRING]
     ds.OperatorsName = ""

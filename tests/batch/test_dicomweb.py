@@ -72,5 +72,5 @@ def test_same_result_as_the_folder_input(orthanc, tmp_path):
 def test_unreachable_server_is_a_clear_error(tmp_path):
     with pytest.raises(BatchInputError, match="DICOMweb query .QIDO-RS. failed"):
         run_batch(BUNDLE, f"http://127.0.0.1:{servers.free_port()}/dicom-web", tmp_path / "out")
-    with pytest.raises(BatchInputError, match=r"--push stores DICOM SEGs \(and SRs, RTSTRUCTs\) back to a DICOMweb input"):
+    with pytest.raises(BatchInputError, match=r"--push alone stores DICOM SEGs \(and SRs, RTSTRUCTs\) back to a DICOMweb or DICOM input"):
         run_batch(BUNDLE, DEMO, tmp_path / "out", push=True)
