@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 export UNET_SHARED_DATA ?= $(abspath $(CURDIR)/../shared/data)
 # Debian packages the tests need; `system-deps` installs those missing (needs root and apt).
 # Orthanc (the DICOMweb tests start their own on 127.0.0.1) is installed without starting its service.
-DEBIAN_PACKAGES := dcm2niix dicom3tools orthanc orthanc-dicomweb plastimatch
+DEBIAN_PACKAGES := dcm2niix dicom3tools orthanc orthanc-dicomweb plastimatch chromium
 DEMO := $(CURDIR)/demo_output
 ISBI_BUNDLE := bundles/unet2d_isbi2012
 TUMOR_BUNDLE := bundles/unet3d_tumor

@@ -108,22 +108,89 @@ def _thumbnail(case_dir: Path) -> str | None:
     return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
 
 
+# Sorting (click a column heading; ``#sort=<column>:asc|desc`` in the address sorts on opening, so a
+# sorted view can be shared) and a check that every picture shows (``data-loaded`` on each image; a
+# picture that does not load is named above the table). Inline: the page stays one file.
+_SCRIPT = """
+(function () {
+  var table = document.getElementById("cases"), body = table.tBodies[0];
+  var heads = Array.prototype.slice.call(table.tHead.rows[0].cells).filter(function (h) {
+    return h.hasAttribute("data-column");
+  });
+  function key(row, index) {
+    var text = row.cells[index].getAttribute("data-value");
+    if (text === null) { text = row.cells[index].textContent; }
+    text = text.trim();
+    return text === "" ? null : (/^-?\\d+(\\.\\d+)?(e[-+]?\\d+)?$/i.test(text) ? parseFloat(text) : text);
+  }
+  function sortBy(name, order) {
+    var head = heads.find(function (h) { return h.getAttribute("data-column") === name; });
+    if (!head) { return; }
+    var index = head.cellIndex;
+    var rows = Array.prototype.slice.call(body.rows), sign = order === "desc" ? -1 : 1;
+    rows.sort(function (a, b) {
+      var x = key(a, index), y = key(b, index);
+      if (x === y) { return 0; }
+      if (x === null) { return 1; }
+      if (y === null) { return -1; }
+      if (typeof x !== typeof y) { return typeof x === "number" ? -1 : 1; }
+      return (x < y ? -1 : 1) * sign;
+    });
+    rows.forEach(function (row) { body.appendChild(row); });
+    heads.forEach(function (h) { h.removeAttribute("aria-sort"); });
+    head.setAttribute("aria-sort", order === "desc" ? "descending" : "ascending");
+  }
+  heads.forEach(function (h) {
+    h.addEventListener("click", function () {
+      var order = h.getAttribute("aria-sort") === "ascending" ? "desc" : "asc";
+      sortBy(h.getAttribute("data-column"), order);
+      history.replaceState(null, "", "#sort=" + h.getAttribute("data-column") + ":" + order);
+    });
+  });
+  var wanted = /^#sort=([^:]+):(asc|desc)$/.exec(decodeURIComponent(location.hash));
+  if (wanted) { sortBy(wanted[1], wanted[2]); }
+  function checked(image) {
+    image.setAttribute("data-loaded", image.complete && image.naturalWidth > 0 ? "yes" : "no");
+    var broken = document.querySelectorAll("img[data-loaded=no]").length;
+    var note = document.getElementById("pictures");
+    note.textContent = broken ? broken + " QC picture(s) did not load" : "";
+  }
+  Array.prototype.forEach.call(document.images, function (image) {
+    if (image.complete) { checked(image); }
+    else {
+      image.addEventListener("load", function () { checked(image); });
+      image.addEventListener("error", function () { checked(image); });
+    }
+  });
+})();
+"""
+
+
 def _html(output_dir: Path, records: list[dict], rows: list[dict], columns: list[str], title: str) -> str:
     failed = sum(r.get("status") != "ok" for r in records)
     shown = [c for c in columns if c not in ("case_id", "status", "error", "study_instance_uid", "series_instance_uid")]
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in ["case", "status", *shown, "QC"])
+    head = "".join(f'<th data-column="{html.escape(c)}" title="sort">{html.escape(label)}</th>'
+                   for c, label in [("case_id", "case"), ("status", "status"), *((c, c) for c in shown)])
+    head += "<th>QC</th>"
     body = []
     for record, row in zip(records, rows):
         case = str(record.get("case_id", ""))
         status = str(record.get("status", ""))
         thumb = _thumbnail(output_dir / case) if status == "ok" else None
-        qc = f'<img alt="QC of {html.escape(case)}" src="{thumb}">' if thumb else html.escape(row["error"])
+        if thumb:
+            full = f"{case}/qc.png" if (output_dir / case / "qc.png").is_file() else None
+            image = f'<img alt="QC of {html.escape(case)}" src="{thumb}">'
+            qc = f'<a href="{html.escape(full)}" title="the full QC picture">{image}</a>' if full else image
+        else:
+            qc = html.escape(row["error"])
         cells = "".join(f"<td>{html.escape(str(row.get(c, '')))}</td>" for c in shown)
         body.append(f'<tr class="{html.escape(status)}" id="{html.escape(case)}"><td>{html.escape(case)}</td>'
                     f"<td>{html.escape(status)}</td>{cells}<td>{qc}</td></tr>")
     style = (
         "body{font-family:sans-serif;margin:1em}table{border-collapse:collapse}"
         "td,th{border:1px solid #bbb;padding:4px 6px;vertical-align:top;text-align:right}"
+        "th[data-column]{cursor:pointer}th[aria-sort=ascending]::after{content:' \\25B2'}"
+        "th[aria-sort=descending]::after{content:' \\25BC'}#pictures{color:#b00}"
         "tr.failed{background:#fde2e2}tr.failed td:last-child{text-align:left;max-width:40em}img{display:block}"
     )
     return (
@@ -131,6 +198,8 @@ def _html(output_dir: Path, records: list[dict], rows: list[dict], columns: list
         f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>"
         f"<p>{len(records)} cases: {len(records) - failed} ok, {failed} failed. Volumes in mL, section areas in "
         f"pixels; QC pictures of volumes are axial | coronal | sagittal through the largest lesion "
-        f"(radiological view).</p>"
-        f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></body></html>\n"
+        f"(radiological view; a thumbnail opens the full picture). Click a column heading to sort.</p>"
+        f'<p id="pictures"></p>'
+        f'<table id="cases"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+        f"<script>{_SCRIPT}</script></body></html>\n"
     )

@@ -55,7 +55,11 @@ def test_html_is_self_contained_and_shows_every_case(tmp_path):
     page = _Page()
     page.feed(html_path.read_text())
     tags = [t for t, _ in page.tags]
-    assert "script" not in tags and "link" not in tags  # nothing to load, nothing to run
+    assert "link" not in tags and all("src" not in a for t, a in page.tags if t == "script")  # one file
+    links = [a["href"] for t, a in page.tags if t == "a"]
+    assert links == ["case-aaa/qc.png"] and (tmp_path / links[0]).is_file()  # thumbnail -> full picture
+    heads = [a.get("data-column") for t, a in page.tags if t == "th"]
+    assert heads[:2] == ["case_id", "status"] and "tumor_ml" in heads and heads[-1] is None  # QC: not sortable
     rows = [a for t, a in page.tags if t == "tr" and "id" in a]
     assert [(r["id"], r["class"]) for r in rows] == [("case-aaa", "ok"), ("case-bbb", "failed")]
     images = [a["src"] for t, a in page.tags if t == "img"]
@@ -79,3 +83,54 @@ def test_thumbnail_written_with_the_case_is_inlined_as_is(tmp_path):
     page.feed(html_path.read_text())
     (image,) = [a["src"] for t, a in page.tags if t == "img"]
     assert base64.b64decode(image.split(",", 1)[1]) == stored.getvalue()
+
+
+def _chromium(page, fragment: str = "") -> tuple[str, list[str]]:
+    """The page as headless Chromium leaves it after its script ran (the DOM) and its console lines."""
+    import shutil
+    import subprocess
+
+    import pytest
+
+    browser = shutil.which("chromium")
+    if browser is None:
+        pytest.skip("chromium not installed (make system-deps)")
+    result = subprocess.run([browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                             "--enable-logging=stderr", "--v=0", "--virtual-time-budget=5000", "--dump-dom",
+                             f"{page.as_uri()}{fragment}"], capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout, [line for line in result.stderr.splitlines() if ":CONSOLE" in line]
+
+
+def _order(dom: str) -> list[str]:
+    page = _Page()
+    page.feed(dom)
+    return [a["id"] for t, a in page.tags if t == "tr" and "id" in a]
+
+
+def test_the_report_renders_in_chromium_sorted_with_every_picture(tmp_path):
+    """Headless Chromium: no console message, every QC picture loaded, rows sorted as the address
+    asks (numbers as numbers, empty cells last) and by status."""
+    _records(tmp_path)
+    (tmp_path / "case-ddd").mkdir()
+    (tmp_path / "case-ddd" / "record.json").write_text(json.dumps(
+        {"case_id": "case-ddd", "status": "ok", "volumes_ml": {"tumor": 112.5, "edema": 0.9}}))
+    Image.fromarray(np.full((300, 900, 3), 60, np.uint8)).save(tmp_path / "case-ddd" / "qc.png")
+    _, html_path = write_reports(tmp_path)
+    dom, console = _chromium(html_path)
+    assert console == []
+    assert dom.count('data-loaded="yes"') == 2 and 'data-loaded="no"' not in dom
+    assert _order(dom) == ["case-aaa", "case-bbb", "case-ddd"]
+    dom, console = _chromium(html_path, "#sort=tumor_ml:desc")
+    assert console == [] and _order(dom) == ["case-ddd", "case-aaa", "case-bbb"]  # 112.5 > 12.5 as numbers
+    assert 'data-column="tumor_ml" title="sort" aria-sort="descending"' in dom
+    dom, _ = _chromium(html_path, "#sort=status:asc")
+    assert _order(dom)[0] == "case-bbb"  # failed before ok
+
+
+def test_a_picture_that_does_not_load_is_named(tmp_path):
+    _records(tmp_path)
+    (tmp_path / "case-aaa" / "qc_thumbnail.png").write_bytes(b"\x89PNG\r\n\x1a\n not a picture")
+    _, html_path = write_reports(tmp_path)
+    dom, console = _chromium(html_path)
+    assert 'data-loaded="no"' in dom and "1 QC picture(s) did not load" in dom
