@@ -83,7 +83,7 @@ def main() -> None:
     print(f"== batch job: {args.cases} demo DICOM studies, tumor bundle, {torch.get_num_threads()} threads, "
           f"--workers {args.workers}, median of {args.repeats} ==")
     print(f"inference only (sum over cases) {inf:7.2f} s")
-    print(f"batch job wall time             {total:7.2f} s  (mask, DICOM SEG, QC, record, reports)")
+    print(f"batch job wall time             {total:7.2f} s  (mask, DICOM SEG and SR, QC, record, reports)")
     print(f"ratio wall / inference          {total / inf:7.3f}  (goal <= 1.15)")
 
 
