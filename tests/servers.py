@@ -59,6 +59,26 @@ def stop_server(process: subprocess.Popen) -> None:
             process.wait()
 
 
+def _orthanc_config(root: Path, name: str, http_port: int, **dicom) -> None:
+    """Write ``root/orthanc.json``: storage in ``root``, HTTP on ``http_port`` refusing remote
+    clients, DICOMweb on, and the ``dicom`` settings. Skips the test without the Debian packages
+    ``orthanc`` and ``orthanc-dicomweb`` (``make system-deps``)."""
+    if not Path(ORTHANC).exists() or not ORTHANC_DICOMWEB_PLUGIN.exists():
+        pytest.skip("Orthanc and its DICOMweb plugin are not installed (Debian orthanc, orthanc-dicomweb: make system-deps)")
+    config = {
+        "Name": name,
+        "StorageDirectory": str(root / "storage"),
+        "IndexDirectory": str(root / "storage"),
+        "HttpPort": http_port,
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        **dicom,
+        "Plugins": [str(ORTHANC_DICOMWEB_PLUGIN)],
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+    }
+    (root / "orthanc.json").write_text(json.dumps(config))
+
+
 @contextlib.contextmanager
 def orthanc(root: Path, studies: Iterable[Path] = ()) -> Iterator[str]:
     """Orthanc with its DICOMweb plugin, HTTP only, refusing remote clients; yields the DICOMweb root URL.
@@ -66,21 +86,8 @@ def orthanc(root: Path, studies: Iterable[Path] = ()) -> Iterator[str]:
     Every ``*.dcm`` file of each folder in ``studies`` is uploaded first. Skips the test when the
     Debian packages ``orthanc`` and ``orthanc-dicomweb`` are missing (``make system-deps``).
     """
-    if not Path(ORTHANC).exists() or not ORTHANC_DICOMWEB_PLUGIN.exists():
-        pytest.skip("Orthanc and its DICOMweb plugin are not installed (Debian orthanc, orthanc-dicomweb: make system-deps)")
     port = free_port()
-    config = {
-        "Name": "unet-pipelines-test",
-        "StorageDirectory": str(root / "storage"),
-        "IndexDirectory": str(root / "storage"),
-        "HttpPort": port,
-        "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False,
-        "DicomServerEnabled": False,
-        "Plugins": [str(ORTHANC_DICOMWEB_PLUGIN)],
-        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
-    }
-    (root / "orthanc.json").write_text(json.dumps(config))
+    _orthanc_config(root, "unet-pipelines-test", port, DicomServerEnabled=False)
     log_path = root / "orthanc.log"
     with open(log_path, "w") as log:
         process = subprocess.Popen(
@@ -155,30 +162,12 @@ def orthanc_dimse(root: Path, studies: Iterable[Path] = (), aet: str = "ORTHANC"
     port to one address, so it runs where only a loopback interface exists. Yields
     ``("dicom://ORTHANC@127.0.0.1:<port>", DICOMweb URL, the namespace)``; clients run in it.
     Skips without Orthanc or without the right to make namespaces (root, ``unshare``)."""
-    if not Path(ORTHANC).exists() or not ORTHANC_DICOMWEB_PLUGIN.exists():
-        pytest.skip("Orthanc and its DICOMweb plugin are not installed (Debian orthanc, orthanc-dicomweb: make system-deps)")
-    if not _namespaces_usable():
+    if Path(ORTHANC).exists() and ORTHANC_DICOMWEB_PLUGIN.exists() and not _namespaces_usable():
         pytest.skip("cannot make a network namespace here (needs root, util-linux unshare and nsenter, iproute2 ip)")
     http_port, dicom_port = 8042, 4242  # the namespace's own ports: nothing else listens there
-    config = {
-        "Name": "unet-pipelines-test-dimse",
-        "StorageDirectory": str(root / "storage"),
-        "IndexDirectory": str(root / "storage"),
-        "HttpPort": http_port,
-        "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False,
-        "DicomServerEnabled": True,
-        "DicomAet": aet,
-        "DicomPort": dicom_port,
-        "DicomCheckCalledAet": True,
-        "DicomAlwaysAllowEcho": True,
-        "DicomAlwaysAllowFind": True,
-        "DicomAlwaysAllowGet": True,
-        "DicomAlwaysAllowStore": True,
-        "Plugins": [str(ORTHANC_DICOMWEB_PLUGIN)],
-        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
-    }
-    (root / "orthanc.json").write_text(json.dumps(config))
+    _orthanc_config(root, "unet-pipelines-test-dimse", http_port, DicomServerEnabled=True, DicomAet=aet,
+                    DicomPort=dicom_port, DicomCheckCalledAet=True, DicomAlwaysAllowEcho=True, DicomAlwaysAllowFind=True,
+                    DicomAlwaysAllowGet=True, DicomAlwaysAllowStore=True)
     log_path = root / "orthanc.log"
     with open(log_path, "w") as log:
         process = subprocess.Popen(
