@@ -19,6 +19,9 @@ What this app changes in MONAI Label's bundle tasks:
   written after the first epoch and the next inference uses it), validates on the training
   images when too few labels leave the validation split empty, and never resumes the bundle's
   own interrupted-run checkpoint (each MONAI Label training is a fresh fine-tuning run);
+- a bundle trains only on the labelled images it takes (their headers' dimensions and channel
+  count against its ``network_data_format``), the others named in the log: one datastore holds
+  the cases of every bundle served (:func:`fitting_datalist`);
 - a multi-parametric bundle (channels loaded under their own keys, aligned and stacked into
   ``image``) takes one multi-channel image per case, a 4D NIfTI of the channels in the bundle's
   order, for inference and training (:func:`stacked_channels`); its configs' references to the
@@ -45,8 +48,8 @@ from pathlib import Path
 
 from pipelines.label.compat import provide_torchvision_utils
 from pipelines.label.seg_codes import bundle_segments, segment_attributes
-from pipelines.label.stacking import stacked_channels, stacked_training_transforms
 from pipelines.label.server import bundle_names
+from pipelines.label.stacking import fitting_datalist, stacked_channels, stacked_training_transforms
 
 provide_torchvision_utils()  # before monailabel.tasks.infer.bundle imports torchvision.utils
 
@@ -125,6 +128,14 @@ class UNetBundleTrainTask(BundleTrainTask):
 
     def _load_bundle_config(self, path, config):
         return _with_metadata(super()._load_bundle_config(path, config), path)
+
+    def _fetch_datalist(self, request, datastore):
+        import json
+
+        meta = json.loads((Path(self.bundle_path) / "configs" / "metadata.json").read_text())
+        image = meta["network_data_format"]["inputs"]["image"]
+        return fitting_datalist(super()._fetch_datalist(request, datastore), len(image["spatial_shape"]),
+                                int(image["num_channels"]), Path(self.bundle_path).name)
 
     def _update_overrides(self, overrides: dict) -> dict:
         overrides["val_interval"] = 1

@@ -4,9 +4,13 @@ in the project's environment."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
+from pathlib import Path
 
-__all__ = ["CheckChannels", "stacked_channels", "stacked_training_transforms"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["CheckChannels", "fitting_datalist", "image_layout", "stacked_channels", "stacked_training_transforms"]
 
 
 class CheckChannels:
@@ -56,3 +60,54 @@ def stacked_training_transforms(config: list, channels: Sequence[str], image_key
     rest = [item for item in config[stack + 1:]
             if not (isinstance(item, dict) and str(item.get("_target_", "")).endswith("DeleteItemsd"))]
     return [{"_target_": "pipelines.transforms.LoadVolumed", "keys": [image_key, "label"]}, *rest]
+
+
+def image_layout(path: str) -> tuple[int, int] | None:
+    """``(spatial dimensions, channels)`` of an image file from its header, as a bundle would load it:
+    a 4D NIfTI is a 3D image with a channel per volume, an RGB picture a 2D image of 3 channels,
+    a folder a DICOM series (3D, one channel). None when the header cannot be read (the bundle's
+    loader then names the problem)."""
+    if Path(path).is_dir():
+        return 3, 1
+    import SimpleITK
+
+    reader = SimpleITK.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return None
+    dims, size, components = reader.GetDimension(), reader.GetSize(), reader.GetNumberOfComponents()
+    if dims == 4:
+        return 3, size[3] * components
+    if dims == 3 and size[2] == 1 and Path(path).suffix.lower() in {".png", ".tif", ".tiff", ".jpg", ".jpeg"}:
+        return 2, components  # a picture read as a one-slice volume
+    return dims, components
+
+
+def fitting_datalist(datalist: list[dict], spatial_dims: int, channels: int, bundle: str) -> list[dict]:
+    """The cases of MONAI Label's datalist whose image a bundle takes (``spatial_dims``, ``channels``).
+
+    One server's datastore holds the images of every bundle it serves (single series, four-channel
+    stacks, EM sections); MONAI Label trains a bundle on every labelled image of it. Images of
+    another layout are left out, each named in the log; an image whose header cannot be read stays
+    (the bundle's loader names what is wrong with it).
+
+    Raises:
+        ValueError: no labelled image fits, naming the bundle and what each image is.
+    """
+    kept, skipped = [], []
+    for item in datalist:
+        layout = image_layout(item["image"])
+        if layout is None or layout == (spatial_dims, channels):
+            kept.append(item)
+        else:
+            skipped.append(f"{item['image']} ({layout[0]}D, {layout[1]} channel{'s' * (layout[1] != 1)})")
+    if skipped:
+        logger.warning("%s takes %dD images of %d channel%s: %d labelled image%s left out of training: %s",
+                       bundle, spatial_dims, channels, "s" * (channels != 1), len(skipped),
+                       "s" * (len(skipped) != 1), "; ".join(skipped))
+    if datalist and not kept:
+        raise ValueError(f"{bundle}: none of the {len(datalist)} labelled images is a {spatial_dims}D image of "
+                         f"{channels} channel{'s' * (channels != 1)}: " + "; ".join(skipped))
+    return kept

@@ -10,7 +10,13 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from pipelines.label.stacking import CheckChannels, stacked_channels, stacked_training_transforms
+from pipelines.label.stacking import (
+    CheckChannels,
+    fitting_datalist,
+    image_layout,
+    stacked_channels,
+    stacked_training_transforms,
+)
 from tests.conftest import REPO
 
 BRAIN = REPO / "bundles" / "unet3d_brain_tumor"
@@ -86,3 +92,63 @@ def test_training_transforms_take_the_image_and_label_of_monai_labels_datalist(t
 def test_check_channels_passes_the_right_count():
     data = {"image": torch.zeros(2, 3, 3, 3)}
     assert CheckChannels("image", ["t2f", "t1c"])(data) is data
+
+
+def _bundle_input(name: str) -> tuple[int, int]:
+    image = json.loads((REPO / "bundles" / name / "configs" / "metadata.json").read_text())
+    image = image["network_data_format"]["inputs"]["image"]
+    return len(image["spatial_shape"]), image["num_channels"]
+
+
+def _mixed_datastore(tmp_path) -> dict[str, str]:
+    """The images one MONAI Label datastore holds when it serves all three bundles."""
+    from PIL import Image
+
+    four, _ = _case(tmp_path, channels=4)
+    paths = {"stack": four}
+    nib.save(nib.Nifti1Image(np.zeros((8, 9, 10), np.int16), np.eye(4)), tmp_path / "ct.nii.gz")
+    paths["ct"] = tmp_path / "ct.nii.gz"
+    (tmp_path / "1.2.3.4").mkdir()  # a DICOM series of a DICOMweb datastore: a folder of files
+    paths["series"] = tmp_path / "1.2.3.4"
+    Image.fromarray(np.zeros((12, 14), np.uint8)).save(tmp_path / "em.tif")
+    paths["em"] = tmp_path / "em.tif"
+    Image.fromarray(np.zeros((12, 14, 3), np.uint8)).save(tmp_path / "photo.png")
+    paths["photo"] = tmp_path / "photo.png"
+    (tmp_path / "broken.nii.gz").write_bytes(b"not a NIfTI")
+    paths["broken"] = tmp_path / "broken.nii.gz"
+    return {name: str(path) for name, path in paths.items()}
+
+
+def test_image_layout_reads_dimensions_and_channels_from_the_header(tmp_path):
+    paths = _mixed_datastore(tmp_path)
+    layouts = {name: image_layout(path) for name, path in paths.items()}
+    assert layouts == {"stack": (3, 4), "ct": (3, 1), "series": (3, 1), "em": (2, 1), "photo": (2, 3),
+                       "broken": None}
+
+
+@pytest.mark.parametrize(("bundle", "kept"), [
+    ("unet3d_brain_tumor", {"stack", "broken"}),
+    ("unet3d_tumor", {"ct", "series", "broken"}),
+    ("unet2d_isbi2012", {"em", "broken"}),
+])
+def test_each_bundle_trains_only_on_the_images_it_takes(tmp_path, caplog, bundle, kept):
+    """One datastore serving every bundle: a bundle's training leaves out the others' images, each
+    named; an unreadable image stays for the bundle's loader to name."""
+    paths = _mixed_datastore(tmp_path)
+    datalist = [{"image": path, "label": f"{path}.label"} for path in paths.values()]
+    with caplog.at_level("WARNING"):
+        fitted = fitting_datalist(datalist, *_bundle_input(bundle), bundle)
+    assert {name for name, path in paths.items() if {"image": path, "label": f"{path}.label"} in fitted} == kept
+    left_out = set(paths) - kept
+    assert f"{len(left_out)} labelled images left out" in caplog.text
+    assert all(paths[name] in caplog.text for name in left_out)
+    assert not any(paths[name] in caplog.text for name in kept - {"broken"})
+
+
+def test_a_bundle_with_no_fitting_image_is_refused_naming_the_images(tmp_path):
+    paths = _mixed_datastore(tmp_path)
+    datalist = [{"image": paths[name], "label": "x"} for name in ("ct", "photo")]
+    with pytest.raises(ValueError, match=r"unet3d_brain_tumor: none of the 2 labelled images is a 3D image of 4 "
+                                         r"channels: .*ct\.nii\.gz \(3D, 1 channel\); .*photo\.png \(2D, 3 channels\)"):
+        fitting_datalist(datalist, 3, 4, "unet3d_brain_tumor")
+    assert fitting_datalist([], 3, 4, "unet3d_brain_tumor") == []
