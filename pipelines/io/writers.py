@@ -52,6 +52,7 @@ def save_nifti(data, affine, path: str | os.PathLike, dtype: np.dtype | str | No
     same data give the same bytes.
     """
     import nibabel as nib
+    from nibabel.openers import ImageOpener
 
     array = np.asarray(data)
     if dtype is not None:
@@ -65,8 +66,10 @@ def save_nifti(data, affine, path: str | os.PathLike, dtype: np.dtype | str | No
     image.set_sform(np.asarray(affine, dtype=np.float64), code=1)
     image.set_qform(np.asarray(affine, dtype=np.float64), code=1)
     path = Path(path)
-    with atomic_path(path) as tmp:
-        nib.save(image, tmp)
+    # the file is opened here, so that it is closed when writing fails (a full disk): nib.save's open
+    # file would live on in the error's traceback, and hold the space until that is dropped
+    with atomic_path(path) as tmp, ImageOpener(tmp, "wb") as stream:
+        image.to_file_map(image.make_file_map({"image": stream}))
     return path
 
 
