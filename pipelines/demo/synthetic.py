@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["LABELS", "SyntheticCase", "load_template", "make_case"]
+__all__ = ["LABELS", "FollowUp", "SyntheticCase", "load_template", "make_case", "make_follow_up"]
 
 LABELS = {"background": 0, "tumor": 1, "edema": 2}
 
@@ -146,9 +146,97 @@ def make_case(template: Template, seed: int) -> SyntheticCase:
         label[edema & (label == 0)] = LABELS["edema"]
         label[tumor] = LABELS["tumor"]
 
-    # scanner effects: bias field, contrast, noise, scale to 12-bit units
-    bias = np.exp(0.2 * _smooth_field(rng, shape, control=3))
+    return SyntheticCase(_scanner_effects(rng, image), label, affine, lesions)
+
+
+def _scanner_effects(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
+    """A multiplicative bias field, a contrast (gamma) change and noise, scaled to 12-bit units."""
+    bias = np.exp(0.2 * _smooth_field(rng, image.shape, control=3))
     image = np.clip(image * bias, 0.0, None) ** rng.uniform(0.8, 1.25)
-    image = image + rng.uniform(0.015, 0.04) * rng.standard_normal(shape)
+    image = image + rng.uniform(0.015, 0.04) * rng.standard_normal(image.shape)
     image = np.clip(image, 0.0, None) * rng.uniform(1800, 2600)
-    return SyntheticCase(np.clip(image, 0, 4095).astype(np.float32), label, affine, lesions)
+    return np.clip(image, 0, 4095).astype(np.float32)
+
+
+@dataclass
+class FollowUp:
+    """One patient scanned twice: ``baseline`` and ``follow_up`` (another day, another position in
+    the scanner, another grid). Lesion 1 is in both, larger at follow-up (each radius times
+    ``growth``); lesion 2 appears at follow-up (the new one), in the other hemisphere. ``pose``: the
+    RAS matrix (mm) mapping a point of the baseline scanner's coordinates to the same anatomical point
+    in the follow-up scanner's coordinates. ``lesion_labels``: per visit, the tumor label map with each
+    lesion numbered (1: the growing one, 2: the new one), for the true per-lesion volumes."""
+
+    baseline: SyntheticCase
+    follow_up: SyntheticCase
+    pose: np.ndarray
+    growth: float
+    lesion_labels: tuple[np.ndarray, np.ndarray]
+
+
+def make_follow_up(template: Template, seed: int, growth: float = 1.2) -> FollowUp:
+    """A patient with two studies (see :class:`FollowUp`); ``seed`` fixes everything, as in
+    :func:`make_case`, whose intensities (texture, bias field, contrast, noise) each visit has.
+
+    The anatomy is the template through one random rotation and scaling (no elastic field, so both
+    visits show the same brain); lesions are ellipsoids fixed in the patient's anatomy, each in a
+    rim of edema; the follow-up sees the patient rotated by 3-5 degrees and moved 6-10 mm.
+    """
+    rng = np.random.default_rng(seed)
+    centre = template.affine[:3, :3] @ (np.array(template.t1.shape) / 2.0) + template.affine[:3, 3]
+    anatomy = _rotation(np.deg2rad(rng.uniform(-8, 8, size=3))) * rng.uniform(0.95, 1.05)
+    # lesion centres: deep white matter of the template, one per hemisphere, in the patient's frame
+    wm = ndimage.binary_erosion(template.wm > 0.5, iterations=14)
+    candidates = template.affine[:3, :3] @ np.argwhere(wm).T + template.affine[:3, 3:4]
+    to_patient = np.linalg.inv(anatomy)
+    lesions = []
+    for side, size in ((-1, (18.0, 21.0)), (1, (14.0, 17.0))):
+        pool = candidates[:, (candidates[0] - centre[0]) * side > 20]
+        point = pool[:, rng.integers(pool.shape[1])]
+        lesions.append((to_patient @ (point - centre) + centre, rng.uniform(*size) * rng.uniform(0.85, 1.15, 3),
+                        _rotation(rng.uniform(-np.pi, np.pi, size=3)), rng.uniform(1.6, 2.0)))
+    rotation = _rotation(np.deg2rad(rng.uniform(3, 5) * rng.choice([-1, 1], size=3) / np.sqrt(3)))
+    direction = rng.standard_normal(3)
+    pose = np.eye(4)
+    pose[:3, :3] = rotation
+    pose[:3, 3] = centre - rotation @ centre + direction / np.linalg.norm(direction) * rng.uniform(6, 10)
+    grown = [(lesions[0][0], lesions[0][1] * growth, *lesions[0][2:])]
+    visits = [_visit(template, rng, centre, anatomy, np.eye(4), lesions[:1]),
+              _visit(template, rng, centre, anatomy, pose, [*grown, lesions[1]])]
+    return FollowUp(visits[0][0], visits[1][0], pose, growth, (visits[0][1], visits[1][1]))
+
+
+def _visit(template: Template, rng, centre: np.ndarray, anatomy: np.ndarray, pose: np.ndarray,
+           lesions: list) -> tuple[SyntheticCase, np.ndarray]:
+    """One study of :func:`make_follow_up`: the case and its lesions numbered in order."""
+    in_plane, slice_spacing = rng.uniform(2.0, 2.6), rng.uniform(2.5, 3.5)
+    spacing = np.array([in_plane, in_plane, slice_spacing])
+    extent = np.array(template.t1.shape) * np.abs(np.diag(template.affine)[:3])
+    shape = tuple(int(v) for v in np.ceil((extent * 0.92) / spacing))
+    affine = np.diag([*spacing, 1.0])
+    affine[:3, 3] = centre - spacing * (np.array(shape) - 1) / 2.0 + rng.uniform(-4, 4, size=3)
+    world = _grid(shape, affine)
+    inverse_pose = np.linalg.inv(pose)  # scanner point -> the patient's point (baseline coordinates)
+    patient = np.tensordot(inverse_pose[:3, :3], world, axes=1) + inverse_pose[:3, 3][:, None, None, None]
+    source = np.tensordot(anatomy, patient - centre[:, None, None, None], axes=1) + centre[:, None, None, None]
+    inverse = np.linalg.inv(template.affine)
+    voxels = np.tensordot(inverse[:3, :3], source, axes=1) + inverse[:3, 3][:, None, None, None]
+    sample = {name: ndimage.map_coordinates(getattr(template, name), voxels, order=1, mode="constant", cval=0.0)
+              for name in ("t1", "gm", "wm")}
+    brain = ndimage.binary_fill_holes((sample["gm"] + sample["wm"]) > 0.4)
+    label = np.zeros(shape, dtype=np.uint8)
+    numbered = np.zeros(shape, dtype=np.uint8)
+    image = sample["t1"].astype(np.float32)
+    wm_level = float(np.median(image[sample["wm"] > 0.8])) if (sample["wm"] > 0.8).any() else 0.8
+    for number, (point, radii, axes, edema_scale) in enumerate(lesions, start=1):
+        offset = np.tensordot(axes.T, patient - point[:, None, None, None], axes=1)
+        distance = np.sqrt(((offset / radii[:, None, None, None]) ** 2).sum(0))
+        tumor = (distance < 1.0) & brain
+        edema = (distance < edema_scale) & brain & ~tumor & (label == 0)
+        texture = 1.0 + 0.12 * _smooth_field(rng, shape, control=max(4, shape[0] // 6))
+        image = np.where(edema, image * rng.uniform(0.55, 0.75) * texture, image)
+        image = np.where(tumor, rng.uniform(1.25, 1.6) * wm_level * texture, image)
+        label[edema] = LABELS["edema"]
+        label[tumor] = LABELS["tumor"]
+        numbered[tumor] = number
+    return SyntheticCase(_scanner_effects(rng, image), label, affine, len(lesions)), numbered

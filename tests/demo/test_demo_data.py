@@ -154,5 +154,32 @@ def test_generated_data_set_matches_the_committed_manifest():
     manifest = read_manifest(REPO / "data_manifests" / "demo_tumor.json")
     cases = [c for section in ("training", "validation", "test") for c in manifest[section]]
     assert len(cases) == 40
-    for case in cases:
+    for case in [*cases, *manifest["follow_up"]]:
         assert content_hash(data / case["image"]) == case["sha256"], case["case_id"]
+
+
+def test_the_follow_up_patient_has_two_dated_studies_a_grown_and_a_new_lesion(tmp_path, template):
+    """One PatientID, two StudyDates 91 days apart, other grids and another position in the scanner;
+    lesion 1 grows by the growth factor in each radius, lesion 2 appears; the label maps agree with
+    the numbered lesions."""
+    from pipelines.demo.dataset import FOLLOW_UP_DATES, FOLLOW_UP_PATIENT, write_follow_up
+    from pipelines.demo.synthetic import make_follow_up
+
+    entries = write_follow_up(tmp_path, template, 1003)
+    headers = [pydicom.dcmread(next((tmp_path / e["dicom"]).glob("*.dcm")), stop_before_pixels=True) for e in entries]
+    assert [h.PatientID for h in headers] == [FOLLOW_UP_PATIENT] * 2
+    assert [h.StudyDate for h in headers] == list(FOLLOW_UP_DATES) and headers[0].StudyInstanceUID != headers[1].StudyInstanceUID
+    pair = make_follow_up(template, 1003)
+    assert pair.baseline.image.shape != pair.follow_up.image.shape
+    rotation = np.degrees(np.arccos((np.trace(pair.pose[:3, :3]) - 1) / 2))
+    assert 3 <= rotation <= 5.01
+    volumes = []
+    for case, numbered in zip((pair.baseline, pair.follow_up), pair.lesion_labels):
+        assert np.array_equal(numbered > 0, case.label == LABELS["tumor"])
+        voxel_ml = abs(np.linalg.det(case.affine[:3, :3])) / 1000
+        volumes.append([(numbered == i).sum() * voxel_ml for i in (1, 2)])
+    assert volumes[0][1] == 0 and volumes[1][1] > 5  # new at follow-up
+    assert volumes[1][0] / volumes[0][0] == pytest.approx(pair.growth**3, rel=0.15)  # grown in each radius
+    nifti = load_volume(tmp_path / entries[1]["image"])
+    dicom = load_volume(tmp_path / entries[1]["dicom"])
+    np.testing.assert_array_equal(nifti.numpy()[:, ::-1, ::-1], dicom.numpy())
