@@ -87,22 +87,24 @@ test: $(STAMP) $(LABEL_STAMP) system-deps demo-data demo-brain
 	$(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
 
 demo: $(STAMP) demo-data demo-brain
-	@echo "== demo 1/4: train the 3D tumor bundle for $(DEMO_EPOCHS) epochs (from scratch, tracked in MLflow) =="
+	@echo "== demo 1/5: train the 3D tumor bundle for $(DEMO_EPOCHS) epochs (from scratch, tracked in MLflow) =="
 	rm -rf $(DEMO)/tumor/models
 	cd $(TUMOR_BUNDLE) && $(PY) -m monai.bundle run training --meta_file configs/metadata.json \
 		--config_file configs/train.json --logging_file configs/logging.conf --tracking mlflow \
 		--max_epochs $(DEMO_EPOCHS) --val_interval $(DEMO_EPOCHS) \
 		--ckpt_dir $(DEMO)/tumor/models --output_dir $(DEMO)/tumor/mlflow
-	@echo "== demo 2/4: the batch job: segment the 8 test DICOM studies with the shipped weights =="
+	@echo "== demo 2/5: the batch job: segment the 8 test DICOM studies with the shipped weights =="
 	$(PY) -m pipelines batch --bundle $(TUMOR_BUNDLE) --input $(DEMO_MANIFEST) --dataset-dir $(DEMO_DATA) \
 		--section test --output $(DEMO)/tumor/batch
-	@echo "== demo 3/4: evaluate the shipped weights on the 8 validation cases =="
+	@echo "== demo 3/5: evaluate the shipped weights on the 8 validation cases =="
 	cd $(TUMOR_BUNDLE) && $(PY) -m monai.bundle run --meta_file configs/metadata.json \
 		--config_file "['configs/train.json','configs/evaluate.json']" --logging_file configs/logging.conf \
 		--output_dir $(DEMO)/tumor/evaluation
-	@echo "== demo 4/4: the brain tumor bundle on the 3 test MR studies (six series each, one lacks T1c) =="
+	@echo "== demo 4/5: the brain tumor bundle on the 3 test MR studies (six series each, one lacks T1c) =="
 	$(PY) -m pipelines batch --bundle $(BRAIN_BUNDLE) --input $(DEMO_BRAIN_MANIFEST) --dataset-dir $(DEMO_BRAIN) \
 		--section test --image-key study --output $(DEMO)/brain/batch
+	@echo "== demo 5/5: one patient scanned twice: the follow-up compared with the baseline (lesion growth, a new lesion) =="
+	$(PY) -m pipelines batch --bundle $(TUMOR_BUNDLE) --input $(DEMO_DATA)/follow_up/dicom --output $(DEMO)/follow_up
 	@echo
 	@echo "Validation Dice of the shipped weights ($(DEMO)/tumor/evaluation/metrics.csv):"
 	@cat $(DEMO)/tumor/evaluation/metrics.csv
@@ -112,6 +114,7 @@ demo: $(STAMP) demo-data demo-brain
 	@echo "Demo training: weights $(DEMO)/tumor/models/model.pt, resumable state $(DEMO)/tumor/models/last_checkpoint_*.pt"
 	@echo "MLflow UI: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(DEMO)/tumor/mlflow/mlruns.db --host 127.0.0.1"
 	@echo "Brain tumor studies (WT/TC/ET volumes, lesions, registration per series, FLAIR and T1c QC): $(DEMO)/brain/batch/report.html"
+	@echo "Follow-up (change since the prior study, volumes over time): $(DEMO)/follow_up/report.html"
 
 # regenerated only when the generator changes (or the folder is gone)
 demo-data: $(DEMO_DATA)/.written

@@ -191,7 +191,7 @@ def _batch(args: argparse.Namespace) -> int:
                 probabilities=args.probabilities, rtstruct=args.rtstruct, rules=rules, section=args.section, dataset_dir=args.dataset_dir,
                 image_key=args.image_key, push=args.push,
                 query=RemoteQuery(tuple(args.study_uid or ()), args.study_date, args.calling_aet),
-                fail_on_error=args.fail_on_error,
+                prior=args.prior or (), fail_on_error=args.fail_on_error,
                 min_free_mb=args.min_free_mb, progress=not args.quiet,
             )
         except BatchAbortedError as exc:  # disk full, read-only or permission denied mid-run
@@ -237,6 +237,9 @@ def _add_batch_command(commands) -> None:
     batch.add_argument("--study-date", metavar="DATES", help="server input: studies of YYYYMMDD or YYYYMMDD-YYYYMMDD")
     batch.add_argument("--calling-aet", default="UNETPIPELINES",
                        help="AE title this job calls DICOM peers with (default: UNETPIPELINES)")
+    batch.add_argument("--prior", action="append", metavar="FOLDER",
+                       help="output folder of an earlier run holding prior studies of these patients (repeatable): "
+                            "each study is compared with the patient's latest earlier one, there or in this run")
     batch.add_argument("--fail-on-error", action="store_true", help="exit code 1 when any case failed")
     batch.add_argument("--section", default="test", help="manifest section (default: test)")
     batch.add_argument("--dataset-dir", help="folder the manifest's paths are relative to (default: the manifest's)")

@@ -9,6 +9,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# the batch job's patient and study hashes use the site's salt: the tests' own, not a file in ~/.config
+os.environ.setdefault("UNET_PIPELINES_SALT", "unet-pipelines tests")
+
 
 def shared_data_dir() -> Path:
     """``$UNET_SHARED_DATA``, by default ``../shared/data`` beside the repository."""

@@ -70,6 +70,24 @@ def assert_report_matches_record(case_dir, record: dict, regions: dict | None = 
     for number, lesion in enumerate(record["lesions"], start=1):
         expected[f"lesion {number}"] = {"Volume": lesion["volume_ml"], "Diameter": lesion["diameter_mm"]}
     expected["lesions"] = {"Number of lesions (observable entity)": record["lesion_count"]}
+    comparison = record.get("comparison")
+    if comparison:  # the change since the prior study, in the same groups
+
+        def change(entry: dict) -> dict:
+            out = {"Volume change since prior study": entry["change_ml"]}
+            if entry["change_pct"] is not None:
+                out["Volume change since prior study in percent"] = entry["change_pct"]
+            return out
+
+        for field in ("volumes_ml", "regions_ml"):
+            for name, entry in (comparison.get(field) or {}).items():
+                expected[name] |= change(entry)
+        for lesion in comparison["lesions"]:
+            if lesion["status"] != "new":
+                expected[f"lesion {lesion['lesion']}"] |= change(lesion)
+        expected["lesions"] |= {"Interval since prior study": comparison["interval_days"],
+                                "Number of new lesions since prior study": comparison["lesion_count"]["new"],
+                                "Number of lesions gone since prior study": comparison["lesion_count"]["gone"]}
     read = highdicom_groups(case_dir / "sr.dcm")
     assert set(read) == set(expected)
     by_dcmqi = tid1500reader(case_dir / "sr.dcm", tmp_path or case_dir.parent)

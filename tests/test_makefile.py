@@ -29,8 +29,8 @@ def test_label_server_without_studies_shows_its_usage():
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
-def test_demo_runs_both_batch_jobs_with_options_the_cli_takes():
-    """`make demo`'s commands (dry run): the tumor and the brain tumor batch jobs, each command line
+def test_demo_runs_the_batch_jobs_with_options_the_cli_takes():
+    """`make demo`'s commands (dry run): the tumor, brain tumor and follow-up batch jobs, each command line
     one the CLI accepts (a renamed option would otherwise surface only on a user's fresh machine)."""
     import shlex
 
@@ -42,8 +42,9 @@ def test_demo_runs_both_batch_jobs_with_options_the_cli_takes():
     batches = [shlex.split(line)[3:] for line in result.stdout.replace("\\\n", " ").splitlines()
                if " -m pipelines batch " in line]
     bundles = [args[args.index("--bundle") + 1] for args in batches]
-    assert bundles == ["bundles/unet3d_tumor", "bundles/unet3d_brain_tumor"]
+    assert bundles == ["bundles/unet3d_tumor", "bundles/unet3d_brain_tumor", "bundles/unet3d_tumor"]
     for args in batches:
         parsed = _parser().parse_args(args)
         assert (REPO / parsed.bundle / "configs" / "inference.json").is_file() and parsed.section == "test"
+    assert _parser().parse_args(batches[2]).input.endswith("demo_data/follow_up/dicom")  # the patient scanned twice
     assert _parser().parse_args(batches[1]).image_key == "study"  # the brain job reads the DICOM studies

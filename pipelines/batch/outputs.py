@@ -22,13 +22,14 @@ from pipelines.batch.notices import case_warnings
 from pipelines.io.writers import atomic_path, save_nifti
 
 __all__ = [
-    "CaseOutput", "DiceOutput", "DicomSegOutput", "DicomSrOutput", "MaskOutput", "MeasuresOutput", "Output",
+    "CaseOutput", "ComparisonOutput", "DiceOutput", "DicomSegOutput", "DicomSrOutput", "MaskOutput", "MeasuresOutput", "Output",
     "ProbabilityOutput", "PushOutput", "QcOutput", "Records", "RtstructOutput", "default_outputs",
 ]
 
 logger = logging.getLogger(__name__)
 
-OUTPUT_FILES = ("mask.nii.gz", "mask.png", "seg.dcm", "sr.dcm", "rtstruct.dcm", "prob.nii.gz", "qc.png", "qc_thumbnail.png")
+OUTPUT_FILES = ("mask.nii.gz", "mask.png", "seg.dcm", "sr.dcm", "rtstruct.dcm", "prob.nii.gz", "qc.png", "qc_thumbnail.png",
+                "anatomy.nii.gz")
 DICOM_OUTPUTS = ("seg.dcm", "sr.dcm", "rtstruct.dcm")  # what --push stores, in this order
 
 
@@ -96,6 +97,9 @@ class Output:
 
     def write(self, out: CaseOutput) -> None:
         raise NotImplementedError
+
+    def finished(self, case_dir: Path, record: Mapping) -> None:
+        """Called once the case's ``record.json`` is written."""
 
 
 class MaskOutput(Output):
@@ -170,11 +174,31 @@ class DicomSrOutput(Output):
             regions_ml=out.record.get("regions_ml") or {}, region_labels=self.regions,
             lesions=[Lesion(lesion["volume_ml"], lesion["diameter_mm"]) for lesion in out.record.get("lesions") or ()],
             lesion_count=int(out.record.get("lesion_count") or 0),
+            comparison=self._comparison(out.record.get("comparison")),
         )
         write_measurement_report(out.case_dir / "sr.dcm", out.case_dir / "seg.dcm", measures, self.algorithm,
                                  self.version, self.weights_sha256, tracking_key=out.case.input_hash,
                                  uids=_uids(out, "sr"))
         out.files.append("sr.dcm")
+
+    def _comparison(self, comparison: Mapping | None):
+        """The record's ``comparison`` as :class:`~pipelines.io.dicom_sr.Comparison`, or None."""
+        if not comparison:
+            return None
+        from pipelines.io.dicom_sr import Change, Comparison
+
+        def change(entry: Mapping) -> Change:
+            return Change(entry["change_ml"], entry.get("change_pct"))
+
+        volumes = comparison.get("volumes_ml") or {}
+        counts = comparison.get("lesion_count") or {}
+        return Comparison(
+            interval_days=int(comparison["interval_days"]),
+            volumes={value: change(volumes[name]) for value, name in self.labels.items() if name in volumes},
+            regions={name: change(entry) for name, entry in (comparison.get("regions_ml") or {}).items()},
+            lesions=[(lesion["status"], change(lesion)) for lesion in comparison.get("lesions") or ()],
+            new=int(counts.get("new", 0)), gone=int(counts.get("gone", 0)),
+        )
 
 
 class RtstructOutput(Output):
@@ -251,6 +275,53 @@ class MeasuresOutput(Output):
             out.record["regions_ml"] = region_volumes(out.labels, out.affine, self.regions)
 
 
+class ComparisonOutput(Output):
+    """The change since the prior study (:mod:`pipelines.batch.priors`), for a volume from DICOM
+    input with a PatientID and a StudyDate: ``study`` in the record (the patient and study as keyed
+    hashes, the shifted day), ``anatomy.nii.gz`` (the reference image at about 2 mm, for later
+    studies), and ``comparison`` with the latest earlier study of the patient among the run's
+    finished cases and the ``prior`` output folders (None when there is none). Follows
+    :class:`MeasuresOutput` (its lesions); the SR and the report show it.
+
+    Args:
+        output: the run's output folder.
+        prior: output folders of earlier runs.
+        lesion_labels, regions: the bundle's.
+        bundle: the bundle's name: priors segmented by another bundle are not compared.
+    """
+
+    def __init__(self, output: Path, prior: Sequence[Path] = (), lesion_labels: Sequence[int] | None = None,
+                 regions: Mapping[str, Sequence[int]] | None = None, bundle: str | None = None) -> None:
+        from pipelines.batch.priors import PriorIndex
+
+        self.index = PriorIndex(Path(output), [Path(p) for p in prior], bundle)
+        self.lesion_labels = None if lesion_labels is None else list(lesion_labels)
+        self.regions = dict(regions or {})
+        self._salt: bytes | None = None
+
+    def write(self, out: CaseOutput) -> None:
+        from pipelines.batch.priors import ANATOMY_FILE, compare_with_prior, site_salt, study_identity, write_anatomy
+
+        meta = out.reference.meta
+        if out.labels.ndim != 3 or out.lesions is None or out.is_picture:
+            return
+        if self._salt is None:
+            self._salt = site_salt()
+        identity = study_identity(meta.get("identifiers") or {}, str(meta.get("study_instance_uid") or ""), self._salt)
+        if identity is None:
+            return
+        out.record["study"] = identity
+        write_anatomy(out.case_dir / ANATOMY_FILE, np.asarray(out.reference[0]), out.affine)
+        out.files.append(ANATOMY_FILE)
+        found = self.index.prior(identity, out.case_dir)
+        out.record["comparison"] = None if found is None else compare_with_prior(
+            out.labels, out.affine, out.lesions, out.record, out.case_dir / ANATOMY_FILE, *found,
+            self.lesion_labels, self.regions)
+
+    def finished(self, case_dir: Path, record: Mapping) -> None:
+        self.index.add(case_dir, record)
+
+
 class QcOutput(Output):
     """``qc.png`` (axial, coronal and sagittal slices through the largest lesion, or the section; a
     row per input the bundle's ``qc_inputs`` names, e.g. FLAIR and T1c) and ``qc_thumbnail.png`` for
@@ -311,13 +382,17 @@ class DiceOutput(Output):
 
 
 def default_outputs(model, probabilities: bool = False, push_url: str | None = None, rtstruct: bool = False,
-                    calling_aet: str = "UNETPIPELINES") -> list[Output]:
-    """The batch job's outputs for ``model`` (a :class:`~pipelines.batch.bundle.BundleModel`), in order."""
+                    calling_aet: str = "UNETPIPELINES", output: Path | None = None,
+                    prior: Sequence[Path] = ()) -> list[Output]:
+    """The batch job's outputs for ``model`` (a :class:`~pipelines.batch.bundle.BundleModel`), in order;
+    ``output`` (the run's folder) and ``prior`` (earlier runs' folders) for the comparison with prior
+    studies (none without ``output``)."""
     outputs: list[Output] = [MaskOutput()]
     if probabilities:
         outputs.append(ProbabilityOutput())
     outputs += [
         MeasuresOutput(model.labels, model.regions, model.lesion_labels),
+        *([ComparisonOutput(output, prior, model.lesion_labels, model.regions, model.name)] if output is not None else []),
         DicomSegOutput(model.segments, model.name, model.version, model.regions),
         DicomSrOutput(model.segments, model.labels, model.regions, model.name, model.version, model.weights_sha256),
         *([RtstructOutput(model.segments, model.name, model.version)] if rtstruct else []),
@@ -395,6 +470,8 @@ class Records:
             "finished": _now(),
         })
         _write_record(out.case_dir, out.record)
+        for output in self.outputs:
+            output.finished(out.case_dir, out.record)
         if "volumes_ml" in out.record:
             volumes = ", ".join(f"{k} {v} mL" for k, v in out.record["volumes_ml"].items())
             logger.info("%s: ok (%s)", case.case_id, volumes)

@@ -61,6 +61,16 @@ def _row(record: dict, names: dict[str, list[str]]) -> dict:
         row["lesion_count"] = record.get("lesion_count", "")
         row["largest_lesion_ml"] = largest.get("volume_ml", "")
         row["largest_lesion_diameter_mm"] = largest.get("diameter_mm", "")
+    comparison = record.get("comparison")
+    if comparison:  # the change since the prior study (pipelines.batch.priors)
+        row["prior_case"] = comparison.get("prior_case", "")
+        row["interval_days"] = comparison.get("interval_days", "")
+        for field in ("volumes_ml", "regions_ml"):
+            for name, change in (comparison.get(field) or {}).items():
+                row[f"{name}_change_ml"] = change.get("change_ml", "")
+                row[f"{name}_change_pct"] = "" if change.get("change_pct") is None else change["change_pct"]
+        row["new_lesions"] = (comparison.get("lesion_count") or {}).get("new", "")
+        row["gone_lesions"] = (comparison.get("lesion_count") or {}).get("gone", "")
     for name, value in (record.get("dice") or {}).items():
         row[f"dice_{name}"] = "" if value is None else value
     for name, scores in (record.get("region_scores") or {}).items():
@@ -171,7 +181,9 @@ def _html(output_dir: Path, records: list[dict], rows: list[dict], columns: list
     shown = [c for c in columns if c not in ("case_id", "status", "error", "study_instance_uid", "series_instance_uid")]
     head = "".join(f'<th data-column="{html.escape(c)}" title="sort">{html.escape(label)}</th>'
                    for c, label in [("case_id", "case"), ("status", "status"), *((c, c) for c in shown)])
-    head += "<th>QC</th>"
+    timelines = _timelines(records)
+    plots = any(len(points) > 1 for points in timelines.values())
+    head += "<th>QC</th>" + ("<th>volumes over time</th>" if plots else "")
     body = []
     for record, row in zip(records, rows):
         case = str(record.get("case_id", ""))
@@ -184,8 +196,14 @@ def _html(output_dir: Path, records: list[dict], rows: list[dict], columns: list
         else:
             qc = html.escape(row["error"])
         cells = "".join(f"<td>{html.escape(str(row.get(c, '')))}</td>" for c in shown)
+        plot = ""
+        if plots:
+            points = timelines.get((record.get("study") or {}).get("patient"), [])
+            day = (record.get("study") or {}).get("day")
+            upto = [p for p in points if day is not None and p[0] <= day]
+            plot = f"<td>{_plot(upto, case) if len(upto) > 1 else ''}</td>"
         body.append(f'<tr class="{html.escape(status)}" id="{html.escape(case)}"><td>{html.escape(case)}</td>'
-                    f"<td>{html.escape(status)}</td>{cells}<td>{qc}</td></tr>")
+                    f"<td>{html.escape(status)}</td>{cells}<td>{qc}</td>{plot}</tr>")
     style = (
         "body{font-family:sans-serif;margin:1em}table{border-collapse:collapse}"
         "td,th{border:1px solid #bbb;padding:4px 6px;vertical-align:top;text-align:right}"
@@ -198,8 +216,66 @@ def _html(output_dir: Path, records: list[dict], rows: list[dict], columns: list
         f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>"
         f"<p>{len(records)} cases: {len(records) - failed} ok, {failed} failed. Volumes in mL, section areas in "
         f"pixels; QC pictures of volumes are axial | coronal | sagittal through the largest lesion "
-        f"(radiological view; a thumbnail opens the full picture). Click a column heading to sort.</p>"
+        f"(radiological view; a thumbnail opens the full picture). Changes are since the patient's prior "
+        f"study (prior_case, interval_days; new and gone lesions); the plot shows the patient's volumes "
+        f"up to each study. Click a column heading to sort.</p>"
         f'<p id="pictures"></p>'
         f'<table id="cases"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
         f"<script>{_SCRIPT}</script></body></html>\n"
     )
+
+
+def _timelines(records: list[dict]) -> dict[str, list[tuple[int, str, dict]]]:
+    """Per patient (its hash), ``(day, case, volumes_ml)`` of its studies in the report, and of the
+    prior studies their comparisons name (an earlier run's), in time order."""
+    found: dict[str, dict[int, tuple[int, str, dict]]] = {}
+    for record in records:
+        study = record.get("study")
+        if record.get("status") != "ok" or not study:
+            continue
+        points = found.setdefault(study["patient"], {})
+        points[int(study["day"])] = (int(study["day"]), str(record.get("case_id")), dict(record.get("volumes_ml") or {}))
+        comparison = record.get("comparison")
+        if comparison:
+            day = int(study["day"]) - int(comparison["interval_days"])
+            volumes = {name: change["prior_ml"] for name, change in (comparison.get("volumes_ml") or {}).items()}
+            points.setdefault(day, (day, str(comparison.get("prior_case")), volumes))
+    return {patient: [points[day] for day in sorted(points)] for patient, points in found.items()}
+
+
+_COLOURS = ("#d62728", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b")
+
+
+def _plot(points: list[tuple[int, str, dict]], case: str, width: int = 220, height: int = 110) -> str:
+    """A small inline SVG: each label's volume (mL) against days since the first study, a line per
+    label, each point titled with its case, day and volume."""
+    names = [name for name in points[-1][2] if any(name in p[2] for p in points)]
+    first = points[0][0]
+    span = max(1, points[-1][0] - first)
+    top = max([p[2].get(name, 0.0) for p in points for name in names] + [1e-9])
+    left, right, up, down = 34, 8, 8, 22
+
+    def x(day: int) -> float:
+        return left + (day - first) / span * (width - left - right)
+
+    def y(volume: float) -> float:
+        return up + (1 - volume / top) * (height - up - down)
+
+    parts = [f'<line x1="{left}" y1="{height - down}" x2="{width - right}" y2="{height - down}" stroke="#888"/>',
+             f'<line x1="{left}" y1="{up}" x2="{left}" y2="{height - down}" stroke="#888"/>',
+             f'<text x="{left - 3}" y="{up + 8}" text-anchor="end" font-size="9">{top:.0f}</text>',
+             f'<text x="{left - 3}" y="{height - down}" text-anchor="end" font-size="9">0</text>',
+             f'<text x="{width - right}" y="{height - 8}" text-anchor="end" font-size="9">day {span}</text>',
+             f'<text x="{left}" y="{height - 8}" font-size="9">day 0 (mL)</text>']
+    for index, name in enumerate(names):
+        colour = _COLOURS[index % len(_COLOURS)]
+        line = [(x(day), y(volumes[name]), day, who, volumes[name]) for day, who, volumes in points if name in volumes]
+        parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="1.5" points="'
+                     + " ".join(f"{px:.1f},{py:.1f}" for px, py, *_ in line) + '"/>')
+        for px, py, day, who, volume in line:
+            label = html.escape(f"{name}: {volume:.1f} mL, day {day - first} ({who})")
+            parts.append(f'<circle cx="{px:.1f}" cy="{py:.1f}" r="2.5" fill="{colour}"><title>{label}</title></circle>')
+        parts.append(f'<text x="{width - right}" y="{up + 9 + 10 * index}" text-anchor="end" font-size="9" '
+                     f'fill="{colour}">{html.escape(name)}</text>')
+    return (f'<svg class="timeline" role="img" aria-label="volumes over time up to {html.escape(case)}" '
+            f'width="{width}" height="{height}" viewBox="0 0 {width} {height}">{"".join(parts)}</svg>')

@@ -33,7 +33,7 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing, contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -48,6 +48,7 @@ from pipelines.batch.errors import BatchAbortedError, BatchInputError
 from pipelines.batch.loading import Loading, describe_error
 from pipelines.batch.notices import CaseWarnings
 from pipelines.batch.outputs import Records, default_outputs
+from pipelines.batch.priors import prior_folders
 from pipelines.batch.report import read_records, write_reports
 from pipelines.io.rules import SeriesRules
 from pipelines.io.writers import atomic_path
@@ -132,6 +133,7 @@ def run_batch(
     image_key: str | None = None,
     push: bool | str = False,
     query: RemoteQuery | None = None,
+    prior: Sequence[str | os.PathLike] = (),
     fail_on_error: bool = False,
     min_free_mb: float = 100.0,
     progress: bool = False,
@@ -155,6 +157,8 @@ def run_batch(
             (``http(s)://...`` DICOMweb or ``dicom://AET@host:port``).
         query: for a server ``source``, which studies (``--study-uid``, ``--study-date``; required for a
             DICOM peer) and the calling AE title (also used to push to a DICOM peer).
+        prior: output folders of earlier runs that hold prior studies of the run's patients (the
+            run's own finished cases are looked at anyway; :mod:`pipelines.batch.priors`).
         fail_on_error: exit code 1 when any case failed (default: only when all failed).
         min_free_mb: refuse to start with less free space on the output's disk.
         progress: show a progress bar with ETA.
@@ -169,7 +173,7 @@ def run_batch(
     with _stopped_by_signals():
         plan = _plan(bundle, source, Path(output), device=device, tta=tta, probabilities=probabilities,
                      rtstruct=rtstruct, rules=rules or {}, section=section, dataset_dir=dataset_dir, image_key=image_key,
-                     push=push, query=query or RemoteQuery(),
+                     push=push, query=query or RemoteQuery(), prior=prior,
                      min_free_mb=min_free_mb)
         summary = BatchSummary(cases=len(plan.mine), skipped=len(plan.mine) - len(plan.todo))
         logger.info("rank %d/%d: %d cases, %d complete from an earlier run, %d to do", plan.rank, plan.world,
@@ -185,7 +189,8 @@ def run_batch(
 
 
 def _plan(bundle, source, output: Path, *, device: str, tta: bool, probabilities: bool, rtstruct: bool, rules: Mapping,
-          section: str, dataset_dir, image_key, push: bool | str, query: RemoteQuery, min_free_mb: float) -> _Plan:
+          section: str, dataset_dir, image_key, push: bool | str, query: RemoteQuery, prior: Sequence,
+          min_free_mb: float) -> _Plan:
     """Everything decided before the first case: refuses an unusable input, output or bundle."""
     if device == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
@@ -198,6 +203,7 @@ def _plan(bundle, source, output: Path, *, device: str, tta: bool, probabilities
     if destination and not is_remote(destination):
         raise BatchInputError(f"--push: a destination is a DICOMweb URL or dicom://AET@host:port, got {destination!r}")
     _check_output(output, min_free_mb)
+    priors = prior_folders(prior)
     model = BundleModel(bundle, device=device, tta=tta, probabilities=probabilities)
     try:
         model.series_rules = {key: SeriesRules.of(base, **rules) for key, base in model.series_rules.items()}
@@ -208,7 +214,7 @@ def _plan(bundle, source, output: Path, *, device: str, tta: bool, probabilities
     settings = {"tta": tta, "probabilities": probabilities, "rtstruct": rtstruct, "push": destination,
                 "series_rules": {key: r.as_dict() for key, r in model.series_rules.items()}}
     run_key = _run_key(model, settings)
-    mine = cases[rank::world]
+    mine = _chronological(_share(cases, rank, world))
     todo = []
     for case in mine:
         _remove_partials(output / case.case_id)
@@ -217,8 +223,8 @@ def _plan(bundle, source, output: Path, *, device: str, tta: bool, probabilities
     base = {"model": model.describe(), "settings": {**settings, "device": str(model.device), "rank": rank,
                                                     "world_size": world},
             "run_key": run_key, "software": _software()}
-    records = Records(output, default_outputs(model, probabilities, destination, rtstruct, query.calling_aet), base,
-                      model.reference_key)
+    outputs = default_outputs(model, probabilities, destination, rtstruct, query.calling_aet, output, priors)
+    records = Records(output, outputs, base, model.reference_key)
     return _Plan(output, model, cases, mine, todo, records, rank, world, joined)
 
 
@@ -317,6 +323,33 @@ def _record_failure(plan: _Plan, case: Case, error: str, timings: Mapping | None
         if not _fatal(exc, plan.output):
             raise
         raise _aborted(plan.output, case, exc) from exc
+
+
+def _identifiers(case: Case) -> dict:
+    """The patient and study identifiers of a case's first DICOM series found on disk ({} otherwise)."""
+    for source in case.sources.values():
+        series = getattr(source, "series", None)
+        if series is not None:
+            return dict(series.first.identifiers)
+    return {}
+
+
+def _share(cases: list[Case], rank: int, world: int) -> list[Case]:
+    """This rank's cases: every ``world``-th patient (a case without a known patient counts as one),
+    so that all studies of a patient, compared with each other, are segmented by one rank in turn."""
+    if world <= 1:
+        return list(cases)
+    groups: dict[str, int] = {}
+    for index, case in enumerate(cases):
+        groups.setdefault(_identifiers(case).get("patient_id") or f"\x00{index}", len(groups))
+    return [case for index, case in enumerate(cases)
+            if groups[_identifiers(case).get("patient_id") or f"\x00{index}"] % world == rank]
+
+
+def _chronological(cases: list[Case]) -> list[Case]:
+    """Cases in the order of their study dates where known (others first, in their order): a prior
+    study of the same run is finished before the later one is compared with it."""
+    return sorted(cases, key=lambda case: _identifiers(case).get("study_date") or "")
 
 
 def _run_key(model: BundleModel, settings: Mapping) -> str:

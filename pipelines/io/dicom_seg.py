@@ -62,13 +62,13 @@ class RegionSegment:
 
 
 def identify_private_scheme(dataset) -> None:
-    """Declare :data:`PRIVATE_SCHEME` (region codes) in ``dataset``'s Coding Scheme Identification
+    """Declare :data:`PRIVATE_SCHEME` (region codes, the SR's change codes) in ``dataset``'s Coding Scheme Identification
     Sequence, as DICOM asks of a private scheme a dataset uses (PS3.3 C.12.1.1.5)."""
     from pydicom.dataset import Dataset
 
     item = Dataset()
     item.CodingSchemeDesignator = PRIVATE_SCHEME
-    item.CodingSchemeName = "unet-pipelines regions"
+    item.CodingSchemeName = "unet-pipelines codes"
     item.CodingSchemeResponsibleOrganization = "unet-pipelines"
     dataset.CodingSchemeIdentificationSequence = [item]
 

@@ -11,6 +11,13 @@ version and weights hash.
 Each group's tracking identifier is the segment's name and its tracking UID the segment's, derived
 from the input's hash (:func:`pipelines.io.dicom_seg.tracking_uid`): a rerun on the same input
 gives the same UIDs, so a reporting system that follows a finding by its UID sees one finding.
+
+With a comparison to the patient's prior study (:mod:`pipelines.batch.priors`), each label, region
+and lesion group also holds its volume change since the prior in mL and in percent, each lesion
+group its status (new, or present in the prior study), and the lesion count group the interval in
+days and the numbers of new and gone lesions. DICOM has no codes for these; they are coded in the
+private scheme :data:`~pipelines.io.dicom_seg.PRIVATE_SCHEME` (:data:`CHANGE_CODES`), which the
+report declares.
 """
 
 from __future__ import annotations
@@ -20,10 +27,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipelines.io.dicom_seg import identify_private_scheme, tracking_uid
+from pipelines.io.dicom_seg import PRIVATE_SCHEME, identify_private_scheme, tracking_uid
 from pipelines.io.writers import atomic_path
 
-__all__ = ["Lesion", "Measures", "write_measurement_report"]
+__all__ = ["CHANGE_CODES", "Change", "Comparison", "Lesion", "Measures", "write_measurement_report"]
 
 _LONG_STRING = 64  # characters of a DICOM LO value
 
@@ -34,6 +41,41 @@ class Lesion:
 
     volume_ml: float
     diameter_mm: float
+
+
+# private codes of the comparison with the prior study: value -> meaning
+CHANGE_CODES = {
+    "VOLCHG": "Volume change since prior study",
+    "VOLCHGPCT": "Volume change since prior study in percent",
+    "INTERVAL": "Interval since prior study",
+    "NEWLES": "Number of new lesions since prior study",
+    "GONELES": "Number of lesions gone since prior study",
+    "LESSTATUS": "Lesion status since prior study",
+    "NEW": "New since prior study",
+    "PRESENT": "Present in prior study",
+}
+
+
+@dataclass
+class Change:
+    """A volume's change since the prior study (``change_pct`` None when the prior volume was 0)."""
+
+    change_ml: float
+    change_pct: float | None = None
+
+
+@dataclass
+class Comparison:
+    """The change since the prior study: per label value, per region name, per listed lesion
+    (``(status, change)``, status ``"new"`` or ``"matched"``, in the order of ``Measures.lesions``),
+    the interval in days and the numbers of new and gone lesions."""
+
+    interval_days: int
+    volumes: Mapping[int, Change] = field(default_factory=dict)
+    regions: Mapping[str, Change] = field(default_factory=dict)
+    lesions: Sequence[tuple[str, Change]] = ()
+    new: int = 0
+    gone: int = 0
 
 
 @dataclass
@@ -48,6 +90,7 @@ class Measures:
     region_labels: Mapping[str, Sequence[int]] = field(default_factory=dict)
     lesions: Sequence[Lesion] = ()
     lesion_count: int = 0
+    comparison: Comparison | None = None
 
 
 def write_measurement_report(
@@ -94,7 +137,21 @@ def write_measurement_report(
     )
     milliliter = hd.sr.CodedConcept("ml", "UCUM", "milliliter")
 
-    def measured(kind: str, ident, measurements: list, region: str | None = None):
+    def private(value: str) -> hd.sr.CodedConcept:
+        return hd.sr.CodedConcept(value, PRIVATE_SCHEME, CHANGE_CODES[value])
+
+    def changed(change: Change | None) -> list:
+        if change is None:
+            return []
+        out = [hd.sr.Measurement(name=private("VOLCHG"), value=float(change.change_ml), unit=milliliter)]
+        if change.change_pct is not None:
+            out.append(hd.sr.Measurement(name=private("VOLCHGPCT"), value=float(change.change_pct),
+                                         unit=hd.sr.CodedConcept("%", "UCUM", "percent")))
+        return out
+
+    comparison = measures.comparison
+
+    def measured(kind: str, ident, measurements: list, region: str | None = None, evaluations: list | None = None):
         """The group measuring segment ``kind`` ``ident``; tracked as ``region`` when given (a region
         of one label: that label's segment, a finding of its own)."""
         uid = tracking_uid(tracking_key, kind, ident)
@@ -110,30 +167,45 @@ def write_measurement_report(
                 segment_number=int(segment.SegmentNumber), source_series=source_series),
             finding_type=_coded(segment.SegmentedPropertyTypeCodeSequence[0]),
             finding_category=_coded(segment.SegmentedPropertyCategoryCodeSequence[0]),
-            algorithm_id=algorithm, measurements=measurements,
+            algorithm_id=algorithm, measurements=measurements, qualitative_evaluations=evaluations or None,
         )
 
     def volume(value: float) -> hd.sr.Measurement:
         return hd.sr.Measurement(name=codes.SCT.Volume, value=float(value), unit=milliliter)
 
-    groups = [measured("label", label, [volume(value)]) for label, value in sorted(measures.volumes_ml.items())]
+    label_changes = comparison.volumes if comparison else {}
+    region_changes = comparison.regions if comparison else {}
+    groups = [measured("label", label, [volume(value), *changed(label_changes.get(label))])
+              for label, value in sorted(measures.volumes_ml.items())]
     for name, value in measures.regions_ml.items():
         labels = list(measures.region_labels.get(name, ()))
+        numbers = [volume(value), *changed(region_changes.get(name))]
         if len(labels) == 1:
-            groups.append(measured("label", labels[0], [volume(value)], region=name))
+            groups.append(measured("label", labels[0], numbers, region=name))
         else:
-            groups.append(measured("region", name, [volume(value)]))
+            groups.append(measured("region", name, numbers))
     for number, lesion in enumerate(measures.lesions, start=1):
+        status = comparison.lesions[number - 1] if comparison and number <= len(comparison.lesions) else None
+        evaluations = None if status is None else [hd.sr.QualitativeEvaluation(
+            private("LESSTATUS"), private("NEW" if status[0] == "new" else "PRESENT"))]
         groups.append(measured("lesion", number, [
             volume(lesion.volume_ml),
             hd.sr.Measurement(name=codes.SCT.Diameter, value=float(lesion.diameter_mm), unit=codes.UCUM.Millimeter,
                               derivation=codes.SCT.Maximum),
-        ]))
+            *(changed(status[1]) if status and status[0] != "new" else []),
+        ], evaluations=evaluations))
+    counts = [hd.sr.Measurement(name=codes.SCT.NumberOfLesions, value=float(measures.lesion_count),
+                                unit=codes.UCUM.NoUnits)]
+    if comparison:
+        counts += [
+            hd.sr.Measurement(name=private("INTERVAL"), value=float(comparison.interval_days),
+                              unit=hd.sr.CodedConcept("d", "UCUM", "day")),
+            hd.sr.Measurement(name=private("NEWLES"), value=float(comparison.new), unit=codes.UCUM.NoUnits),
+            hd.sr.Measurement(name=private("GONELES"), value=float(comparison.gone), unit=codes.UCUM.NoUnits),
+        ]
     groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(tracking_uid(tracking_key, "lesions", "count"), "lesions"),
-        finding_type=codes.SCT.Lesion, algorithm_id=algorithm,
-        measurements=[hd.sr.Measurement(name=codes.SCT.NumberOfLesions, value=float(measures.lesion_count),
-                                        unit=codes.UCUM.NoUnits)],
+        finding_type=codes.SCT.Lesion, algorithm_id=algorithm, measurements=counts,
     ))
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
@@ -151,8 +223,8 @@ def write_measurement_report(
         sop_instance_uid=uids[1] if uids else hd.UID(), instance_number=1, manufacturer=manufacturer, is_complete=True,
         series_description=f"{algorithm_name} measurements"[:_LONG_STRING], software_versions=__version__,
     )
-    if any(len(measures.region_labels.get(name, ())) != 1 for name in measures.regions_ml):
-        identify_private_scheme(sr)  # region findings coded in it, as their segments are
+    if comparison or any(len(measures.region_labels.get(name, ())) != 1 for name in measures.regions_ml):
+        identify_private_scheme(sr)  # region findings and changes coded in it
     path = Path(path)
     with atomic_path(path) as tmp:
         sr.save_as(tmp, enforce_file_format=True)

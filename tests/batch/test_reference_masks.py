@@ -25,9 +25,9 @@ from tests.dicom_checks import assert_report_matches_record, assert_seg_reads_ba
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REFERENCES = Path(__file__).parent / "reference_masks"
-RECORD_FIELDS = {"case_id", "dice", "error", "finished", "geometry_corrections", "grid", "input_hash",
+RECORD_FIELDS = {"case_id", "comparison", "dice", "error", "finished", "geometry_corrections", "grid", "input_hash",
                  "largest_lesion", "lesion_count", "lesions", "model", "outputs", "pushed", "run_key", "settings", "software",
-                 "source", "status", "timings", "volumes_ml", "warnings"}
+                 "source", "status", "study", "timings", "volumes_ml", "warnings"}
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,8 @@ def test_records_keep_their_fields_and_segs_validate(test_run):
     for record_path in sorted(test_run.glob("*/record.json")):
         record = json.loads(record_path.read_text())
         assert set(record) == RECORD_FIELDS and record["status"] == "ok"
-        assert record["outputs"] == ["mask.nii.gz", "seg.dcm", "sr.dcm", "qc.png", "qc_thumbnail.png"]
+        assert record["outputs"] == ["mask.nii.gz", "anatomy.nii.gz", "seg.dcm", "sr.dcm", "qc.png", "qc_thumbnail.png"]
+        assert record["comparison"] is None  # every demo patient has one study
         assert set(record["volumes_ml"]) == {"tumor", "edema"} and set(record["dice"]) == {"tumor", "edema"}
 
 

@@ -134,3 +134,26 @@ def test_a_picture_that_does_not_load_is_named(tmp_path):
     _, html_path = write_reports(tmp_path)
     dom, console = _chromium(html_path)
     assert 'data-loaded="no"' in dom and "1 QC picture(s) did not load" in dom
+
+
+def test_the_plot_takes_a_prior_study_from_an_earlier_run(tmp_path):
+    """A study whose prior was written by an earlier run (``--prior``): the plot still shows both
+    points, the prior's volumes from the comparison; a patient with one study gets no plot."""
+    case = tmp_path / "case-fff"
+    case.mkdir()
+    comparison = {"prior_case": "case-old", "interval_days": 30, "lesion_count": {"new": 0, "gone": 1},
+                  "volumes_ml": {"tumor": {"prior_ml": 20.0, "now_ml": 10.0, "change_ml": -10.0, "change_pct": -50.0}}}
+    (case / "record.json").write_text(json.dumps({"case_id": "case-fff", "status": "ok", "volumes_ml": {"tumor": 10.0},
+                                                  "study": {"patient": "p1", "study": "s", "day": 1000},
+                                                  "comparison": comparison}))
+    (tmp_path / "case-ggg").mkdir()
+    (tmp_path / "case-ggg" / "record.json").write_text(json.dumps({
+        "case_id": "case-ggg", "status": "ok", "volumes_ml": {"tumor": 5.0},
+        "study": {"patient": "p2", "study": "t", "day": 10}, "comparison": None}))
+    csv_path, html_path = write_reports(tmp_path)
+    page = html_path.read_text()
+    assert page.count('<svg class="timeline"') == 1
+    assert "tumor: 20.0 mL, day 0 (case-old)" in page and "tumor: 10.0 mL, day 30 (case-fff)" in page
+    rows = {row["case_id"]: row for row in csv.DictReader(csv_path.open())}
+    assert rows["case-fff"]["tumor_change_pct"] == "-50.0" and rows["case-fff"]["gone_lesions"] == "1"
+    assert rows["case-ggg"]["tumor_change_ml"] == ""

@@ -104,10 +104,11 @@ def test_every_case_gets_outputs_and_a_record(folder_run):
     assert referenced.SeriesInstanceUID == source.meta["series_instance_uid"]
     lesions = [f"lesion {n}" for n in range(1, len(record["lesions"]) + 1)]
     assert [s.SegmentLabel for s in seg.SegmentSequence] == ["tumor", "edema", *lesions]
-    assert record["outputs"] == ["mask.nii.gz", "seg.dcm", "sr.dcm", "qc.png", "qc_thumbnail.png"]
-    # the NIfTI case: no DICOM SEG
+    assert record["outputs"] == ["mask.nii.gz", "anatomy.nii.gz", "seg.dcm", "sr.dcm", "qc.png", "qc_thumbnail.png"]
+    # the NIfTI case: no DICOM SEG, no patient to compare with later studies
     nifti = json.loads((out / pseudonym("scan.nii.gz") / "record.json").read_text())
     assert nifti["status"] == "ok" and "seg.dcm" not in nifti["outputs"]
+    assert "study" not in nifti and "anatomy.nii.gz" not in nifti["outputs"]
 
 
 def test_long_lived_objects_skip_the_collector_only_during_the_run(folder_run):

@@ -144,3 +144,47 @@ def test_checks_catch_a_report_that_disagrees(case, tmp_path):
         assert_report_matches_record(wrong, case.record, REGIONS, tmp_path)
     assert not dciodvfy_errors(wrong / "sr.dcm")
     assert tid1500reader(wrong / "sr.dcm", tmp_path)["edema"]["Volume"][0] == pytest.approx(case.record["volumes_ml"]["edema"] + 0.5)
+
+
+def test_a_comparison_with_the_prior_study_joins_the_groups(case, tmp_path):
+    """With the change since the prior study: each label and region group states its change (mL,
+    and percent unless the prior volume was 0), the matched lesion its change and status, the new
+    one only its status; the count group the interval and the new and gone counts. Read back equal
+    by highdicom and dcmqi; dciodvfy finds no error."""
+    import shutil
+
+    from pipelines.io.dicom_sr import Change, Comparison
+
+    def entry(now: float, before: float) -> dict:
+        return {"prior_ml": before, "now_ml": now, "change_ml": round(now - before, 3),
+                "change_pct": round(100 * (now - before) / before, 1) if before else None}
+
+    record = case.record
+    volumes = {name: entry(v, v / 2) for name, v in record["volumes_ml"].items()}
+    volumes["edema"] = entry(record["volumes_ml"]["edema"], 0.0)  # none before: no percent
+    regions = {name: entry(v, v - 1.0) for name, v in record["regions_ml"].items()}
+    lesions = [{"lesion": 1, "status": "matched", **entry(record["lesions"][0]["volume_ml"], 0.5)},
+               {"lesion": 2, "status": "new", **entry(record["lesions"][1]["volume_ml"], 0.0)}]
+    compared = {**record, "comparison": {"interval_days": 182, "volumes_ml": volumes, "regions_ml": regions,
+                                         "lesion_count": {"prior": 2, "now": 2, "new": 1, "gone": 1},
+                                         "lesions": lesions}}
+    case_dir = tmp_path / "case"
+    shutil.copytree(case.case_dir, case_dir)
+    comparison = Comparison(
+        182, {v: Change(volumes[n]["change_ml"], volumes[n]["change_pct"]) for v, n in NAMES.items()},
+        {n: Change(e["change_ml"], e["change_pct"]) for n, e in regions.items()},
+        [(e["status"], Change(e["change_ml"], e["change_pct"])) for e in lesions], new=1, gone=1)
+    measures = Measures(case.measures.volumes_ml, case.measures.regions_ml, REGIONS, case.measures.lesions,
+                        case.measures.lesion_count, comparison)
+    write_measurement_report(case_dir / "sr.dcm", case_dir / "seg.dcm", measures, "brain", "0.1.0", "f" * 64, case.key)
+    assert_report_matches_record(case_dir, compared, REGIONS, tmp_path)
+    read = highdicom_groups(case_dir / "sr.dcm")
+    assert "Volume change since prior study in percent" not in read["edema"]
+    assert "Volume change since prior study" not in read["lesion 2"]  # new: nothing to change from
+    status = {g.tracking_identifier: [e.value.meaning for e in g.get_qualitative_evaluations()
+                                      if e.name.value == "LESSTATUS"]
+              for g in hd.sr.srread(case_dir / "sr.dcm").content.get_volumetric_roi_measurement_groups()}
+    assert status["lesion 1"] == ["Present in prior study"] and status["lesion 2"] == ["New since prior study"]
+    assert status["WT"] == []
+    scheme = pydicom.dcmread(case_dir / "sr.dcm").CodingSchemeIdentificationSequence[0]
+    assert scheme.CodingSchemeDesignator == "99UNETP"

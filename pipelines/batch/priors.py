@@ -1,0 +1,286 @@
+"""The change since the prior study of the same patient.
+
+A case from DICOM input is identified by its patient and study date, kept in the outputs only as
+keyed hashes (HMAC-SHA-256 with the site's secret salt, :func:`site_salt`): ``record["study"]`` is
+``{"patient", "study", "day"}`` where ``patient`` hashes the PatientID, ``study`` the PatientID with
+the StudyInstanceUID, and ``day`` is the study date as a day number shifted by an offset that the
+salt and the PatientID fix (within +-50 years): without the salt neither the ID nor the date can be
+read back, yet two studies of one patient give their interval in days. Each such case also writes
+``anatomy.nii.gz``, its reference image at about 2 mm (every n-th voxel), which a later study is
+registered to.
+
+The prior of a case is the latest earlier study of the same patient among the run's own finished
+cases and those of the ``--prior`` output folders (:class:`PriorIndex`). Comparing
+(:func:`compare_with_prior`): the prior's anatomy is registered rigidly to the case's
+(:func:`pipelines.transforms.registration.register_rigid`: the patient lies differently in the
+scanner on another day), the prior's lesions (:func:`pipelines.batch.measures.lesion_map` of its
+mask) are carried onto the case's grid through that registration (nearest voxel), and each lesion
+of the case that overlaps lesions of the prior is matched to them; the others are "new", and the
+prior's lesions that no lesion of the case overlaps are "gone". Volumes (per label, per region,
+per lesion) are each measured on its own study's grid; the change is in mL and in percent of the
+prior volume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import os
+import secrets
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "ANATOMY_FILE", "SALT_ENV", "PriorIndex", "compare_with_prior", "prior_folders", "site_salt", "study_identity",
+    "write_anatomy",
+]
+
+logger = logging.getLogger(__name__)
+
+SALT_ENV = "UNET_PIPELINES_SALT"
+ANATOMY_FILE = "anatomy.nii.gz"
+ANATOMY_MM = 2.0
+_DAY_SHIFT = 36525  # the date's shift spans +-50 years
+
+
+def site_salt() -> bytes:
+    """The site's secret for the patient and study hashes: ``$UNET_PIPELINES_SALT``, or the file
+    ``unet-pipelines/salt`` in ``$XDG_CONFIG_HOME`` (``~/.config``), created with a random value
+    (readable by its owner only) on first use. Runs whose outputs are compared need the same salt."""
+    value = os.environ.get(SALT_ENV)
+    if value:
+        return value.encode()
+    folder = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "unet-pipelines"
+    path = folder / "salt"
+    if not path.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # made by another process meanwhile
+            pass
+        else:
+            with os.fdopen(descriptor, "w") as file:
+                file.write(secrets.token_hex(32) + "\n")
+    return path.read_text().strip().encode()
+
+
+def _keyed(salt: bytes, *parts: str) -> str:
+    return hmac.new(salt, "\x1f".join(parts).encode(), hashlib.sha256).hexdigest()
+
+
+def study_identity(identifiers: Mapping, study_uid: str, salt: bytes) -> dict | None:
+    """``{"patient", "study", "day"}`` of a study (see the module docstring), or None without a
+    PatientID or a valid StudyDate (``YYYYMMDD``)."""
+    patient, when = str(identifiers.get("patient_id") or "").strip(), str(identifiers.get("study_date") or "").strip()
+    try:
+        day = date(int(when[:4]), int(when[4:6]), int(when[6:8])).toordinal() if len(when) == 8 else None
+    except ValueError:
+        day = None
+    if not patient or day is None:
+        return None
+    shift = int(_keyed(salt, "day shift", patient)[:12], 16) % (2 * _DAY_SHIFT) - _DAY_SHIFT
+    return {"patient": _keyed(salt, "patient", patient)[:32], "study": _keyed(salt, "study", patient, study_uid)[:32],
+            "day": day + shift}
+
+
+def write_anatomy(path: Path, image: np.ndarray, affine: np.ndarray) -> None:
+    """``image`` ``(X, Y, Z)`` at about :data:`ANATOMY_MM` (every n-th voxel along each axis), int16
+    when its values are whole numbers in range, else float32."""
+    from pipelines.io.writers import save_nifti
+
+    affine = np.asarray(affine, dtype=np.float64)
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    step = np.maximum(1, np.floor(ANATOMY_MM / spacing + 0.25)).astype(int)
+    image = np.asarray(image)[:: step[0], :: step[1], :: step[2]]
+    strided = affine.copy()
+    strided[:3, :3] = affine[:3, :3] * step
+    whole = np.all(np.isfinite(image)) and np.array_equal(image, np.round(image)) and image.min(initial=0) >= -32768 \
+        and image.max(initial=0) <= 32767
+    save_nifti(image, strided, path, dtype=np.int16 if whole else np.float32)
+
+
+@dataclass
+class _Study:
+    day: int
+    case_dir: Path
+    record: dict
+
+
+@dataclass
+class PriorIndex:
+    """The finished studies a case may be compared with: those of ``folders`` (earlier output
+    folders), read once, and the run's own ``output``, read again for cases finished since (another
+    torchrun rank's), with the cases this process finishes added by :meth:`add`. With ``bundle``
+    (a bundle's name), only studies segmented by that bundle: another bundle's labels are other
+    quantities."""
+
+    output: Path
+    folders: Sequence[Path] = ()
+    bundle: str | None = None
+    _studies: dict[str, list[_Study]] = field(default_factory=dict)
+    _seen: set[Path] = field(default_factory=set)
+    _patient_of: dict[Path, str] = field(default_factory=dict)
+    _read_folders: bool = False
+
+    def add(self, case_dir: Path, record: Mapping) -> None:
+        """Take a finished case (its record replaces what was known of its folder)."""
+        here = case_dir.resolve()
+        self._seen.add(here)
+        known = self._patient_of.pop(here, None)
+        if known is not None:
+            self._studies[known] = [s for s in self._studies[known] if s.case_dir.resolve() != here]
+        study = record.get("study")
+        same_bundle = self.bundle is None or (record.get("model") or {}).get("name") == self.bundle
+        if record.get("status") == "ok" and study and same_bundle and ANATOMY_FILE in record.get("outputs", ()):
+            kept = {key: record.get(key) for key in ("case_id", "study", "volumes_ml", "regions_ml", "finished")}
+            self._studies.setdefault(study["patient"], []).append(_Study(int(study["day"]), case_dir, kept))
+            self._patient_of[here] = study["patient"]
+
+    def _scan(self, folder: Path) -> None:
+        try:
+            entries = [Path(e.path) for e in os.scandir(folder) if e.is_dir() and not e.name.startswith(".")]
+        except OSError as exc:
+            logger.warning("prior studies: cannot read %s: %s", folder, exc.strerror or exc)
+            return
+        for case_dir in entries:
+            if case_dir.resolve() in self._seen:
+                continue
+            try:
+                record = json.loads((case_dir / "record.json").read_text())
+            except (OSError, ValueError):
+                continue  # not finished (yet)
+            self.add(case_dir, record)
+
+    def prior(self, study: Mapping, case_dir: Path) -> tuple[Path, dict] | None:
+        """The latest study of ``study``'s patient before its day, other than ``case_dir``'s."""
+        if not self._read_folders:
+            for folder in self.folders:
+                self._scan(Path(folder))
+            self._read_folders = True
+        self._scan(self.output)
+        here = case_dir.resolve()
+        earlier = [s for s in self._studies.get(study["patient"], ())
+                   if s.day < int(study["day"]) and s.case_dir.resolve() != here
+                   and all((s.case_dir / name).is_file() for name in (ANATOMY_FILE, "mask.nii.gz"))]
+        if not earlier:
+            return None
+        latest = max(earlier, key=lambda s: (s.day, s.record.get("finished", "")))
+        return latest.case_dir, latest.record
+
+
+def _voxel_ml(affine: np.ndarray) -> float:
+    return abs(float(np.linalg.det(np.asarray(affine, np.float64)[:3, :3]))) / 1000.0
+
+
+def _change(prior: float, now: float) -> dict:
+    return {"prior_ml": round(prior, 3), "now_ml": round(now, 3), "change_ml": round(now - prior, 3),
+            "change_pct": round(100.0 * (now - prior) / prior, 1) if prior > 0 else None}
+
+
+def _carry(prior_map: np.ndarray, prior_affine: np.ndarray, shape: tuple[int, ...], affine: np.ndarray,
+           matrix: np.ndarray) -> np.ndarray:
+    """``prior_map`` on the grid ``(shape, affine)``, nearest voxel, through ``matrix`` (RAS: a point
+    of this grid's study to the prior's point); 0 outside the prior's grid."""
+    index = np.indices(shape, dtype=np.float64).reshape(3, -1)
+    to_prior = np.linalg.inv(prior_affine) @ np.asarray(matrix, np.float64) @ np.asarray(affine, np.float64)
+    voxels = np.rint(to_prior[:3, :3] @ index + to_prior[:3, 3:4]).astype(np.int64)
+    inside = np.all((voxels >= 0) & (voxels < np.asarray(prior_map.shape)[:, None]), axis=0)
+    out = np.zeros(index.shape[1], prior_map.dtype)
+    out[inside] = prior_map[tuple(voxels[:, inside])]
+    return out.reshape(shape)
+
+
+def compare_with_prior(
+    labels: np.ndarray,
+    affine: np.ndarray,
+    lesions: tuple[np.ndarray, int],
+    record: Mapping,
+    anatomy: Path,
+    prior_dir: Path,
+    prior_record: Mapping,
+    lesion_labels: Sequence[int] | None,
+    regions: Mapping[str, Sequence[int]] | None = None,
+) -> dict:
+    """The ``comparison`` of a case's record with its prior (see the module docstring).
+
+    Args:
+        labels: the case's label map ``(X, Y, Z)``; ``affine`` its RAS affine.
+        lesions: its :func:`~pipelines.batch.measures.lesion_map`.
+        record: its record so far (``volumes_ml``, ``regions_ml``, ``lesions``, ``study``).
+        anatomy: its ``anatomy.nii.gz``.
+        prior_dir, prior_record: the prior's output folder and record.
+        lesion_labels, regions: the bundle's.
+
+    Returns:
+        ``prior_case``, ``prior_output`` (the prior's folder), ``interval_days``, ``registration``
+        (translation, rotation, mutual information, kept), ``volumes_ml`` and ``regions_ml`` (each
+        ``{name: {prior_ml, now_ml, change_ml, change_pct}}``), ``lesion_count`` ``{prior, now, new,
+        gone}``, ``lesions`` (per listed lesion of the case: ``status`` "new" or "matched",
+        ``prior_lesions`` (numbers in the prior), volumes and change: a lesion that merged several
+        of the prior's is compared with their sum, and a prior lesion that split counts for each
+        part) and ``gone`` (the prior's lesions that no lesion of the case overlaps, with their
+        volumes).
+    """
+    from pipelines.batch.measures import lesion_map
+    from pipelines.io import load_volume
+    from pipelines.transforms.registration import register_rigid
+
+    now_anatomy = load_volume(anatomy)
+    prior_anatomy = load_volume(prior_dir / ANATOMY_FILE)
+    registration = register_rigid(now_anatomy, prior_anatomy)
+    prior_mask = load_volume(prior_dir / "mask.nii.gz")
+    prior_labels = np.asarray(prior_mask[0]).astype(np.int64)
+    prior_affine = np.asarray(prior_mask.affine, np.float64)
+    prior_map, prior_count = lesion_map(prior_labels, lesion_labels)
+    prior_sizes = np.bincount(prior_map.ravel(), minlength=prior_count + 1) * _voxel_ml(prior_affine)
+    carried = _carry(prior_map, prior_affine, labels.shape, affine, registration.matrix)
+    now_map, now_count = lesions
+    pairs = np.unique(np.stack([now_map.ravel(), carried.ravel()]), axis=1)
+    pairs = pairs[:, (pairs[0] > 0) & (pairs[1] > 0)]
+    matched_prior = {int(j) for j in pairs[1]}
+    now_sizes = np.bincount(now_map.ravel(), minlength=now_count + 1) * _voxel_ml(affine)
+    listed = []
+    for number, lesion in enumerate(record.get("lesions") or (), start=1):
+        before = sorted(int(j) for j in pairs[1][pairs[0] == number])
+        entry = {"lesion": number, "status": "matched" if before else "new", "prior_lesions": before,
+                 **_change(float(prior_sizes[before].sum()), float(now_sizes[number]))}
+        listed.append(entry)
+    new = sum(1 for i in range(1, now_count + 1) if not np.any(pairs[0] == i))
+    gone = [{"prior_lesion": j, "prior_ml": round(float(prior_sizes[j]), 3)}
+            for j in range(1, prior_count + 1) if j not in matched_prior]
+    prior_volumes = prior_record.get("volumes_ml") or {}
+    prior_regions = prior_record.get("regions_ml") or {}
+    return {
+        "prior_case": prior_record.get("case_id"),
+        "prior_output": str(prior_dir),
+        "interval_days": int(record["study"]["day"]) - int(prior_record["study"]["day"]),
+        "registration": {k: v for k, v in registration.as_meta("anatomy").items() if k not in ("reference", "registered")},
+        "volumes_ml": {name: _change(float(prior_volumes.get(name, 0.0)), float(value))
+                       for name, value in (record.get("volumes_ml") or {}).items()},
+        "regions_ml": {name: _change(float(prior_regions.get(name, 0.0)), float(value))
+                       for name, value in (record.get("regions_ml") or {}).items() if name in (regions or {})},
+        "lesion_count": {"prior": int(prior_count), "now": int(now_count), "new": int(new), "gone": len(gone)},
+        "lesions": listed,
+        "gone": gone,
+    }
+
+
+def prior_folders(paths: Iterable) -> list[Path]:
+    """``--prior`` folders, checked: each an output folder of an earlier run."""
+    from pipelines.batch.errors import BatchInputError
+
+    folders = []
+    for path in paths:
+        folder = Path(path)
+        if not folder.is_dir():
+            raise BatchInputError(f"--prior {folder}: not a folder (give the output folder of an earlier batch run)")
+        if not any(folder.glob("*/record.json")):
+            raise BatchInputError(f"--prior {folder}: no case records (*/record.json): not the output folder of a batch run")
+        folders.append(folder)
+    return folders

@@ -1,0 +1,161 @@
+"""The demo patient scanned twice (`make demo-data`: a lesion grown, a new one): the batch job
+compares the follow-up with the baseline, in one run or with --prior, in the record, the SR and
+the report (issue 21's acceptance: true changes within 5 %, the new lesion marked new)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from pipelines.batch import run_batch
+from pipelines.cli import main
+from tests.batch.conftest import BUNDLE, DEMO, MANIFEST
+from tests.dicom_checks import assert_report_matches_record
+
+pytestmark = pytest.mark.integration
+
+
+def _entries() -> dict[str, dict]:
+    if not (DEMO / "follow_up").is_dir():
+        pytest.skip(f"demo data not written (run `make demo-data`): {DEMO}")
+    return {e["case_id"]: e for e in json.loads(MANIFEST.read_text())["follow_up"]}
+
+
+def _true_lesions_ml(entry: dict) -> list[float]:
+    image = nib.load(DEMO / entry["lesions"])
+    numbered = np.asarray(image.dataobj)
+    voxel_ml = abs(np.linalg.det(image.affine[:3, :3])) / 1000
+    return [float((numbered == i).sum() * voxel_ml) for i in range(1, int(numbered.max()) + 1)]
+
+
+def _true_tumor_ml(entry: dict) -> float:
+    image = nib.load(DEMO / entry["label"])
+    return float((np.asarray(image.dataobj) == 1).sum() * abs(np.linalg.det(image.affine[:3, :3])) / 1000)
+
+
+def _records(out) -> dict[str, dict]:
+    """The run's records by the demo's study (told apart by their interval: the baseline has no prior)."""
+    records = [json.loads(p.read_text()) for p in out.glob("*/record.json")]
+    return {("fu_follow_up" if r.get("comparison") else "fu_baseline"): r for r in records}
+
+
+@pytest.fixture(scope="module")
+def one_run(tmp_path_factory):
+    """Both studies in one folder tree, one run."""
+    entries = _entries()
+    out = tmp_path_factory.mktemp("follow_up") / "out"
+    summary = run_batch(BUNDLE, DEMO / "follow_up" / "dicom", out, workers=0)
+    assert summary.done == 2, summary
+    return out, entries, _records(out)
+
+
+def test_the_changes_are_the_true_ones_and_the_new_lesion_is_new(one_run):
+    _, entries, records = one_run
+    baseline, follow_up = records["fu_baseline"], records["fu_follow_up"]
+    assert baseline["comparison"] is None and baseline["study"]["patient"] == follow_up["study"]["patient"]
+    comparison = follow_up["comparison"]
+    assert comparison["prior_case"] == baseline["case_id"] and comparison["interval_days"] == 91
+    assert comparison["registration"]["kept"] and 5 < comparison["registration"]["translation_mm"] < 12
+    before, after = _true_lesions_ml(entries["fu_baseline"]), _true_lesions_ml(entries["fu_follow_up"])
+    grown = next(lesion for lesion in comparison["lesions"] if lesion["status"] == "matched")
+    new = [lesion for lesion in comparison["lesions"] if lesion["status"] == "new"]
+    assert len(new) == 1 and comparison["lesion_count"] == {"prior": 1, "now": 2, "new": 1, "gone": 0}
+    true_growth = after[0] - before[0]
+    assert grown["change_ml"] == pytest.approx(true_growth, rel=0.05)
+    assert grown["change_pct"] == pytest.approx(100 * true_growth / before[0], rel=0.05)
+    assert new[0]["now_ml"] == pytest.approx(after[1], rel=0.05)
+    tumor = comparison["volumes_ml"]["tumor"]
+    true_tumor = _true_tumor_ml(entries["fu_follow_up"]) - _true_tumor_ml(entries["fu_baseline"])
+    assert tumor["change_ml"] == pytest.approx(true_tumor, rel=0.05)
+    assert tumor["prior_ml"] == baseline["volumes_ml"]["tumor"] and tumor["now_ml"] == follow_up["volumes_ml"]["tumor"]
+
+
+def test_the_outputs_keep_the_patient_and_dates_only_as_hashes(one_run):
+    out, _, records = one_run
+    texts = [p.read_text() for p in (*out.glob("*/record.json"), out / "report.csv", out / "report.html")]
+    for secret in ("DEMO-FU-001", "20260105", "20260406", "2026-01-05", "2026-04-06"):
+        assert not any(secret in text for text in texts), secret
+    assert all("anatomy.nii.gz" in r["outputs"] for r in records.values())
+
+
+def test_the_sr_carries_the_comparison(one_run, tmp_path):
+    import highdicom as hd
+
+    out, _, records = one_run
+    follow_up = records["fu_follow_up"]
+    assert_report_matches_record(out / follow_up["case_id"], follow_up, tmp_path=tmp_path)
+    report = hd.sr.srread(out / follow_up["case_id"] / "sr.dcm").content
+    status = {}
+    for group in report.get_volumetric_roi_measurement_groups():
+        for evaluation in group.get_qualitative_evaluations():
+            if evaluation.name.meaning == "Lesion status since prior study":
+                status[group.tracking_identifier] = evaluation.value.meaning
+    expected = {f"lesion {lesion['lesion']}": "New since prior study" if lesion["status"] == "new"
+                else "Present in prior study" for lesion in follow_up["comparison"]["lesions"]}
+    assert status == expected and "New since prior study" in status.values()
+
+
+def test_the_report_has_the_change_columns_and_the_patients_plot(one_run):
+    out, _, records = one_run
+    follow_up = records["fu_follow_up"]
+    rows = {row["case_id"]: row for row in csv.DictReader((out / "report.csv").open())}
+    row = rows[follow_up["case_id"]]
+    assert float(row["tumor_change_ml"]) == follow_up["comparison"]["volumes_ml"]["tumor"]["change_ml"]
+    assert row["new_lesions"] == "1" and row["interval_days"] == "91"
+    assert rows[records["fu_baseline"]["case_id"]]["tumor_change_ml"] == ""
+    page = (out / "report.html").read_text()
+    assert page.count('<svg class="timeline"') == 1  # the follow-up's row: two studies
+    plot = page[page.index('<svg class="timeline"'):page.index("</svg>")]
+    assert f"day 91 ({follow_up['case_id']})" in plot and f"day 0 ({records['fu_baseline']['case_id']})" in plot
+    assert plot.count("<polyline") == 2  # tumor and edema
+
+
+@pytest.fixture
+def cli_logging():
+    """The command line sets up logging for its process: put back what the other tests expect."""
+    package, root = logging.getLogger("pipelines"), logging.getLogger()
+    saved = package.level, root.level, list(root.handlers)
+    yield
+    package.setLevel(saved[0])
+    root.setLevel(saved[1])
+    root.handlers[:] = saved[2]
+
+
+@pytest.mark.usefixtures("cli_logging")
+def test_prior_studies_from_an_earlier_run(one_run, tmp_path, capsys):
+    """The baseline segmented last month into one folder, the follow-up tonight into another with
+    --prior: the same comparison as in one run; without --prior, none."""
+    _, _, records = one_run
+    studies = DEMO / "follow_up" / "dicom"
+    common = ["batch", "--bundle", str(BUNDLE), "--workers", "0", "--quiet"]
+    assert main([*common, "--input", str(studies / "fu_baseline"), "--output", str(tmp_path / "january")]) == 0
+    assert main([*common, "--input", str(studies / "fu_follow_up"), "--output", str(tmp_path / "april"),
+                 "--prior", str(tmp_path / "january")]) == 0
+    (april,) = [json.loads(p.read_text()) for p in (tmp_path / "april").glob("*/record.json")]
+    comparison, same_run = april["comparison"], records["fu_follow_up"]["comparison"]
+    assert comparison["prior_case"] == records["fu_baseline"]["case_id"]
+    assert comparison["prior_output"] == str(tmp_path / "january" / comparison["prior_case"])
+    for field in ("volumes_ml", "lesion_count", "lesions", "gone", "interval_days"):
+        assert comparison[field] == same_run[field], field
+    assert main([*common, "--input", str(studies / "fu_follow_up"), "--output", str(tmp_path / "alone")]) == 0
+    (alone,) = [json.loads(p.read_text()) for p in (tmp_path / "alone").glob("*/record.json")]
+    assert alone["comparison"] is None
+    capsys.readouterr()
+    assert main([*common, "--input", str(studies), "--output", str(tmp_path / "x"), "--prior", str(tmp_path / "none")]) == 2
+    error = capsys.readouterr().err
+    assert f"--prior {tmp_path / 'none'}: not a folder" in error
+
+
+def test_the_report_with_changes_renders_in_chromium(one_run):
+    from tests.batch.test_report import _chromium, _order
+
+    out, _, records = one_run
+    dom, console = _chromium(out / "report.html", "#sort=tumor_change_ml:desc")
+    assert console == []
+    assert 'data-loaded="no"' not in dom and dom.count("<circle") == 4  # two studies, two labels
+    assert _order(dom)[0] == records["fu_follow_up"]["case_id"]  # the one with a change, empty cells last
