@@ -277,3 +277,26 @@ def test_an_error_inside_a_bundles_transforms_is_described_by_its_cause():
         Compose([Compose([Lambda(broken)])])({"image": 0})
     assert describe_error(caught.value) == "flair/IM0001.dcm: channel 't2f' cannot be aligned"
     assert describe_error(MemoryError("out of memory")) == "MemoryError: out of memory"
+
+
+def test_a_patients_studies_go_to_one_rank_in_date_order():
+    """Under torchrun every rank takes whole patients (studies compared with each other are
+    segmented by one rank, in turn); within a rank, studies are taken in date order, so a prior
+    study of the same run is finished before the later one is compared with it."""
+    from types import SimpleNamespace
+
+    from pipelines.batch.cases import Case
+    from pipelines.batch.runner import _chronological, _share
+    from pipelines.batch.sources import DicomSeriesSource, ImageFileSource
+
+    def study(case_id: str, patient: str, date: str) -> Case:
+        series = SimpleNamespace(first=SimpleNamespace(identifiers={"patient_id": patient, "study_date": date}))
+        return Case(case_id, {"image": DicomSeriesSource(series, f"/in/{case_id}")})
+
+    cases = [study("a", "P1", "20260301"), study("b", "P2", "20260101"), study("c", "P1", "20250101"),
+             Case("d", {"image": ImageFileSource("/in/d.nii.gz")}), study("e", "P3", "20260102"),
+             study("f", "P1", "20260201")]
+    shares = [[c.case_id for c in _share(cases, rank, 2)] for rank in range(2)]
+    assert shares == [["a", "c", "d", "f"], ["b", "e"]]  # patients P1, P2, (d), P3 dealt in turn
+    assert [c.case_id for c in _share(cases, 0, 1)] == list("abcdef")
+    assert [c.case_id for c in _chronological(cases)] == ["d", "c", "b", "e", "f", "a"]  # unknown dates first
