@@ -150,12 +150,55 @@ def find_studies(peer: DimsePeer, calling_aet: str, study_uids: Sequence[str] = 
         assoc.release()
 
 
+def _storage_contexts(classes: Sequence[str], limit: int = 127) -> list[tuple[str, list[str]]]:
+    """Presentation contexts to receive instances of ``classes``: for each class, one with the
+    uncompressed syntaxes, then one per compressed syntax this environment decodes (pydicom's
+    decoders), as many as ``limit`` (DICOM allows 128 contexts, one is the C-GET's) leaves room for.
+    An archive then sends each instance as it stores it (a JPEG 2000 file as JPEG 2000), where
+    uncompressed alone would make it decompress everything, or fail on what it cannot."""
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    def decodable(uid: str) -> bool:
+        try:
+            return get_decoder(uid).is_available
+        except NotImplementedError:
+            return False
+
+    compressed = [uid for uid in _AS_STORED if decodable(uid)]
+    contexts = [(c, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]) for c in classes[:limit]]
+    for uid in compressed:
+        for c in classes:
+            if len(contexts) >= limit:
+                return contexts
+            contexts.append((c, [uid]))
+    return contexts
+
+
+# compressed transfer syntaxes offered to receive instances as stored, the most common first
+_AS_STORED = (
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 lossless
+    "1.2.840.10008.1.2.4.70",  # JPEG lossless, first-order prediction
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.4.50",  # JPEG baseline
+    "1.2.840.10008.1.2.4.57",  # JPEG lossless
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS lossless
+    "1.2.840.10008.1.2.5",  # RLE lossless
+    "1.2.840.10008.1.2.4.51",  # JPEG extended
+    "1.2.840.10008.1.2.4.81",  # JPEG-LS near-lossless
+    "1.2.840.10008.1.2.4.201",  # HTJ2K lossless
+    "1.2.840.10008.1.2.4.203",  # HTJ2K
+    "1.2.840.10008.1.2.1.99",  # deflated explicit VR little endian
+    "1.2.840.10008.1.2.2",  # explicit VR big endian (retired)
+)
+
+
 def retrieve_study(peer: DimsePeer, calling_aet: str, study_uid: str, series_uids: Sequence[str],
                    folder: str | os.PathLike) -> Path:
     """Fetch the series of a study (C-GET, study root, series level) into ``folder`` (replaced), one
     file per instance. The storage contexts offered are the SOP classes the series hold (C-FIND at
-    image level), so any image type comes, in an uncompressed transfer syntax (the peer decompresses)."""
-    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+    image level), so any image type comes, each in the transfer syntax the archive stores it in when
+    this environment decodes it, uncompressed otherwise (:func:`_storage_contexts`)."""
     from pynetdicom import build_role, evt
     from pynetdicom.sop_class import (
         StudyRootQueryRetrieveInformationModelFind,
@@ -184,9 +227,9 @@ def retrieve_study(peer: DimsePeer, calling_aet: str, study_uid: str, series_uid
         received.append(str(dataset.SOPInstanceUID))
         return 0x0000
 
-    syntaxes = [ImplicitVRLittleEndian, ExplicitVRLittleEndian]
-    contexts = [(StudyRootQueryRetrieveInformationModelGet, None), *((c, syntaxes) for c in classes[:127])]
-    roles = [build_role(c, scp_role=True) for c in classes[:127]]
+    storage = _storage_contexts(classes)
+    contexts = [(StudyRootQueryRetrieveInformationModelGet, None), *storage]
+    roles = [build_role(c, scp_role=True) for c in dict.fromkeys(c for c, _ in storage)]
     assoc = _associate(peer, calling_aet, contexts, "C-GET", roles, [(evt.EVT_C_STORE, on_store)])
     try:
         for uid in series_uids:

@@ -216,3 +216,49 @@ def test_a_peer_refusing_the_association_fails_each_case_and_the_run_goes_on(tmp
     with pytest.raises(BatchInputError, match="--push alone stores"):
         run_batch(BUNDLE, tmp_path / "in", tmp_path / "out2", push=True)
     shutil.rmtree(tmp_path / "out2", ignore_errors=True)
+
+
+# one study's series fetched by retrieve_study, run in Orthanc's namespace
+_RETRIEVE = """
+import sys
+from pipelines.batch.dimse import DimsePeer, retrieve_study
+retrieve_study(DimsePeer.parse(sys.argv[1]), "CHECKER", sys.argv[2], [sys.argv[3]], sys.argv[4])
+"""
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory):
+    """Orthanc holding the shared data's real MR slice in eight transfer syntaxes (one series)."""
+    from tests.conftest import shared_data_dir
+
+    folder = shared_data_dir() / "dicom_transfer_syntaxes"
+    if not folder.is_dir():
+        pytest.skip(f"shared data absent: {folder}")
+    with servers.orthanc_dimse(tmp_path_factory.mktemp("archive"), [folder]) as (dicom, _, ns):
+        yield dicom, ns, folder
+
+
+def test_instances_come_as_the_archive_stores_them(archive, tmp_path):
+    """An archive of compressed images (JPEG 2000, JPEG lossless, JPEG-LS, RLE, big endian): each
+    instance arrives in its own transfer syntax, not decompressed by the archive, and decodes to
+    the pixels of the original file."""
+    dicom, ns, folder = archive
+    originals = {}
+    for path in sorted(folder.glob("*.dcm")):
+        dataset = pydicom.dcmread(path)
+        originals[str(dataset.SOPInstanceUID)] = dataset
+    first = next(iter(originals.values()))
+    ns.python(_RETRIEVE, dicom, str(first.StudyInstanceUID), str(first.SeriesInstanceUID), str(tmp_path / "got"),
+              timeout=120)
+    received = {str(d.SOPInstanceUID): d for d in map(pydicom.dcmread, sorted((tmp_path / "got").glob("*.dcm")))}
+    assert set(received) == set(originals)
+    syntaxes = {str(d.file_meta.TransferSyntaxUID) for d in originals.values()}
+    assert len(syntaxes) >= 7  # what the check covers: uncompressed, big endian and five compressions
+    little_endian = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}  # one context: either way uncompressed
+    for uid, original in originals.items():
+        stored, got = str(original.file_meta.TransferSyntaxUID), received[uid]
+        if stored in little_endian:
+            assert str(got.file_meta.TransferSyntaxUID) in little_endian
+        else:
+            assert got.file_meta.TransferSyntaxUID == stored, original.file_meta.TransferSyntaxUID.name
+        assert np.array_equal(got.pixel_array, original.pixel_array)
