@@ -126,15 +126,17 @@ class PriorIndex:
     _studies: dict[str, list[_Study]] = field(default_factory=dict)
     _seen: set[Path] = field(default_factory=set)
     _patient_of: dict[Path, str] = field(default_factory=dict)
+    _pending: set[Path] = field(default_factory=set)
+    _listed: int | None = None
     _read_folders: bool = False
 
     def add(self, case_dir: Path, record: Mapping) -> None:
         """Take a finished case (its record replaces what was known of its folder)."""
-        here = case_dir.resolve()
+        here = Path(case_dir)  # as the run names it: <folder>/<case id>, no resolving (one look per case)
         self._seen.add(here)
         known = self._patient_of.pop(here, None)
         if known is not None:
-            self._studies[known] = [s for s in self._studies[known] if s.case_dir.resolve() != here]
+            self._studies[known] = [s for s in self._studies[known] if s.case_dir != here]
         study = record.get("study")
         same_bundle = self.bundle is None or (record.get("model") or {}).get("name") == self.bundle
         if record.get("status") == "ok" and study and same_bundle and ANATOMY_FILE in record.get("outputs", ()):
@@ -149,13 +151,31 @@ class PriorIndex:
             logger.warning("prior studies: cannot read %s: %s", folder, exc.strerror or exc)
             return
         for case_dir in entries:
-            if case_dir.resolve() in self._seen:
-                continue
-            try:
-                record = json.loads((case_dir / "record.json").read_text())
-            except (OSError, ValueError):
-                continue  # not finished (yet)
-            self.add(case_dir, record)
+            if case_dir not in self._seen:
+                self._read(case_dir)
+
+    def _read(self, case_dir: Path) -> None:
+        try:
+            record = json.loads((case_dir / "record.json").read_text())
+        except (OSError, ValueError):
+            self._pending.add(case_dir)  # not finished (yet): looked at again
+            return
+        self._pending.discard(case_dir)
+        self.add(case_dir, record)
+
+    def _scan_output(self) -> None:
+        """Cases of the run's folder finished since the last look (another rank's): the folder is
+        listed again only when a case folder was made in it, else the unfinished ones are read again."""
+        try:
+            changed = os.stat(self.output).st_mtime_ns
+        except OSError:
+            return
+        if changed != self._listed:
+            self._listed = changed
+            self._scan(self.output)
+        else:
+            for case_dir in list(self._pending):
+                self._read(case_dir)
 
     def prior(self, study: Mapping, case_dir: Path) -> tuple[Path, dict] | None:
         """The latest study of ``study``'s patient before its day, other than ``case_dir``'s."""
@@ -163,10 +183,10 @@ class PriorIndex:
             for folder in self.folders:
                 self._scan(Path(folder))
             self._read_folders = True
-        self._scan(self.output)
-        here = case_dir.resolve()
+        self._scan_output()
+        here = Path(case_dir)
         earlier = [s for s in self._studies.get(study["patient"], ())
-                   if s.day < int(study["day"]) and s.case_dir.resolve() != here
+                   if s.day < int(study["day"]) and s.case_dir != here
                    and all((s.case_dir / name).is_file() for name in (ANATOMY_FILE, "mask.nii.gz"))]
         if not earlier:
             return None

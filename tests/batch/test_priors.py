@@ -170,6 +170,15 @@ def test_the_index_finds_the_latest_earlier_study_of_the_patient(tmp_path, patie
     records["new"] = _study(run / "new", patient.baseline, 60, "new")
     (run / "new" / "record.json").write_text(json.dumps(records["new"]))
     assert index.prior({"patient": "p", "day": 70}, run / "y")[1]["case_id"] == "new"
+    # a case folder made before its record is written (another rank at work): read when it is
+    (run / "late").mkdir()
+    assert index.prior({"patient": "p", "day": 70}, run / "y")[1]["case_id"] == "new"
+    late = _study(tmp_path / "elsewhere", patient.baseline, 65, "late")  # the run's folder is not touched
+    for name in ("mask.nii.gz", ANATOMY_FILE):
+        (tmp_path / "elsewhere" / name).rename(run / "late" / name)
+    (run / "late" / "record.json").write_text(json.dumps(late))
+    assert index.prior({"patient": "p", "day": 70}, run / "y")[1]["case_id"] == "late"
+    index.add(run / "late", {**late, "status": "failed"})
     # a failed study or one without its anatomy is not a prior
     index.add(run / "new", {**records["new"], "status": "failed"})
     assert index.prior({"patient": "p", "day": 70}, run / "y")[1]["case_id"] == "same_day"
