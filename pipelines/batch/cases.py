@@ -55,6 +55,8 @@ class Case:
         error: why the case cannot be read, or None.
         warnings: what pydicom warned of while reading the case's files (they can name the files,
             so they go to the case's record, not to the log).
+        identifiers: ``patient_id`` and ``study_date`` a manifest entry gives (its ``patient`` and
+            ``study_date``), for image files, which carry none; DICOM headers' own take precedence.
     """
 
     case_id: str
@@ -64,6 +66,7 @@ class Case:
     label: str | None = None
     error: str | None = None
     warnings: list[str] = field(default_factory=list)
+    identifiers: dict = field(default_factory=dict, repr=False)  # patient and date: never logged
 
     @property
     def kind(self) -> str:
@@ -409,7 +412,9 @@ def _from_manifest(path: Path, section: str, dataset_dir, image_key: str | None,
         first = Path(entry["image"]) if single else None
         unnamed = pseudonym(os.path.relpath(first, base) if single else f"{section}/{index}")
         case_id = str(entry.get("case_id") or unnamed)
-        case = Case(case_id=case_id, path=str(first or path), label=entry.get("label"))
+        identifiers = {name: str(entry[field]) for name, field in (("patient_id", "patient"), ("study_date", "study_date"))
+                       if entry.get(field)}
+        case = Case(case_id=case_id, path=str(first or path), label=entry.get("label"), identifiers=identifiers)
         try:
             paths = {next(iter(inputs)): first} if single else {
                 k: _input_path(raw[section][index], k, key, base, path) for k in inputs}

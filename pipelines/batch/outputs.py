@@ -277,7 +277,8 @@ class MeasuresOutput(Output):
 
 class ComparisonOutput(Output):
     """The change since the prior study (:mod:`pipelines.batch.priors`), for a volume from DICOM
-    input with a PatientID and a StudyDate: ``study`` in the record (the patient and study as keyed
+    input with a PatientID and a StudyDate, or from a manifest entry with ``patient`` and
+    ``study_date`` (``YYYYMMDD``): ``study`` in the record (the patient and study as keyed
     hashes, the shifted day), ``anatomy.nii.gz`` (the reference image at about 2 mm, for later
     studies), and ``comparison`` with the latest earlier study of the patient among the run's
     finished cases and the ``prior`` output folders (None when there is none). Follows
@@ -307,7 +308,10 @@ class ComparisonOutput(Output):
             return
         if self._salt is None:
             self._salt = site_salt()
-        identity = study_identity(meta.get("identifiers") or {}, str(meta.get("study_instance_uid") or ""), self._salt)
+        identifiers, study_uid = meta.get("identifiers") or {}, str(meta.get("study_instance_uid") or "")
+        if not identifiers.get("patient_id"):  # an image file: what its manifest entry says, if anything
+            identifiers, study_uid = out.case.identifiers, out.case.case_id
+        identity = study_identity(identifiers, study_uid, self._salt)
         if identity is None:
             return
         out.record["study"] = identity

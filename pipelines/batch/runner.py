@@ -326,12 +326,13 @@ def _record_failure(plan: _Plan, case: Case, error: str, timings: Mapping | None
 
 
 def _identifiers(case: Case) -> dict:
-    """The patient and study identifiers of a case's first DICOM series found on disk ({} otherwise)."""
+    """The patient and study identifiers of a case's first DICOM series found on disk, else those
+    its manifest entry gives ({} without either)."""
     for source in case.sources.values():
         series = getattr(source, "series", None)
         if series is not None:
             return dict(series.first.identifiers)
-    return {}
+    return dict(case.identifiers)
 
 
 def _share(cases: list[Case], rank: int, world: int) -> list[Case]:

@@ -97,9 +97,11 @@ def load_manifest(
     (a DICOM study folder), that path for every channel, whose series a bundle's rules pick. A case
     lacking a channel is an error naming the manifest, the case and the channel.
     """
-    if section not in SECTIONS:
-        raise ValueError(f"`section` must be one of {SECTIONS}, got {section!r}")
     manifest = read_manifest(path)
+    if section not in SECTIONS and not isinstance(manifest.get(section), list):
+        others = [k for k, v in manifest.items() if isinstance(v, list) and k not in SECTIONS]
+        raise ValueError(f"`section` must be one of {SECTIONS}" + (f" or of this manifest's {others}" if others else "")
+                         + f", got {section!r}")
     cases = []
     for index, case in enumerate(manifest.get(section, [])):
         entry = dict(case)

@@ -159,3 +159,22 @@ def test_the_report_with_changes_renders_in_chromium(one_run):
     assert console == []
     assert 'data-loaded="no"' not in dom and dom.count("<circle") == 4  # two studies, two labels
     assert _order(dom)[0] == records["fu_follow_up"]["case_id"]  # the one with a change, empty cells last
+
+
+def test_nifti_studies_compared_by_their_manifest_entries(one_run, tmp_path):
+    """Image files carry no patient: a manifest entry's ``patient`` and ``study_date`` stand in, so
+    a research data set of NIfTI files gets the same comparison as the DICOM studies (and the Dice)."""
+    _, _, records = one_run
+    summary = run_batch(BUNDLE, MANIFEST, tmp_path / "out", section="follow_up", dataset_dir=DEMO,
+                        image_key="image", workers=0)
+    assert summary.done == 2
+    by_id = {p.parent.name: json.loads(p.read_text()) for p in (tmp_path / "out").glob("*/record.json")}
+    assert set(by_id) == {"fu_baseline", "fu_follow_up"} and by_id["fu_baseline"]["comparison"] is None
+    comparison, from_dicom = by_id["fu_follow_up"]["comparison"], records["fu_follow_up"]["comparison"]
+    assert comparison["prior_case"] == "fu_baseline" and comparison["interval_days"] == 91
+    assert [lesion["status"] for lesion in comparison["lesions"]] == [l["status"] for l in from_dicom["lesions"]]
+    for lesion, dicom in zip(comparison["lesions"], from_dicom["lesions"]):
+        assert lesion["change_ml"] == pytest.approx(dicom["change_ml"], rel=0.02)  # the same images, other files
+    assert by_id["fu_follow_up"]["dice"]["tumor"] > 0.9
+    texts = [p.read_text() for p in (tmp_path / "out").glob("*/record.json")]
+    assert not any("DEMO-FU-001" in text or "20260406" in text for text in texts)

@@ -90,6 +90,11 @@ def test_load_manifest_gives_absolute_paths(dataset, tmp_path):
     assert cases[0]["image"] == str(dataset / "images" / "case_d.nii.gz") and cases[0]["case_id"] == "case_d"
     with pytest.raises(ValueError, match="`section` must be one of"):
         load_manifest(tmp_path / "m.json", "train", dataset)
+    # a section of the manifest's own (the demo's follow_up) loads like the others, and is named
+    (tmp_path / "m2.json").write_text(json.dumps({**manifest, "follow_up": manifest["training"][:1]}))
+    assert load_manifest(tmp_path / "m2.json", "follow_up", dataset) == cases[:1]
+    with pytest.raises(ValueError, match=r"or of this manifest's \['follow_up'\], got 'followup'"):
+        load_manifest(tmp_path / "m2.json", "followup", dataset)
 
 
 def test_broken_manifests_name_the_file(tmp_path):
