@@ -183,7 +183,7 @@ class DicomSrOutput(Output):
 
     def _comparison(self, comparison: Mapping | None):
         """The record's ``comparison`` as :class:`~pipelines.io.dicom_sr.Comparison`, or None."""
-        if not comparison:
+        if not comparison or "error" in comparison:
             return None
         from pipelines.io.dicom_sr import Change, Comparison
 
@@ -281,8 +281,9 @@ class ComparisonOutput(Output):
     ``study_date`` (``YYYYMMDD``): ``study`` in the record (the patient and study as keyed
     hashes, the shifted day), ``anatomy.nii.gz`` (the reference image at about 2 mm, for later
     studies), and ``comparison`` with the latest earlier study of the patient among the run's
-    finished cases and the ``prior`` output folders (None when there is none). Follows
-    :class:`MeasuresOutput` (its lesions); the SR and the report show it.
+    finished cases and the ``prior`` output folders (None when there is none; ``{prior_case,
+    prior_output, error}`` when the prior's files cannot be compared: the case itself stays ok).
+    Follows :class:`MeasuresOutput` (its lesions); the SR and the report show it.
 
     Args:
         output: the run's output folder.
@@ -318,9 +319,20 @@ class ComparisonOutput(Output):
         write_anatomy(out.case_dir / ANATOMY_FILE, np.asarray(out.reference[0]), out.affine)
         out.files.append(ANATOMY_FILE)
         found = self.index.prior(identity, out.case_dir)
-        out.record["comparison"] = None if found is None else compare_with_prior(
-            out.labels, out.affine, out.lesions, out.record, out.case_dir / ANATOMY_FILE, *found,
-            self.lesion_labels, self.regions)
+        if found is None:
+            out.record["comparison"] = None
+            return
+        try:
+            out.record["comparison"] = compare_with_prior(
+                out.labels, out.affine, out.lesions, out.record, out.case_dir / ANATOMY_FILE, *found,
+                self.lesion_labels, self.regions)
+        except Exception as exc:  # noqa: BLE001 - a damaged prior must not fail this study's segmentation
+            from pipelines.batch.loading import describe_error
+
+            logger.warning("%s: no comparison with prior case %s; the reason is in its record",
+                           out.case.case_id, found[1].get("case_id"))
+            out.record["comparison"] = {"prior_case": found[1].get("case_id"), "prior_output": str(found[0]),
+                                        "error": describe_error(exc)}
 
     def finished(self, case_dir: Path, record: Mapping) -> None:
         self.index.add(case_dir, record)

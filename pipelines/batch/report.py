@@ -65,6 +65,8 @@ def _row(record: dict, names: dict[str, list[str]]) -> dict:
     if comparison:  # the change since the prior study (pipelines.batch.priors)
         row["prior_case"] = comparison.get("prior_case", "")
         row["interval_days"] = comparison.get("interval_days", "")
+        if "error" in comparison:  # the prior's files could not be compared
+            row["comparison_error"] = comparison["error"]
         for field in ("volumes_ml", "regions_ml"):
             for name, change in (comparison.get(field) or {}).items():
                 row[f"{name}_change_ml"] = change.get("change_ml", "")
@@ -236,7 +238,7 @@ def _timelines(records: list[dict]) -> dict[str, list[tuple[int, str, dict]]]:
         points = found.setdefault(study["patient"], {})
         points[int(study["day"])] = (int(study["day"]), str(record.get("case_id")), dict(record.get("volumes_ml") or {}))
         comparison = record.get("comparison")
-        if comparison:
+        if comparison and "interval_days" in comparison:
             day = int(study["day"]) - int(comparison["interval_days"])
             volumes = {name: change["prior_ml"] for name, change in (comparison.get("volumes_ml") or {}).items()}
             points.setdefault(day, (day, str(comparison.get("prior_case")), volumes))

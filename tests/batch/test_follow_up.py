@@ -178,3 +178,28 @@ def test_nifti_studies_compared_by_their_manifest_entries(one_run, tmp_path):
     assert by_id["fu_follow_up"]["dice"]["tumor"] > 0.9
     texts = [p.read_text() for p in (tmp_path / "out").glob("*/record.json")]
     assert not any("DEMO-FU-001" in text or "20260406" in text for text in texts)
+
+
+def test_a_damaged_prior_leaves_the_study_segmented_and_says_why(one_run, tmp_path):
+    """The prior's anatomy was damaged on disk: the follow-up is segmented and reported as usual,
+    its comparison names the file and what is wrong, and its SR has no comparison."""
+    import shutil
+
+    import highdicom as hd
+
+    out, _, records = one_run
+    prior = tmp_path / "prior"
+    baseline = records["fu_baseline"]["case_id"]
+    shutil.copytree(out / baseline, prior / baseline)
+    (prior / baseline / "anatomy.nii.gz").write_bytes(b"\x1f\x8b not a NIfTI any more")
+    summary = run_batch(BUNDLE, DEMO / "follow_up" / "dicom" / "fu_follow_up", tmp_path / "out", workers=0,
+                        prior=[prior])
+    assert summary.done == 1 and summary.failed == []
+    (record,) = [json.loads(p.read_text()) for p in (tmp_path / "out").glob("*/record.json")]
+    assert record["status"] == "ok" and record["comparison"]["prior_case"] == baseline
+    assert "anatomy.nii.gz" in record["comparison"]["error"] and "lesions" not in record["comparison"]
+    report = hd.sr.srread(tmp_path / "out" / record["case_id"] / "sr.dcm").content
+    names = {m.name.meaning for g in report.get_volumetric_roi_measurement_groups() for m in g.get_measurements()}
+    assert "Volume" in names and "Volume change since prior study" not in names
+    row = next(csv.DictReader((tmp_path / "out" / "report.csv").open()))
+    assert row["prior_case"] == baseline and "anatomy.nii.gz" in row["comparison_error"]
