@@ -213,7 +213,8 @@ def _add_batch_command(commands) -> None:
         help="segment many studies with a bundle: masks, DICOM SEG, volumes, QC pictures, reports",
         description="Run a bundle over a folder tree of DICOM studies and/or NIfTI files, a manifest, or a "
         "DICOMweb server. Writes <output>/<case_id>/{mask.nii.gz,seg.dcm,sr.dcm,qc.png,qc_thumbnail.png,record.json} and "
-        "<output>/report.{csv,html}. Rerunning skips complete cases. Exit code 0 unless every case "
+        "<output>/report.{csv,html}; a study with a PatientID and StudyDate also anatomy.nii.gz, and the change since "
+        "the patient's prior study in this run or in --prior folders. Rerunning skips complete cases. Exit code 0 unless every case "
         "failed (or any, with --fail-on-error); 2 for unusable input or output, 3 when the output "
         "stopped taking writes mid-run (disk full, read-only, permission denied), 130 and 143 when "
         "stopped by SIGINT and SIGTERM (finished cases stay complete; rerun to resume). A bundle's "
