@@ -82,6 +82,13 @@ class CaseOutput:
         return self.reference.meta.get("source_format") == "picture"
 
 
+def _kept_tracking_uids(out: CaseOutput) -> dict:
+    """``{("lesion", number): UID}`` of the lesions matched to a prior study's, which keep its UID."""
+    comparison = out.record.get("comparison") or {}
+    return {("lesion", int(lesion["lesion"])): lesion["tracking_uid"]
+            for lesion in comparison.get("lesions") or () if lesion.get("tracking_uid")}
+
+
 def _uids(out: CaseOutput, name: str) -> tuple[str, str]:
     """Series and SOP instance UIDs of one DICOM output of a case, the same for the same input and
     run settings (the record's ``run_key``): stored again, it replaces its copy in an archive."""
@@ -132,7 +139,8 @@ class DicomSegOutput(Output):
     """``seg.dcm``: a DICOM SEG referencing the reference input's source series (DICOM input, and a
     bundle that declares ``dicom_seg_segments``): a segment per coded label, per region of several
     labels and per listed lesion (:func:`~pipelines.io.dicom_seg.write_dicom_seg`), tracking UIDs
-    from the input's hash. Follows :class:`MeasuresOutput` (its lesions)."""
+    from the input's hash, a lesion matched to a prior study's keeping that one's. Follows
+    :class:`MeasuresOutput` and :class:`ComparisonOutput`."""
 
     def __init__(self, segments, algorithm: str, version: str, regions: Mapping[str, Sequence[int]] | None = None) -> None:
         self.segments, self.algorithm, self.version = segments, algorithm, version
@@ -149,7 +157,8 @@ class DicomSegOutput(Output):
         lesions = None if out.lesions is None else (out.lesions[0], len(out.record.get("lesions") or ()))
         write_dicom_seg(out.labels[None], out.reference.meta, self.segments, out.case_dir / "seg.dcm",
                         algorithm_name=self.algorithm, algorithm_version=self.version, omit_empty_frames=True,
-                        regions=regions, lesions=lesions, tracking_key=out.case.input_hash, uids=_uids(out, "seg"))
+                        regions=regions, lesions=lesions, tracking_key=out.case.input_hash, uids=_uids(out, "seg"),
+                        tracking_uids=_kept_tracking_uids(out))
         out.files.append("seg.dcm")
 
 
@@ -178,7 +187,7 @@ class DicomSrOutput(Output):
         )
         write_measurement_report(out.case_dir / "sr.dcm", out.case_dir / "seg.dcm", measures, self.algorithm,
                                  self.version, self.weights_sha256, tracking_key=out.case.input_hash,
-                                 uids=_uids(out, "sr"))
+                                 uids=_uids(out, "sr"), tracking_uids=_kept_tracking_uids(out))
         out.files.append("sr.dcm")
 
     def _comparison(self, comparison: Mapping | None):

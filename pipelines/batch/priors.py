@@ -140,7 +140,10 @@ class PriorIndex:
         study = record.get("study")
         same_bundle = self.bundle is None or (record.get("model") or {}).get("name") == self.bundle
         if record.get("status") == "ok" and study and same_bundle and ANATOMY_FILE in record.get("outputs", ()):
-            kept = {key: record.get(key) for key in ("case_id", "study", "volumes_ml", "regions_ml", "finished")}
+            kept = {key: record.get(key) for key in ("case_id", "study", "volumes_ml", "regions_ml", "finished", "input_hash")}
+            kept["lesion_uids"] = {int(lesion["lesion"]): lesion["tracking_uid"]
+                                   for lesion in (record.get("comparison") or {}).get("lesions") or ()
+                                   if lesion.get("tracking_uid")}
             self._studies.setdefault(study["patient"], []).append(_Study(int(study["day"]), case_dir, kept))
             self._patient_of[here] = study["patient"]
 
@@ -194,6 +197,18 @@ class PriorIndex:
         return latest.case_dir, latest.record
 
 
+def _lesion_uid(record: Mapping, number: int) -> str | None:
+    """The tracking UID of lesion ``number`` of a study's record: the one it kept from its own prior
+    study, else its own (:func:`pipelines.io.dicom_seg.tracking_uid` of its input hash); None for a
+    record without an input hash."""
+    from pipelines.io.dicom_seg import tracking_uid
+
+    kept = (record.get("lesion_uids") or {}).get(number)
+    if kept:
+        return kept
+    return tracking_uid(record["input_hash"], "lesion", number) if record.get("input_hash") else None
+
+
 def _voxel_ml(affine: np.ndarray) -> float:
     return abs(float(np.linalg.det(np.asarray(affine, np.float64)[:3, :3]))) / 1000.0
 
@@ -244,7 +259,8 @@ def compare_with_prior(
         gone}``, ``lesions`` (per listed lesion of the case: ``status`` "new" or "matched",
         ``prior_lesions`` (numbers in the prior), volumes and change: a lesion that merged several
         of the prior's is compared with their sum, and a prior lesion that split counts for each
-        part) and ``gone`` (the prior's lesions that no lesion of the case overlaps, with their
+        part; a lesion matched one to one also ``tracking_uid``, the prior lesion's, which its SEG
+        segment and SR group keep) and ``gone`` (the prior's lesions that no lesion of the case overlaps, with their
         volumes).
     """
     from pipelines.batch.measures import lesion_map
@@ -266,10 +282,15 @@ def compare_with_prior(
     matched_prior = {int(j) for j in pairs[1]}
     now_sizes = np.bincount(now_map.ravel(), minlength=now_count + 1) * _voxel_ml(affine)
     listed = []
-    for number, lesion in enumerate(record.get("lesions") or (), start=1):
+    for number, _ in enumerate(record.get("lesions") or (), start=1):
         before = sorted(int(j) for j in pairs[1][pairs[0] == number])
         entry = {"lesion": number, "status": "matched" if before else "new", "prior_lesions": before,
                  **_change(float(prior_sizes[before].sum()), float(now_sizes[number]))}
+        heirs = np.unique(pairs[0][pairs[1] == before[0]]) if len(before) == 1 else ()
+        if len(heirs) == 1:  # one prior lesion, become this one alone: the same finding, its tracking UID
+            uid = _lesion_uid(prior_record, before[0])
+            if uid:
+                entry["tracking_uid"] = uid
         listed.append(entry)
     new = sum(1 for i in range(1, now_count + 1) if not np.any(pairs[0] == i))
     gone = [{"prior_lesion": j, "prior_ml": round(float(prior_sizes[j]), 3)}

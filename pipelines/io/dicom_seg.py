@@ -109,6 +109,7 @@ def write_dicom_seg(
     lesions: tuple[np.ndarray, int] | None = None,
     tracking_key: str | None = None,
     uids: tuple[str, str] | None = None,
+    tracking_uids: Mapping[tuple[str, object], str] | None = None,
 ) -> Path:
     """Write ``labels`` as a BINARY DICOM SEG referencing the source series described by ``meta``.
 
@@ -127,6 +128,9 @@ def write_dicom_seg(
         lesions: a lesion map on the grid of ``labels`` (:func:`pipelines.batch.measures.lesion_map`)
             and how many of its lesions to write as segments (``"lesion 1"`` upwards), last.
         tracking_key: makes the segments' tracking UIDs (:func:`tracking_uid`); None: random ones.
+        tracking_uids: tracking UIDs that segments keep from elsewhere, by ``("lesion", number)``
+            (``("label", value)``, ``("region", name)``): a lesion matched to a prior study's keeps
+            that one's, so a reporting system follows it across studies.
         uids: the SEG's series and SOP instance UIDs (the same for the same input and settings, so
             that storing it again does not make a second copy in an archive); None: new ones.
 
@@ -175,7 +179,8 @@ def write_dicom_seg(
             segmented_property_type=hd.sr.CodedConcept(*kind),
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algorithm,
-            tracking_uid=hd.UID() if tracking_key is None else tracking_uid(tracking_key, what, ident),
+            tracking_uid=(tracking_uids or {}).get((what, ident))
+            or (hd.UID() if tracking_key is None else tracking_uid(tracking_key, what, ident)),
             tracking_id=name,
             display_color=hd.color.CIELabColor.from_rgb(*colours[ident]) if what == "label" and ident in colours else None,
         )

@@ -10,7 +10,8 @@ version and weights hash.
 
 Each group's tracking identifier is the segment's name and its tracking UID the segment's, derived
 from the input's hash (:func:`pipelines.io.dicom_seg.tracking_uid`): a rerun on the same input
-gives the same UIDs, so a reporting system that follows a finding by its UID sees one finding.
+gives the same UIDs, so a reporting system that follows a finding by its UID sees one finding; a
+lesion matched to one of the prior study's keeps that lesion's UID, so it is one finding across studies.
 
 With a comparison to the patient's prior study (:mod:`pipelines.batch.priors`), each label, region
 and lesion group also holds its volume change since the prior in mL and in percent, each lesion
@@ -104,6 +105,7 @@ def write_measurement_report(
     series_number: int = 901,
     manufacturer: str = "unet-pipelines",
     uids: tuple[str, str] | None = None,
+    tracking_uids: Mapping[tuple[str, object], str] | None = None,
 ) -> Path:
     """Write the TID 1500 measurement report of a case whose DICOM SEG is ``seg_path``.
 
@@ -115,6 +117,9 @@ def write_measurement_report(
         algorithm_name, algorithm_version, weights_sha256: what computed them.
         tracking_key: the input's hash (the SEG's ``tracking_key``).
         uids: the report's series and SOP instance UIDs; None: new ones.
+        tracking_uids: the tracking UIDs the SEG's segments keep from elsewhere (the same mapping
+            as :func:`~pipelines.io.dicom_seg.write_dicom_seg`'s: a lesion matched to a prior
+            study's keeps its UID).
 
     Returns:
         ``path``.
@@ -154,7 +159,7 @@ def write_measurement_report(
     def measured(kind: str, ident, measurements: list, region: str | None = None, evaluations: list | None = None):
         """The group measuring segment ``kind`` ``ident``; tracked as ``region`` when given (a region
         of one label: that label's segment, a finding of its own)."""
-        uid = tracking_uid(tracking_key, kind, ident)
+        uid = (tracking_uids or {}).get((kind, ident)) or tracking_uid(tracking_key, kind, ident)
         if uid not in by_uid:
             raise ValueError(f"{seg_path}: no segment for {kind} {ident!r} (tracking UID {uid}); "
                              f"the SEG must be written with the same tracking key")

@@ -10,6 +10,7 @@ import logging
 
 import nibabel as nib
 import numpy as np
+import pydicom
 import pytest
 
 from pipelines.batch import run_batch
@@ -203,3 +204,25 @@ def test_a_damaged_prior_leaves_the_study_segmented_and_says_why(one_run, tmp_pa
     assert "Volume" in names and "Volume change since prior study" not in names
     row = next(csv.DictReader((tmp_path / "out" / "report.csv").open()))
     assert row["prior_case"] == baseline and "anatomy.nii.gz" in row["comparison_error"]
+
+
+def test_the_grown_lesion_keeps_its_tracking_uid_across_studies(one_run):
+    """TID 1500's tracking UID follows a finding over time: the follow-up's lesion matched to the
+    baseline's keeps that lesion's UID in its SEG segment and SR group; the new lesion has its own."""
+    import highdicom as hd
+
+    out, _, records = one_run
+
+    def sr_uids(record: dict) -> dict[str, str]:
+        report = hd.sr.srread(out / record["case_id"] / "sr.dcm").content
+        return {g.tracking_identifier: str(g.tracking_uid) for g in report.get_volumetric_roi_measurement_groups()}
+
+    baseline, follow_up = sr_uids(records["fu_baseline"]), sr_uids(records["fu_follow_up"])
+    lesions = records["fu_follow_up"]["comparison"]["lesions"]
+    grown = next(lesion for lesion in lesions if lesion["status"] == "matched")
+    new = next(lesion for lesion in lesions if lesion["status"] == "new")
+    assert grown["tracking_uid"] == baseline["lesion 1"] == follow_up[f"lesion {grown['lesion']}"]
+    assert "tracking_uid" not in new and follow_up[f"lesion {new['lesion']}"] not in baseline.values()
+    seg = pydicom.dcmread(out / records["fu_follow_up"]["case_id"] / "seg.dcm")
+    by_label = {s.SegmentLabel: str(s.TrackingUID) for s in seg.SegmentSequence}
+    assert by_label[f"lesion {grown['lesion']}"] == baseline["lesion 1"]

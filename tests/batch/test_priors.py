@@ -191,3 +191,21 @@ def test_the_index_finds_the_latest_earlier_study_of_the_patient(tmp_path, patie
     tumor = PriorIndex(run, [prior_run], bundle="unet3d_tumor")
     assert tumor.prior({"patient": "p", "day": 50}, run / "same_day")[1]["case_id"] == "older"
     assert load_volume(prior_run / "old" / ANATOMY_FILE).shape[0] == 1
+
+
+def test_a_matched_lesion_takes_the_tracking_uid_its_prior_carried(tmp_path, patient):
+    """Tracking UIDs chain over studies: a lesion takes its prior's own UID (from the prior's input
+    hash), or the one the prior kept from its own prior; a record without input hash gives none."""
+    from pipelines.batch.priors import _lesion_uid
+    from pipelines.io.dicom_seg import tracking_uid
+
+    assert _lesion_uid({"input_hash": "h1"}, 2) == tracking_uid("h1", "lesion", 2)
+    assert _lesion_uid({"input_hash": "h1", "lesion_uids": {2: "1.2.3"}}, 2) == "1.2.3"
+    assert _lesion_uid({}, 1) is None
+    now = _study(tmp_path / "now", patient.follow_up, 100, "now")
+    before = _study(tmp_path / "before", patient.baseline, 9, "before")
+    comparison = compare_with_prior(patient.follow_up.label, patient.follow_up.affine,
+                                    lesion_map(patient.follow_up.label, [1]), now, tmp_path / "now" / ANATOMY_FILE,
+                                    tmp_path / "before", {**before, "input_hash": "b", "lesion_uids": {1: "9.8.7"}}, [1])
+    uids = {lesion["status"]: lesion.get("tracking_uid") for lesion in comparison["lesions"]}
+    assert uids == {"matched": "9.8.7", "new": None}
