@@ -91,10 +91,15 @@ def _kept_tracking_uids(out: CaseOutput) -> dict:
 
 def _uids(out: CaseOutput, name: str) -> tuple[str, str]:
     """Series and SOP instance UIDs of one DICOM output of a case, the same for the same input and
-    run settings (the record's ``run_key``): stored again, it replaces its copy in an archive."""
+    run settings (the record's ``run_key``) and the same prior study compared with: stored again, it
+    replaces its copy in an archive; written with another content (a prior found since), it is
+    another instance."""
     from pydicom.uid import generate_uid
 
     key = [out.case.input_hash, str(out.record.get("run_key")), name]
+    prior = (out.record.get("comparison") or {}).get("prior_case")
+    if prior:  # the comparison is part of the content (none: the UIDs of before comparisons existed)
+        key.append(f"prior {prior}")
     return generate_uid(entropy_srcs=[*key, "series"]), generate_uid(entropy_srcs=[*key, "instance"])
 
 

@@ -226,3 +226,19 @@ def test_the_grown_lesion_keeps_its_tracking_uid_across_studies(one_run):
     seg = pydicom.dcmread(out / records["fu_follow_up"]["case_id"] / "seg.dcm")
     by_label = {s.SegmentLabel: str(s.TrackingUID) for s in seg.SegmentSequence}
     assert by_label[f"lesion {grown['lesion']}"] == baseline["lesion 1"]
+
+
+def test_a_study_compared_with_a_prior_is_another_instance(one_run, tmp_path):
+    """The same follow-up written without a prior and with one holds other content: its SEG and SR
+    get other SOP instance UIDs (an archive must not take them for the same instance); written
+    again with the same prior, the same UIDs (one copy in the archive)."""
+    out, _, records = one_run
+    alone = tmp_path / "alone"
+    assert run_batch(BUNDLE, DEMO / "follow_up" / "dicom" / "fu_follow_up", alone, workers=0).done == 1
+    case = records["fu_follow_up"]["case_id"]
+    again = tmp_path / "again"
+    assert run_batch(BUNDLE, DEMO / "follow_up" / "dicom" / "fu_follow_up", again, workers=0, prior=[out]).done == 1
+    for name in ("seg.dcm", "sr.dcm"):
+        uids = [str(pydicom.dcmread(folder / case / name, stop_before_pixels=True).SOPInstanceUID)
+                for folder in (out, alone, again)]
+        assert uids[0] != uids[1] and uids[0] == uids[2], name
