@@ -81,6 +81,33 @@ def _grid(shape: tuple[int, int, int], affine: np.ndarray) -> np.ndarray:
     return world.reshape(3, *shape).astype(np.float32)
 
 
+def _centre(template: Template) -> np.ndarray:
+    """The centre of the template's grid, in mm."""
+    return template.affine[:3, :3] @ (np.array(template.t1.shape) / 2.0) + template.affine[:3, 3]
+
+
+def _scanner_grid(rng: np.random.Generator, template: Template, centre: np.ndarray):
+    """A random axial scanner grid over the head (in-plane spacing 2.0-2.6 mm, slices 2.5-3.5 mm),
+    centred on ``centre`` within 4 mm: ``(spacing, shape, affine, world coordinates)``."""
+    in_plane, slice_spacing = rng.uniform(2.0, 2.6), rng.uniform(2.5, 3.5)
+    spacing = np.array([in_plane, in_plane, slice_spacing])
+    extent = np.array(template.t1.shape) * np.abs(np.diag(template.affine)[:3])  # mm
+    shape = tuple(int(v) for v in np.ceil((extent * 0.92) / spacing))
+    affine = np.diag([*spacing, 1.0])
+    affine[:3, 3] = centre - spacing * (np.array(shape) - 1) / 2.0 + rng.uniform(-4, 4, size=3)
+    return spacing, shape, affine, _grid(shape, affine)
+
+
+def _sample(template: Template, source: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The template's T1 and tissue maps at the points ``source`` ``(3, X, Y, Z)`` (mm), and the brain
+    mask they give."""
+    inverse = np.linalg.inv(template.affine)
+    voxels = np.tensordot(inverse[:3, :3], source, axes=1) + inverse[:3, 3][:, None, None, None]
+    sample = {name: ndimage.map_coordinates(getattr(template, name), voxels, order=1, mode="constant", cval=0.0)
+              for name in ("t1", "gm", "wm")}
+    return sample, ndimage.binary_fill_holes((sample["gm"] + sample["wm"]) > 0.4)
+
+
 def _lesion(rng, world: np.ndarray, brain: np.ndarray, wm: np.ndarray, spacing: float):
     """Masks ``(tumor, edema, necrosis)`` of one lesion and its texture, on the output grid."""
     candidates = np.argwhere(ndimage.binary_erosion(wm > 0.5, iterations=max(1, int(12 / spacing))))
@@ -109,27 +136,15 @@ def make_case(template: Template, seed: int) -> SyntheticCase:
     covering the head with a margin; intensities are scanner-like units in 0-4095.
     """
     rng = np.random.default_rng(seed)
-    in_plane, slice_spacing = rng.uniform(2.0, 2.6), rng.uniform(2.5, 3.5)
-    spacing = np.array([in_plane, in_plane, slice_spacing])
-    extent = np.array(template.t1.shape) * np.abs(np.diag(template.affine)[:3])  # mm
-    shape = tuple(int(v) for v in np.ceil((extent * 0.92) / spacing))
-    centre_world = template.affine[:3, :3] @ (np.array(template.t1.shape) / 2.0) + template.affine[:3, 3]
-    affine = np.diag([*spacing, 1.0])
-    affine[:3, 3] = centre_world - spacing * (np.array(shape) - 1) / 2.0 + rng.uniform(-4, 4, size=3)
-    world = _grid(shape, affine)
+    centre_world = _centre(template)
+    spacing, shape, affine, world = _scanner_grid(rng, template, centre_world)
 
     # the anatomy seen through a random rotation, scaling and smooth deformation
     rotation = _rotation(np.deg2rad(rng.uniform(-8, 8, size=3))) * rng.uniform(0.92, 1.08)
     source = np.tensordot(rotation, world - centre_world[:, None, None, None], axes=1) + centre_world[:, None, None, None]
     for axis in range(3):
         source[axis] += 4.0 * _smooth_field(rng, shape, control=4)
-    inverse = np.linalg.inv(template.affine)
-    voxels = np.tensordot(inverse[:3, :3], source, axes=1) + inverse[:3, 3][:, None, None, None]
-    sample = {
-        name: ndimage.map_coordinates(getattr(template, name), voxels, order=1, mode="constant", cval=0.0)
-        for name in ("t1", "gm", "wm")
-    }
-    brain = ndimage.binary_fill_holes((sample["gm"] + sample["wm"]) > 0.4)
+    sample, brain = _sample(template, source)
 
     label = np.zeros(shape, dtype=np.uint8)
     image = sample["t1"].astype(np.float32)
@@ -183,7 +198,7 @@ def make_follow_up(template: Template, seed: int, growth: float = 1.2) -> Follow
     rim of edema; the follow-up sees the patient rotated by 3-5 degrees and moved 6-10 mm.
     """
     rng = np.random.default_rng(seed)
-    centre = template.affine[:3, :3] @ (np.array(template.t1.shape) / 2.0) + template.affine[:3, 3]
+    centre = _centre(template)
     anatomy = _rotation(np.deg2rad(rng.uniform(-8, 8, size=3))) * rng.uniform(0.95, 1.05)
     # lesion centres: deep white matter of the template, one per hemisphere, in the patient's frame
     wm = ndimage.binary_erosion(template.wm > 0.5, iterations=14)
@@ -209,21 +224,11 @@ def make_follow_up(template: Template, seed: int, growth: float = 1.2) -> Follow
 def _visit(template: Template, rng, centre: np.ndarray, anatomy: np.ndarray, pose: np.ndarray,
            lesions: list) -> tuple[SyntheticCase, np.ndarray]:
     """One study of :func:`make_follow_up`: the case and its lesions numbered in order."""
-    in_plane, slice_spacing = rng.uniform(2.0, 2.6), rng.uniform(2.5, 3.5)
-    spacing = np.array([in_plane, in_plane, slice_spacing])
-    extent = np.array(template.t1.shape) * np.abs(np.diag(template.affine)[:3])
-    shape = tuple(int(v) for v in np.ceil((extent * 0.92) / spacing))
-    affine = np.diag([*spacing, 1.0])
-    affine[:3, 3] = centre - spacing * (np.array(shape) - 1) / 2.0 + rng.uniform(-4, 4, size=3)
-    world = _grid(shape, affine)
+    _, shape, affine, world = _scanner_grid(rng, template, centre)
     inverse_pose = np.linalg.inv(pose)  # scanner point -> the patient's point (baseline coordinates)
     patient = np.tensordot(inverse_pose[:3, :3], world, axes=1) + inverse_pose[:3, 3][:, None, None, None]
     source = np.tensordot(anatomy, patient - centre[:, None, None, None], axes=1) + centre[:, None, None, None]
-    inverse = np.linalg.inv(template.affine)
-    voxels = np.tensordot(inverse[:3, :3], source, axes=1) + inverse[:3, 3][:, None, None, None]
-    sample = {name: ndimage.map_coordinates(getattr(template, name), voxels, order=1, mode="constant", cval=0.0)
-              for name in ("t1", "gm", "wm")}
-    brain = ndimage.binary_fill_holes((sample["gm"] + sample["wm"]) > 0.4)
+    sample, brain = _sample(template, source)
     label = np.zeros(shape, dtype=np.uint8)
     numbered = np.zeros(shape, dtype=np.uint8)
     image = sample["t1"].astype(np.float32)
