@@ -7,10 +7,12 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["dice_scores", "lesion_map", "lesion_measurements", "max_diameter_mm", "region_volumes", "section_measurements"]
+__all__ = ["dice_scores", "lesion_map", "lesion_measurements", "max_diameter_mm", "region_volumes", "section_measurements",
+           "voxel_ml"]
 
 
-def _voxel_ml(affine) -> float:
+def voxel_ml(affine) -> float:
+    """The volume of one voxel of a grid with RAS ``affine`` (mm), in mL."""
     return abs(float(np.linalg.det(np.asarray(affine, float)[:3, :3]))) / 1000.0
 
 
@@ -77,9 +79,9 @@ def lesion_measurements(labels: np.ndarray, affine, names: Mapping[int, str],
     from scipy import ndimage
 
     labels = np.asarray(labels)
-    voxel_ml = _voxel_ml(affine)
+    per_voxel = voxel_ml(affine)
     counts = np.bincount(labels.ravel().astype(np.int64), minlength=max(names, default=0) + 1)
-    volumes = {name: round(float(counts[value]) * voxel_ml, 3) for value, name in sorted(names.items())}
+    volumes = {name: round(float(counts[value]) * per_voxel, 3) for value, name in sorted(names.items())}
     components, count = lesion_map(labels, lesion_labels) if lesions is None else lesions
     result = {"volumes_ml": volumes, "lesion_count": int(count), "lesions": [], "largest_lesion": None}
     if count:
@@ -91,10 +93,10 @@ def lesion_measurements(labels: np.ndarray, affine, names: Mapping[int, str],
             mask[box] = components[box] == index + 1
             inside = np.bincount(labels[box][mask[box]].astype(np.int64), minlength=max(names, default=0) + 1)
             result["lesions"].append({
-                "volume_ml": round(float(sizes[index]) * voxel_ml, 3),
+                "volume_ml": round(float(sizes[index]) * per_voxel, 3),
                 "diameter_mm": round(max_diameter_mm(mask, affine), 2),
                 "centre_voxel": [int(round(c)) for c in ndimage.center_of_mass(mask)],
-                "volumes_ml": {name: round(float(inside[value]) * voxel_ml, 3)
+                "volumes_ml": {name: round(float(inside[value]) * per_voxel, 3)
                                for value, name in sorted(names.items()) if inside[value]},
             })
         result["largest_lesion"] = result["lesions"][0]
@@ -103,8 +105,8 @@ def lesion_measurements(labels: np.ndarray, affine, names: Mapping[int, str],
 
 def region_volumes(labels: np.ndarray, affine, regions: Mapping[str, list[int]]) -> dict[str, float]:
     """Volume in mL of each region (a name and the label values it covers, e.g. a whole tumor)."""
-    voxel_ml = _voxel_ml(affine)
-    return {name: round(float(np.isin(labels, values).sum()) * voxel_ml, 3) for name, values in regions.items()}
+    per_voxel = voxel_ml(affine)
+    return {name: round(float(np.isin(labels, values).sum()) * per_voxel, 3) for name, values in regions.items()}
 
 
 def section_measurements(labels: np.ndarray, names: Mapping[int, str]) -> dict:

@@ -209,10 +209,6 @@ def _lesion_uid(record: Mapping, number: int) -> str | None:
     return tracking_uid(record["input_hash"], "lesion", number) if record.get("input_hash") else None
 
 
-def _voxel_ml(affine: np.ndarray) -> float:
-    return abs(float(np.linalg.det(np.asarray(affine, np.float64)[:3, :3]))) / 1000.0
-
-
 def _change(prior: float, now: float) -> dict:
     return {"prior_ml": round(prior, 3), "now_ml": round(now, 3), "change_ml": round(now - prior, 3),
             "change_pct": round(100.0 * (now - prior) / prior, 1) if prior > 0 else None}
@@ -263,7 +259,7 @@ def compare_with_prior(
         segment and SR group keep) and ``gone`` (the prior's lesions that no lesion of the case overlaps, with their
         volumes).
     """
-    from pipelines.batch.measures import lesion_map
+    from pipelines.batch.measures import lesion_map, voxel_ml
     from pipelines.io import load_volume
     from pipelines.transforms.registration import register_rigid
 
@@ -274,15 +270,15 @@ def compare_with_prior(
     prior_labels = np.asarray(prior_mask[0]).astype(np.int64)
     prior_affine = np.asarray(prior_mask.affine, np.float64)
     prior_map, prior_count = lesion_map(prior_labels, lesion_labels)
-    prior_sizes = np.bincount(prior_map.ravel(), minlength=prior_count + 1) * _voxel_ml(prior_affine)
+    prior_sizes = np.bincount(prior_map.ravel(), minlength=prior_count + 1) * voxel_ml(prior_affine)
     carried = _carry(prior_map, prior_affine, labels.shape, affine, registration.matrix)
     now_map, now_count = lesions
     pairs = np.unique(np.stack([now_map.ravel(), carried.ravel()]), axis=1)
     pairs = pairs[:, (pairs[0] > 0) & (pairs[1] > 0)]
     matched_prior = {int(j) for j in pairs[1]}
-    now_sizes = np.bincount(now_map.ravel(), minlength=now_count + 1) * _voxel_ml(affine)
+    now_sizes = np.bincount(now_map.ravel(), minlength=now_count + 1) * voxel_ml(affine)
     listed = []
-    for number, _ in enumerate(record.get("lesions") or (), start=1):
+    for number in range(1, len(record.get("lesions") or ()) + 1):
         before = sorted(int(j) for j in pairs[1][pairs[0] == number])
         entry = {"lesion": number, "status": "matched" if before else "new", "prior_lesions": before,
                  **_change(float(prior_sizes[before].sum()), float(now_sizes[number]))}
@@ -292,7 +288,7 @@ def compare_with_prior(
             if uid:
                 entry["tracking_uid"] = uid
         listed.append(entry)
-    new = sum(1 for i in range(1, now_count + 1) if not np.any(pairs[0] == i))
+    new = now_count - len(np.unique(pairs[0]))  # lesions of the case that overlap none of the prior's
     gone = [{"prior_lesion": j, "prior_ml": round(float(prior_sizes[j]), 3)}
             for j in range(1, prior_count + 1) if j not in matched_prior]
     prior_volumes = prior_record.get("volumes_ml") or {}

@@ -340,11 +340,9 @@ def _share(cases: list[Case], rank: int, world: int) -> list[Case]:
     so that all studies of a patient, compared with each other, are segmented by one rank in turn."""
     if world <= 1:
         return list(cases)
-    groups: dict[str, int] = {}
-    for index, case in enumerate(cases):
-        groups.setdefault(_identifiers(case).get("patient_id") or f"\x00{index}", len(groups))
-    return [case for index, case in enumerate(cases)
-            if groups[_identifiers(case).get("patient_id") or f"\x00{index}"] % world == rank]
+    patients = [_identifiers(case).get("patient_id") or f"\x00{index}" for index, case in enumerate(cases)]
+    groups = {patient: turn for turn, patient in enumerate(dict.fromkeys(patients))}  # in order of first study
+    return [case for case, patient in zip(cases, patients) if groups[patient] % world == rank]
 
 
 def _chronological(cases: list[Case]) -> list[Case]:
