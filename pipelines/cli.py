@@ -6,6 +6,7 @@ Heavy modules (torch, MONAI) are imported inside the subcommands, so ``--help`` 
 from __future__ import annotations
 
 import argparse
+import ast
 import sys
 from collections.abc import Sequence
 
@@ -192,7 +193,7 @@ def _batch(args: argparse.Namespace) -> int:
                 image_key=args.image_key, push=args.push,
                 query=RemoteQuery(tuple(args.study_uid or ()), args.study_date, args.calling_aet),
                 prior=args.prior or (), fail_on_error=args.fail_on_error,
-                min_free_mb=args.min_free_mb, progress=not args.quiet,
+                min_free_mb=args.min_free_mb, progress=not args.quiet, overrides=args.overrides,
             )
         except BatchAbortedError as exc:  # disk full, read-only or permission denied mid-run
             print(f"unet-pipelines batch: stopped: {exc.strerror}", file=sys.stderr)
@@ -217,8 +218,9 @@ def _add_batch_command(commands) -> None:
         "the patient's prior study in this run or in --prior folders. Rerunning skips complete cases. Exit code 0 unless every case "
         "failed (or any, with --fail-on-error); 2 for unusable input or output, 3 when the output "
         "stopped taking writes mid-run (disk full, read-only, permission denied), 130 and 143 when "
-        "stopped by SIGINT and SIGTERM (finished cases stay complete; rerun to resume). A bundle's "
-        "configs run Python code: use bundles you trust.",
+        "stopped by SIGINT and SIGTERM (finished cases stay complete; rerun to resume). Other --id value pairs are "
+        "bundle overrides, as python -m monai.bundle run takes them (e.g. --channels \"['t2f', 't1c']\" for weights "
+        "trained on FLAIR and T1c). A bundle's configs run Python code: use bundles you trust.",
     )
     batch.add_argument("--bundle", required=True, help="bundle folder (configs/inference.json, models/model.pt)")
     batch.add_argument("--input", required=True,
@@ -331,9 +333,36 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _bundle_overrides(parser: argparse.ArgumentParser, words: Sequence[str]) -> dict[str, object]:
+    """``--id value`` pairs left over by the batch options: bundle overrides in the form of
+    ``python -m monai.bundle run`` (``--channels "['t2f', 't1c']"``); a value reads as a Python
+    literal where it is one, else as the string given."""
+    overrides: dict[str, object] = {}
+    words = list(words)
+    while words:
+        flag = words.pop(0)
+        key, equals, value = flag[2:].partition("=") if flag.startswith("--") else ("", "", "")
+        if not key:
+            parser.error(f"unrecognized arguments: {flag} (bundle overrides are --id value pairs)")
+        if not equals:
+            if not words or words[0].startswith("--"):
+                parser.error(f"bundle override {flag} needs a value")
+            value = words.pop(0)
+        try:
+            overrides[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            overrides[key] = value
+    return overrides
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (2 for a usage or input error)."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if getattr(args, "command", None) == "batch":
+        args.overrides = _bundle_overrides(parser, extra)
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except (ValueError, OSError) as exc:  # input errors (pipelines.io errors are ValueErrors) and paths

@@ -64,3 +64,27 @@ def test_series_rules_reach_the_loader_volume_included(tmp_path, capsys):
     assert main([*build, "--volume", "1", "--output", str(tmp_path / "second.json")]) == 0
     (entry,) = json.loads((tmp_path / "second.json").read_text())["training"]
     assert entry["case_id"] == "case1" and entry["shape"] == [10, 12, 7]
+
+
+def test_batch_words_it_does_not_know_are_bundle_overrides(monkeypatch):
+    """``--id value`` and ``--id=value`` reach the batch job as bundle overrides, a value read as a
+    Python literal where it is one; other commands still refuse words they do not know."""
+    import pytest
+
+    import pipelines.batch
+
+    seen = {}
+
+    def run_batch(*args, overrides, **kwargs):
+        seen.update(overrides)
+        raise pipelines.batch.BatchInputError("stop here")
+
+    monkeypatch.setattr(pipelines.batch, "run_batch", run_batch)
+    assert main(["batch", "--bundle", "b", "--input", "i", "--output", "o", "--channels", "['t2f', 't1c']",
+                 "--spacing=[1.5, 1.5, 1.5]", "--register", "auto", "--max_epochs", "3"]) == 2
+    assert seen == {"channels": ["t2f", "t1c"], "spacing": [1.5, 1.5, 1.5], "register": "auto", "max_epochs": 3}
+    for words in (["--channels"], ["--channels", "--quiet"], ["stray"]):
+        with pytest.raises(SystemExit):
+            main(["batch", "--bundle", "b", "--input", "i", "--output", "o", *words])
+    with pytest.raises(SystemExit):
+        main(["shapes", "--channels", "['t2f']"])

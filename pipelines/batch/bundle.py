@@ -79,10 +79,13 @@ def bundle_hash(bundle_dir: str | os.PathLike, weights: str | os.PathLike | None
     return _bundle_digest(root, content_hash(weights_path) if weights_path.exists() else "")
 
 
-def _bundle_digest(root: Path, weights_sha256: str) -> str:
-    """:func:`bundle_hash` from the weights' SHA-256 already computed."""
+def _bundle_digest(root: Path, weights_sha256: str, overrides: Mapping | None = None) -> str:
+    """:func:`bundle_hash` from the weights' SHA-256 already computed; bundle overrides (when any)
+    are part of it, as they change what the configs build."""
     configs = root / "configs"
     parts = [content_hash(configs) if configs.exists() else "", weights_sha256]
+    if overrides:
+        parts.append(json.dumps(overrides, sort_keys=True, default=str))
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
@@ -116,19 +119,23 @@ class BundleModel:
     Args:
         bundle_dir: the bundle folder.
         device: where the network runs.
-        weights: weights file (default ``models/model.pt``): a state dict, or a checkpoint holding
-            one under ``model``.
+        weights: weights file (default: the config's ``ckpt_path``, else ``models/model.pt``): a state
+            dict, or a checkpoint holding one under ``model``.
         tta: use the bundle's ``tta_inferer``.
         probabilities: the run writes probabilities: the bundle's ``probabilities`` transform is needed.
+        overrides: config id -> value, set on the inference config before anything is built, as
+            ``python -m monai.bundle run --id value`` sets them (``{"channels": ["t2f", "t1c"]}``).
 
     Raises:
-        BundleContractError: a required config id (or one the options need) is missing, or
-            ``preprocessing`` does not start with a loading transform; the message names it.
+        BundleContractError: a required config id (or one the options need) is missing,
+            ``preprocessing`` does not start with a loading transform, an override names no config
+            id, or the weights do not fit the network; the message names it.
         FileNotFoundError: no bundle configs or weights.
     """
 
     def __init__(self, bundle_dir: str | os.PathLike, device: str | torch.device = "cpu",
-                 weights: str | os.PathLike | None = None, tta: bool = False, probabilities: bool = False) -> None:
+                 weights: str | os.PathLike | None = None, tta: bool = False, probabilities: bool = False,
+                 overrides: Mapping[str, object] | None = None) -> None:
         from monai.bundle import ConfigParser
 
         self.root = Path(bundle_dir).resolve()
@@ -141,6 +148,14 @@ class BundleModel:
         parser = ConfigParser()
         parser.read_meta(str(meta_file))
         parser.read_config(str(config))
+        self.overrides = dict(overrides or {})
+        unknown = [key for key in self.overrides if key not in parser]
+        if unknown:
+            raise BundleContractError(
+                f"{config}: " + ", ".join(f"`--{key}`" for key in unknown) + " names no config id of the bundle "
+                "(bundle overrides take the ids of its inference config, as `python -m monai.bundle run` does)")
+        for key, value in self.overrides.items():
+            parser[key] = value
         parser["bundle_root"] = str(self.root)
         parser["device"] = f"$torch.device('{self.device}')"
         needed = [*REQUIRED_IDS, *(["tta_inferer"] if tta else []), *(["probabilities"] if probabilities else [])]
@@ -181,15 +196,15 @@ class BundleModel:
         self.inferer = parser.get_parsed_content("tta_inferer" if tta else "inferer")
 
         self.network = parser.get_parsed_content("network_def").to(self.device).eval()
-        self.weights_path = Path(weights) if weights else self.root / "models" / "model.pt"
+        self.weights_path = Path(weights or _optional(parser, "ckpt_path") or self.root / "models" / "model.pt")
         if not self.weights_path.is_file():
             raise FileNotFoundError(f"{self.weights_path}: bundle weights not found")
         state = torch.load(self.weights_path, map_location=self.device, weights_only=True)
         if isinstance(state, Mapping) and "model" in state and isinstance(state["model"], Mapping):
             state = state["model"]
-        self.network.load_state_dict(state)
+        self._load_weights(state, parser)
         self.weights_sha256 = content_hash(self.weights_path)
-        self.bundle_sha256 = _bundle_digest(self.root, self.weights_sha256)  # the weights are read once
+        self.bundle_sha256 = _bundle_digest(self.root, self.weights_sha256, self.overrides)  # weights read once
         self.labels = self._labels(meta_file)
         self.regions = {str(k): [int(v) for v in values] for k, values in (self.metadata.get("regions") or {}).items()}
         self.lesion_scoring = self._lesion_scoring(meta_file)
@@ -197,14 +212,36 @@ class BundleModel:
         self.segments = self._segments()
         self.qc_inputs = self._qc_inputs(meta_file)
 
+    def _load_weights(self, state: Mapping, parser) -> None:
+        """The weights into the network; weights of another shape (trained with other ``channels``,
+        ``features``, ...) are a :class:`BundleContractError` naming the first tensors that differ,
+        both shapes and the overrides that set them."""
+        expected = self.network.state_dict()
+        differ = [(name, tuple(state[name].shape), tuple(tensor.shape)) for name, tensor in expected.items()
+                  if name in state and tuple(state[name].shape) != tuple(tensor.shape)]
+        missing = [name for name in expected if name not in state]
+        if differ or missing:
+            shapes = "; ".join(f"{name}: {w} in the weights, {n} in the network" for name, w, n in differ[:3])
+            hint = ", ".join(f"`--{key} {parser[key]!r}`".replace("'", '"') for key in ("channels", "features")
+                             if key in parser and key not in self.overrides)
+            raise BundleContractError(
+                f"{self.weights_path}: the weights do not fit the network of {self.root / 'configs' / 'inference.json'}"
+                + (f" ({shapes})" if shapes else "") + (f"; missing from the weights: {', '.join(missing[:3])}"
+                                                         if missing else "")
+                + "; pass the bundle overrides the weights were trained with"
+                + (f" (these configs have {hint})" if hint else "")
+            )
+        self.network.load_state_dict(state)
+
     def _rules(self, parser, loader, config: Path) -> dict[str, SeriesRules]:
         """Each input key's DICOM series rules: the loading transform's, then ``series_rules``."""
         base = getattr(getattr(loader, "loader", None), "rules", None) or SeriesRules()
         given = _optional(parser, "series_rules") or {}
         if not isinstance(given, Mapping):
             raise BundleContractError(f"{config}: `series_rules` must be a mapping, got {type(given).__name__}")
-        per_key = (bool(given) and set(given) <= set(self.input_keys)
-                   and all(isinstance(v, Mapping) for v in given.values()))
+        # per input key when every value is a mapping (no SeriesRules field is one); rules for keys the
+        # bundle does not use now (another channel subset) are left aside
+        per_key = bool(given) and all(isinstance(v, Mapping) for v in given.values())
         try:
             return {key: SeriesRules.of(base, **dict(given.get(key, {}) if per_key else given))
                     for key in self.input_keys}
@@ -215,10 +252,12 @@ class BundleModel:
         """``qc_inputs`` of the metadata: the input keys the QC picture shows, one row each, as the
         preprocessing leaves them on the reference grid (default: the reference input as loaded)."""
         given = self.metadata.get("qc_inputs") or []
-        if not isinstance(given, list) or any(key not in self.input_keys for key in given):
+        # a channel the metadata lists but these configs leave out (an override chose a subset) is not shown
+        known = [*self.input_keys, *(self.metadata.get("channels") or [])]
+        if not isinstance(given, list) or any(key not in known for key in given):
             raise BundleContractError(f"{meta_file}: `qc_inputs` must list input keys among {list(self.input_keys)}, "
                                       f"got {given!r}")
-        return [str(key) for key in given]
+        return [str(key) for key in given if key in self.input_keys]
 
     def _network_input_key(self, parser, config: Path) -> str:
         key = _optional(parser, "network_input_key")
@@ -282,6 +321,7 @@ class BundleModel:
             "weights": self.weights_path.name,
             "weights_sha256": self.weights_sha256,
             "bundle_sha256": self.bundle_sha256,
+            **({"overrides": self.overrides} if self.overrides else {}),  # as given, after the bundle's configs
         }
 
     def preprocess(self, inputs: Mapping) -> dict:

@@ -137,6 +137,7 @@ def run_batch(
     fail_on_error: bool = False,
     min_free_mb: float = 100.0,
     progress: bool = False,
+    overrides: Mapping[str, object] | None = None,
 ) -> BatchSummary:
     """Segment every case of ``source`` with the bundle; see the module docstring.
 
@@ -162,6 +163,8 @@ def run_batch(
         fail_on_error: exit code 1 when any case failed (default: only when all failed).
         min_free_mb: refuse to start with less free space on the output's disk.
         progress: show a progress bar with ETA.
+        overrides: bundle overrides (config id -> value, e.g. ``{"channels": ["t2f", "t1c"]}``), set on
+            the bundle's inference config as ``python -m monai.bundle run --channels ...`` sets them.
 
     Raises:
         BatchInputError: unusable input or output, or a bundle that does not meet the contract
@@ -174,7 +177,7 @@ def run_batch(
         plan = _plan(bundle, source, Path(output), device=device, tta=tta, probabilities=probabilities,
                      rtstruct=rtstruct, rules=rules or {}, section=section, dataset_dir=dataset_dir, image_key=image_key,
                      push=push, query=query or RemoteQuery(), prior=prior,
-                     min_free_mb=min_free_mb)
+                     min_free_mb=min_free_mb, overrides=overrides or {})
         summary = BatchSummary(cases=len(plan.mine), skipped=len(plan.mine) - len(plan.todo))
         logger.info("rank %d/%d: %d cases, %d complete from an earlier run, %d to do", plan.rank, plan.world,
                     len(plan.mine), summary.skipped, len(plan.todo))
@@ -190,7 +193,7 @@ def run_batch(
 
 def _plan(bundle, source, output: Path, *, device: str, tta: bool, probabilities: bool, rtstruct: bool, rules: Mapping,
           section: str, dataset_dir, image_key, push: bool | str, query: RemoteQuery, prior: Sequence,
-          min_free_mb: float) -> _Plan:
+          min_free_mb: float, overrides: Mapping) -> _Plan:
     """Everything decided before the first case: refuses an unusable input, output or bundle."""
     if device == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
@@ -204,7 +207,7 @@ def _plan(bundle, source, output: Path, *, device: str, tta: bool, probabilities
         raise BatchInputError(f"--push: a destination is a DICOMweb URL or dicom://AET@host:port, got {destination!r}")
     _check_output(output, min_free_mb)
     priors = prior_folders(prior)
-    model = BundleModel(bundle, device=device, tta=tta, probabilities=probabilities)
+    model = BundleModel(bundle, device=device, tta=tta, probabilities=probabilities, overrides=overrides)
     try:
         model.series_rules = {key: SeriesRules.of(base, **rules) for key, base in model.series_rules.items()}
     except (TypeError, ValueError) as exc:

@@ -229,3 +229,44 @@ def test_the_brain_tumor_bundle_resolves_its_optional_ids():
     for key, rules in DEMO_SERIES_RULES.items():
         assert model.series_rules[key].description == rules["description"] and model.series_rules[key].min_slices == 20
     assert model.regions == {"WT": [1, 2, 3], "TC": [1, 3], "ET": [3]} and model.lesion_labels == [1, 3]
+
+
+def _two_channel_weights(path: Path) -> Path:
+    """Weights of the brain bundle's network trained on two channels (FLAIR and T1c)."""
+    net = UNet(3, 2, 3, features=(16, 32, 64, 128), padding="same", norm="instance", act="leakyrelu",
+               up_mode="transpose", skip="concat")
+    torch.save({"model": net.state_dict()}, path)
+    return path
+
+
+def test_bundle_overrides_choose_a_channel_subset_with_its_own_series_rules(tmp_path):
+    """Weights trained with ``--channels "['t2f', 't1c']"`` run with the same override: two inputs,
+    each with its own rule from the metadata (the rules of the channels left out set aside), the
+    QC rows among them, the overrides in the record's model and in the bundle's hash."""
+    from pipelines.demo.brain_dataset import DEMO_SERIES_RULES
+
+    weights = _two_channel_weights(tmp_path / "model.pt")
+    model = BundleModel(REPO / "bundles" / "unet3d_brain_tumor", weights=weights,
+                        overrides={"channels": ["t2f", "t1c"]})
+    assert model.input_keys == ("t2f", "t1c") and model.reference_key == "t1c" and model.qc_inputs == ["t2f", "t1c"]
+    assert set(model.series_rules) == {"t2f", "t1c"}
+    for key in ("t2f", "t1c"):
+        assert model.series_rules[key].description == DEMO_SERIES_RULES[key]["description"]
+    assert model.describe()["overrides"] == {"channels": ["t2f", "t1c"]}
+    again = BundleModel(REPO / "bundles" / "unet3d_brain_tumor", weights=weights, overrides={"channels": ["t2f", "t1c"]})
+    assert again.bundle_sha256 == model.bundle_sha256
+    one = BundleModel(REPO / "bundles" / "unet3d_brain_tumor", weights=weights,
+                      overrides={"channels": ["t1c", "t2f"]})  # another order is another network input
+    assert one.bundle_sha256 != model.bundle_sha256 and one.qc_inputs == ["t2f", "t1c"]
+
+
+def test_weights_that_do_not_fit_name_both_shapes_and_the_override(tmp_path):
+    weights = _two_channel_weights(tmp_path / "model.pt")
+    with pytest.raises(BundleContractError) as caught:
+        BundleModel(REPO / "bundles" / "unet3d_brain_tumor", weights=weights)
+    message = str(caught.value)
+    assert f"{weights}: the weights do not fit the network of" in message
+    assert "(16, 2, 3, 3, 3) in the weights, (16, 4, 3, 3, 3) in the network" in message
+    assert '`--channels ["t1n", "t1c", "t2w", "t2f"]`' in message and "pass the bundle overrides" in message
+    with pytest.raises(BundleContractError, match=r"`--chanels` names no config id of the bundle"):
+        BundleModel(REPO / "bundles" / "unet3d_brain_tumor", weights=weights, overrides={"chanels": ["t2f", "t1c"]})

@@ -117,6 +117,18 @@ def test_configs_define_the_ids_and_the_input_width_follows_the_channels():
     assert inference.get_parsed_content("preprocessing").transforms[0].keys == ("t2f", "t1c")
 
 
+def test_training_and_inference_normalise_as_the_metadata_records():
+    from pipelines.transforms import ChannelsNormalized
+
+    recorded = metadata()["intensity_normalisation"]
+    assert recorded["transform"] == "pipelines.transforms.ChannelsNormalized"
+    for transforms in (parser("train.json").get_parsed_content("deterministic_transforms"),
+                       parser("inference.json").get_parsed_content("preprocessing").transforms):
+        (normalize,) = [t for t in transforms if isinstance(t, ChannelsNormalized)]
+        assert normalize.normalize.fraction == recorded["fraction"]
+        assert normalize.normalize.min_background == recorded["min_background"]
+
+
 # ---- a user's BraTS 2021 download, trained and evaluated through overrides alone -------------------
 
 SMALL = ("--features", "[4, 8]", "--patch_size", "[32, 32, 32]", "--spacing", "[4.0, 4.0, 4.0]",
@@ -180,6 +192,20 @@ def test_a_brats_2021_download_trains_and_evaluates_on_two_channels(brats2021, t
     measured = read_metrics(tmp_path / "evaluation" / "metrics.csv")
     assert expected <= set(measured) and all(0.0 <= measured[f"val_dice_{r}"] <= 1.0 for r in ("WT", "TC", "ET"))
     assert all(0.0 <= measured[f"val_lesion_hd95_{r}"] <= 374.0 for r in ("WT", "TC", "ET"))
+
+    # the batch job takes the same overrides (the docs' third command); without them it says which
+    batch = ["batch", "--bundle", str(BUNDLE), "--input", str(brats2021 / "brats_fold0.json"), "--dataset-dir",
+             str(brats2021), "--section", "validation", "--workers", "0", "--quiet"]
+    overrides = ["--ckpt_path", str(tmp_path / "models" / "model.pt"), "--features", "[4, 8]", "--spacing",
+                 "[4.0, 4.0, 4.0]", "--patch_size", "[32, 32, 32]", "--label_map", "{'4': 3}"]
+    assert main([*batch, "--output", str(tmp_path / "refused"), *overrides]) == 2
+    assert not (tmp_path / "refused").exists() or not any((tmp_path / "refused").rglob("record.json"))
+    assert main([*batch, "--output", str(tmp_path / "batch"), *overrides, "--channels", "['t2f', 't1c']"]) == 0
+    records = [json.loads(p.read_text()) for p in (tmp_path / "batch").glob("*/record.json")]
+    assert len(records) == 2 and all(r["status"] == "ok" for r in records)
+    for record in records:
+        assert set(record["source"]["inputs"]) == {"t2f", "t1c"}
+        assert record["model"]["overrides"]["channels"] == ["t2f", "t1c"]
 
 
 @pytest.mark.slow
