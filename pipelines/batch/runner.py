@@ -47,8 +47,9 @@ from pipelines.batch.cases import Case, RemoteQuery, discover_cases, is_remote
 from pipelines.batch.errors import BatchAbortedError, BatchInputError
 from pipelines.batch.loading import Loading, describe_error
 from pipelines.batch.notices import CaseWarnings
-from pipelines.batch.outputs import Records, default_outputs
+from pipelines.batch.outputs import default_outputs
 from pipelines.batch.priors import prior_folders
+from pipelines.batch.records import Records
 from pipelines.batch.report import read_records, write_reports
 from pipelines.io.rules import SeriesRules
 from pipelines.io.writers import atomic_path
