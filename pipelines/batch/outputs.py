@@ -15,18 +15,19 @@ from pathlib import Path
 
 import numpy as np
 
+from pipelines.batch.brain import BrainExtraction
 from pipelines.batch.cases import Case
 from pipelines.io.writers import atomic_path, save_nifti
 
 __all__ = [
-    "CaseOutput", "ComparisonOutput", "DiceOutput", "DicomSegOutput", "DicomSrOutput", "MaskOutput", "MeasuresOutput", "Output",
+    "BrainMaskOutput", "CaseOutput", "ComparisonOutput", "DiceOutput", "DicomSegOutput", "DicomSrOutput", "MaskOutput", "MeasuresOutput", "Output",
     "ProbabilityOutput", "PushOutput", "QcOutput", "RtstructOutput", "default_outputs",
 ]
 
 logger = logging.getLogger(__name__)
 
 OUTPUT_FILES = ("mask.nii.gz", "mask.png", "seg.dcm", "sr.dcm", "rtstruct.dcm", "prob.nii.gz", "qc.png", "qc_thumbnail.png",
-                "anatomy.nii.gz")
+                "anatomy.nii.gz", "brain_mask.nii.gz")
 DICOM_OUTPUTS = ("seg.dcm", "sr.dcm", "rtstruct.dcm")  # what --push stores, in this order
 
 
@@ -43,6 +44,8 @@ class CaseOutput:
         probabilities: ``(C, *spatial)`` float32 there, or None.
         views: input key -> ``(*spatial)`` volume on that grid (the bundle's ``qc_inputs`` as the
             preprocessing aligned them), for the QC picture.
+        brain: what the bundle's brain extraction found (its mask on that grid when it was used),
+            or None.
         record: the record being made; outputs add their fields.
         files: the files written so far (names in ``case_dir``).
         lesions: the lesion map on that grid and the lesion count
@@ -56,6 +59,7 @@ class CaseOutput:
     labels: np.ndarray
     probabilities: np.ndarray | None = None
     views: Mapping = field(default_factory=dict)
+    brain: BrainExtraction | None = None
     record: dict = field(default_factory=dict)
     files: list[str] = field(default_factory=list)
     lesions: tuple[np.ndarray, int] | None = None
@@ -126,6 +130,19 @@ class MaskOutput(Output):
             save_nifti(out.labels, out.affine, out.case_dir / "mask.nii.gz", dtype=dtype)
             out.files.append("mask.nii.gz")
         out.record["grid"] = {"shape": list(out.labels.shape), "spacing_mm": [round(float(s), 4) for s in out.spacing]}
+
+
+class BrainMaskOutput(Output):
+    """``brain_mask.nii.gz`` (the brain on the reference grid) for a whole-head study whose bundle
+    extracted the brain, and the record's ``brain_extraction`` whenever the bundle ran its step."""
+
+    def write(self, out: CaseOutput) -> None:
+        if out.brain is None:
+            return
+        out.record["brain_extraction"] = dict(out.brain.report)
+        if out.brain.mask is not None:
+            save_nifti(out.brain.mask.astype(np.uint8), out.affine, out.case_dir / "brain_mask.nii.gz", dtype=np.uint8)
+            out.files.append("brain_mask.nii.gz")
 
 
 class ProbabilityOutput(Output):
@@ -351,8 +368,8 @@ class ComparisonOutput(Output):
 
 class QcOutput(Output):
     """``qc.png`` (axial, coronal and sagittal slices through the largest lesion, or the section; a
-    row per input the bundle's ``qc_inputs`` names, e.g. FLAIR and T1c) and ``qc_thumbnail.png`` for
-    the run report. Follows :class:`MeasuresOutput` (it places the slices
+    row per input the bundle's ``qc_inputs`` names, e.g. FLAIR and T1c; the brain extracted from a
+    whole head outlined) and ``qc_thumbnail.png`` for the run report. Follows :class:`MeasuresOutput` (it places the slices
     and writes the caption from its fields)."""
 
     def write(self, out: CaseOutput) -> None:
@@ -367,6 +384,7 @@ class QcOutput(Output):
         image = views or np.asarray(out.reference[0])
         save_qc_picture(out.case_dir / "qc.png", image, out.labels, out.affine,
                         point=largest["centre_voxel"] if largest else None,
+                        outline=out.brain.mask if out.brain is not None else None,
                         caption=f"{out.case.case_id}  " + "  ".join(parts), thumbnail=out.case_dir / "qc_thumbnail.png")
         out.files += ["qc.png", "qc_thumbnail.png"]
 
@@ -414,7 +432,7 @@ def default_outputs(model, probabilities: bool = False, push_url: str | None = N
     """The batch job's outputs for ``model`` (a :class:`~pipelines.batch.bundle.BundleModel`), in order;
     ``output`` (the run's folder) and ``prior`` (earlier runs' folders) for the comparison with prior
     studies (none without ``output``)."""
-    outputs: list[Output] = [MaskOutput()]
+    outputs: list[Output] = [MaskOutput(), BrainMaskOutput()]
     if probabilities:
         outputs.append(ProbabilityOutput())
     outputs += [

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+from scipy import ndimage
 
 from pipelines.io.writers import atomic_path
 from pipelines.visualize import overlay_slice
@@ -18,39 +19,50 @@ __all__ = ["qc_picture", "qc_thumbnail", "save_qc_picture"]
 _PANEL_PX = 320  # the largest field of view is drawn this many pixels wide or high
 _CAPTION_PX = 16
 THUMBNAIL_WIDTH = 420  # the run report's pictures
+OUTLINE_RGB = (0, 200, 255)  # the brain's border (the labels' colours: pipelines.visualize)
 
 
-def _canonical(image: np.ndarray, labels: np.ndarray, affine, point: Sequence[int]):
-    """Both volumes flipped/permuted to the closest RAS axes, with the point and spacing moved along."""
+def _canonical(image: np.ndarray, labels: np.ndarray, affine, point: Sequence[int], outline: np.ndarray | None = None):
+    """The volumes flipped/permuted to the closest RAS axes, with the point and spacing moved along."""
     import nibabel as nib
 
     affine = np.asarray(affine, float)
     orientation = nib.orientations.io_orientation(affine)
     image = nib.orientations.apply_orientation(image, orientation)
     labels = nib.orientations.apply_orientation(labels, orientation)
+    if outline is not None:
+        outline = nib.orientations.apply_orientation(outline, orientation)
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
     new_point, new_spacing = [0, 0, 0], [1.0, 1.0, 1.0]
     for old_axis, (new_axis, flip) in enumerate(orientation):
         size = labels.shape[int(new_axis)]
         new_point[int(new_axis)] = size - 1 - point[old_axis] if flip < 0 else point[old_axis]
         new_spacing[int(new_axis)] = spacing[old_axis]
-    return image, labels, new_point, new_spacing
+    return image, labels, new_point, new_spacing, outline
 
 
-def _panel(image2d: np.ndarray, labels2d: np.ndarray, spacing2d: Sequence[float], mm_per_px: float) -> Image.Image:
+def _panel(image2d: np.ndarray, labels2d: np.ndarray, spacing2d: Sequence[float], mm_per_px: float,
+           outline2d: np.ndarray | None = None) -> Image.Image:
     """A slice ``(horizontal, vertical)`` in RAS order drawn radiologically: patient's right on the
-    left (axial, coronal), anterior on the left (sagittal), superior or anterior at the top."""
+    left (axial, coronal), anterior on the left (sagittal), superior or anterior at the top; the
+    border of ``outline2d`` (a mask) drawn one pixel wide in :data:`OUTLINE_RGB`."""
     image2d = image2d.T[::-1, ::-1]
     labels2d = labels2d.T[::-1, ::-1]
     height = max(1, round(image2d.shape[0] * spacing2d[1] / mm_per_px))
     width = max(1, round(image2d.shape[1] * spacing2d[0] / mm_per_px))
     grey = np.asarray(Image.fromarray(np.ascontiguousarray(image2d, np.float32)).resize((width, height), Image.BILINEAR))
     lab = np.asarray(Image.fromarray(np.ascontiguousarray(labels2d, np.uint8)).resize((width, height), Image.NEAREST))
-    return Image.fromarray(overlay_slice(grey, lab))
+    rgb = overlay_slice(grey, lab)
+    if outline2d is not None:
+        inside = np.asarray(Image.fromarray(np.ascontiguousarray(outline2d.T[::-1, ::-1], np.uint8))
+                            .resize((width, height), Image.NEAREST)) > 0
+        rgb = np.array(rgb)
+        rgb[inside & ~ndimage.binary_erosion(inside, border_value=1)] = OUTLINE_RGB
+    return Image.fromarray(rgb)
 
 
 def qc_picture(image, labels: np.ndarray, affine, point: Sequence[int] | None = None,
-               caption: str = "") -> Image.Image:
+               caption: str = "", outline: np.ndarray | None = None) -> Image.Image:
     """RGB picture: axial | coronal | sagittal slices through ``point`` (voxel index; default the
     volume's centre) of ``image`` ``(X, Y, Z)`` with ``labels`` blended on top, at true aspect ratio;
     for a 2D section ``(X, Y)`` (a picture, x along its columns) the section with its labels.
@@ -58,6 +70,8 @@ def qc_picture(image, labels: np.ndarray, affine, point: Sequence[int] | None = 
     ``image`` may also map names to volumes of the labels' shape (the channels of a multi-parametric
     study, e.g. FLAIR and T1c on the reference grid): one row of the three views per volume, named.
     The display follows radiological convention whatever the storage order of the volume.
+    ``outline``: a mask of the labels' shape (the brain extracted from a whole head) whose border is
+    drawn on every 3D view.
     """
     images = dict(image) if isinstance(image, Mapping) else {"": image}
     labels = np.asarray(labels).astype(np.uint8)
@@ -73,20 +87,27 @@ def qc_picture(image, labels: np.ndarray, affine, point: Sequence[int] | None = 
         if volume.ndim == 2:
             rows.append([(f"{prefix}section", Image.fromarray(overlay_slice(volume.T, labels.T)))])
         else:
-            rows.append(_views(volume, labels, affine, point, prefix))
+            rows.append(_views(volume, labels, affine, point, prefix, outline))
     return _captioned(rows, caption)
 
 
-def _views(image: np.ndarray, labels: np.ndarray, affine, point: Sequence[int] | None, prefix: str) -> list:
+def _views(image: np.ndarray, labels: np.ndarray, affine, point: Sequence[int] | None, prefix: str,
+           outline: np.ndarray | None = None) -> list:
     if point is None:
         point = [s // 2 for s in labels.shape]
-    image, labels, (i, j, k), spacing = _canonical(image, labels, affine, point)
+    if outline is not None and np.shape(outline) != labels.shape:
+        raise ValueError(f"`outline` must have the labels' shape {labels.shape}, got {np.shape(outline)}")
+    image, labels, (i, j, k), spacing, outline = _canonical(image, labels, affine, point, outline)
     fov = max(n * s for n, s in zip(labels.shape, spacing))
     mm_per_px = fov / _PANEL_PX
+    cut = (lambda index: None) if outline is None else (lambda index: outline[index])
     return [
-        (f"{prefix}axial", _panel(image[:, :, k], labels[:, :, k], (spacing[0], spacing[1]), mm_per_px)),
-        (f"{prefix}coronal", _panel(image[:, j, :], labels[:, j, :], (spacing[0], spacing[2]), mm_per_px)),
-        (f"{prefix}sagittal", _panel(image[i, :, :], labels[i, :, :], (spacing[1], spacing[2]), mm_per_px)),
+        (f"{prefix}axial", _panel(image[:, :, k], labels[:, :, k], (spacing[0], spacing[1]), mm_per_px,
+                                  cut((slice(None), slice(None), k)))),
+        (f"{prefix}coronal", _panel(image[:, j, :], labels[:, j, :], (spacing[0], spacing[2]), mm_per_px,
+                                    cut((slice(None), j, slice(None))))),
+        (f"{prefix}sagittal", _panel(image[i, :, :], labels[i, :, :], (spacing[1], spacing[2]), mm_per_px,
+                                     cut((i, slice(None), slice(None))))),
     ]
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipelines.batch.brain import BrainExtraction
 from pipelines.batch.cases import Case
 from pipelines.batch.notices import case_warnings
 from pipelines.batch.outputs import OUTPUT_FILES, CaseOutput, Output
@@ -56,7 +57,7 @@ class Records:
         return record
 
     def ok(self, case: Case, sources: Mapping, labels, probabilities, timings: dict, warnings: Sequence[str],
-           views: Mapping | None = None) -> dict:
+           views: Mapping | None = None, brain: BrainExtraction | None = None) -> dict:
         """Writes the outputs of a segmented case (``labels`` ``(1, *spatial)`` on the reference input's
         grid) and its record. ``warnings``: the case's so far, a list that warnings raised while the
         outputs are written join (:class:`~pipelines.batch.notices.CaseWarnings`). Raises what an
@@ -70,7 +71,7 @@ class Records:
                                f"must return the label map on the reference input's grid")
         out = CaseOutput(case, self._start(case), sources, self.reference_key, label_map,
                          None if probabilities is None else np.asarray(probabilities, dtype=np.float32),
-                         views=dict(views or {}), record=self._record(case))
+                         views=dict(views or {}), brain=brain, record=self._record(case))
         for output in self.outputs:
             output.write(out)
         timings = dict(timings, write_s=time.perf_counter() - start)

@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipelines.batch.brain import BrainExtraction, brain_extraction
 from pipelines.batch.bundle import BundleModel
 from pipelines.batch.cases import Case, RemoteQuery, discover_cases, is_remote
 from pipelines.batch.errors import BatchAbortedError, BatchInputError
@@ -304,15 +305,16 @@ def _segment(item: dict, plan: _Plan, warned: CaseWarnings) -> tuple[dict | None
         if found is not None and hasattr(source, "meta"):
             source.meta["registration"] = found
     views = {key: item["data"][key][0].numpy() for key in plan.model.qc_inputs if key in item["data"]}
-    return None, (case, item["sources"], labels, probabilities, timings, caught, views)
+    brain = brain_extraction(item["data"], item["sources"][plan.model.reference_key])
+    return None, (case, item["sources"], labels, probabilities, timings, caught, views, brain)
 
 
 def _write_safely(plan: _Plan, cores: CoreShare | None, warned: CaseWarnings, case: Case, sources, labels,
-                  probabilities, timings, caught: list[str], views: dict) -> dict:
+                  probabilities, timings, caught: list[str], views: dict, brain: BrainExtraction | None) -> dict:
     with warned.into(caught):
         try:
             with cores.working() if cores else nullcontext():
-                return plan.records.ok(case, sources, labels, probabilities, timings, caught, views)
+                return plan.records.ok(case, sources, labels, probabilities, timings, caught, views, brain)
         except Exception as exc:
             if _fatal(exc, plan.output):
                 raise _aborted(plan.output, case, exc) from exc

@@ -8,7 +8,7 @@ from .overlays import ValidationOverlays
 from .prepare_batch import PrepareBatchWithWeights
 from .tracking import flatten_params, tracked_handlers
 from .tuning import tune_membrane_watershed
-from .weights import load_weights, save_weights
+from .weights import load_pretrained, load_weights, save_weights
 
 __all__ = [
     "PrepareBatchWithWeights",
@@ -17,6 +17,7 @@ __all__ = [
     "end_process_group",
     "flatten_params",
     "latest_checkpoint",
+    "load_pretrained",
     "load_weights",
     "save_weights",
     "tracked_handlers",

@@ -4,6 +4,7 @@ training recipe (weight map, elastic deformation), and post-processing (membrane
 
 from __future__ import annotations
 
+from .brain import BrainExtractionError, ExtractBraind, brain_mask
 from .elastic import RandCoarseElastic, RandCoarseElasticd
 from .intensity import ChannelsNormalize, ChannelsNormalized, ModalityNormalize, ModalityNormalized
 from .io import LoadVolume, LoadVolumed
@@ -14,8 +15,10 @@ from .registration import RegisterToReferenced, RegistrationError, register_rigi
 from .weight_map import UNetWeightMap, UNetWeightMapd, unet_weight_map
 
 __all__ = [
+    "BrainExtractionError",
     "ChannelsNormalize",
     "ChannelsNormalized",
+    "ExtractBraind",
     "FillBackground",
     "FillBackgroundd",
     "LabelValueError",
@@ -37,6 +40,7 @@ __all__ = [
     "RegistrationError",
     "UNetWeightMap",
     "UNetWeightMapd",
+    "brain_mask",
     "membrane_watershed",
     "register_rigid",
     "resample_to",

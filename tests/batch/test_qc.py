@@ -70,3 +70,25 @@ def test_one_row_per_named_channel():
     assert not np.array_equal(top, bottom)
     with pytest.raises(ValueError, match="`image` t1c and `labels` must be 2D or 3D arrays of one shape"):
         qc_picture({"t2f": image, "t1c": image[:-1]}, labels, affine)
+
+
+def test_the_brain_outline_is_drawn_on_every_view():
+    """A whole head's extracted brain: its border in the outline colour on the three views (and the
+    labels' colours kept inside); nothing of that colour without an outline."""
+    from pipelines.batch.qc import OUTLINE_RGB
+
+    image = np.full((30, 34, 26), 100.0, np.float32)
+    labels = np.zeros(image.shape, np.uint8)
+    labels[14:17, 15:19, 12:15] = 1
+    brain = np.zeros(image.shape, bool)
+    brain[5:25, 6:28, 4:22] = True
+    plain = np.asarray(qc_picture(image, labels, np.eye(4), point=(15, 17, 13)))
+    drawn = np.asarray(qc_picture(image, labels, np.eye(4), point=(15, 17, 13), outline=brain))
+    colour = (drawn == OUTLINE_RGB).all(-1)
+    assert not (plain == OUTLINE_RGB).all(-1).any()
+    panel_width = drawn.shape[1] // 3
+    for view in range(3):  # each of axial, coronal, sagittal holds a closed border
+        assert colour[:, view * panel_width:(view + 1) * panel_width].sum() > 40
+    assert (drawn[~colour] == plain[~colour]).all()
+    with pytest.raises(ValueError, match=r"`outline` must have the labels' shape \(30, 34, 26\)"):
+        qc_picture(image, labels, np.eye(4), outline=brain[:-1])

