@@ -163,6 +163,10 @@ def hostile(tmp_path_factory):
         ("empty_file", lambda f: (f / "IM09999.dcm").write_bytes(b""), r"IM09999\.dcm: empty file \(0 bytes\)"),
         ("no_position", without_ipp_on_top, r"MR Image Storage without ImagePositionPatient"),
         ("no_orientation", None, r"MR Image Storage without ImageOrientationPatient"),
+        ("zero_orientation", None,
+         r"ImageOrientationPatient \[0\.0, 0\.0, 0\.0, 0\.0, 0\.0, 0\.0\] is not two unit, orthogonal vectors"),
+        ("parallel_orientation", None,
+         r"ImageOrientationPatient \[1\.0, 0\.0, 0\.0, 1\.0, 0\.0, 0\.0\] is not two unit, orthogonal vectors"),
         ("conflicting_copy", conflicting_copy, r"two files hold instance .* with different pixels"),
         ("damaged_j2k", damaged_j2k, r"IM00006\.dcm: corrupt JPEG 2000 pixel data"),
         ("huge_rows", huge_rows, r"IM00003\.dcm: pixel data holds .* Rows 65535 x Columns 65535"),
@@ -174,6 +178,8 @@ def hostile(tmp_path_factory):
     ]
     edits = {
         "no_orientation": lambda ds, k, n: delattr(ds, "ImageOrientationPatient"),
+        "zero_orientation": lambda ds, k, n: setattr(ds, "ImageOrientationPatient", [0, 0, 0, 0, 0, 0]),
+        "parallel_orientation": lambda ds, k, n: setattr(ds, "ImageOrientationPatient", [1, 0, 0, 1, 0, 0]),
         "blank": lambda ds, k, n: setattr(ds, "PixelData", bytes(len(ds.PixelData))),
         "screenshots_only": screenshot,
     }
@@ -239,7 +245,8 @@ def test_good_studies_come_out_as_in_a_clean_run(hostile):
         assert np.allclose(ours.affine, reference.affine)
 
 
-BAD = ["empty_file", "no_position", "no_orientation", "conflicting_copy", "damaged_j2k", "huge_rows", "blank",
+BAD = ["empty_file", "no_position", "no_orientation", "zero_orientation", "parallel_orientation", "conflicting_copy",
+       "damaged_j2k", "huge_rows", "blank",
        "short_of_frames", "unreadable_series", "screenshots_only", "truncated", "huge_header", "zero_affine",
        "one_voxel"]
 

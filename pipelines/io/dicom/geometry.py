@@ -63,6 +63,12 @@ class StackGeometry:
         return not any(c["type"] in ("gantry_tilt", "uneven_spacing") for c in self.corrections)
 
 
+def is_orthonormal(orientation) -> bool:
+    """Whether an ImageOrientationPatient holds two unit, orthogonal vectors (to 1 %)."""
+    row, col = np.asarray(orientation[:3], dtype=float), np.asarray(orientation[3:], dtype=float)
+    return abs(np.linalg.norm(row) - 1) <= 1e-2 and abs(np.linalg.norm(col) - 1) <= 1e-2 and abs(row @ col) <= 1e-2
+
+
 def plan_stack(records: list[SliceRecord], strict: bool = False, source: object = "") -> StackGeometry:
     """Sort ``records`` of one candidate series and check that they form a volume.
 
@@ -74,7 +80,7 @@ def plan_stack(records: list[SliceRecord], strict: bool = False, source: object 
     first = records[0]
     row = np.asarray(first.orientation[:3], dtype=float)
     col = np.asarray(first.orientation[3:], dtype=float)
-    if abs(np.linalg.norm(row) - 1) > 1e-2 or abs(np.linalg.norm(col) - 1) > 1e-2 or abs(row @ col) > 1e-2:
+    if not is_orthonormal(first.orientation):
         raise GeometryError(f"{first.path}: ImageOrientationPatient {list(first.orientation)} is not two unit, orthogonal vectors")
     row, col = row / np.linalg.norm(row), col / np.linalg.norm(col)
     normal = np.cross(row, col)

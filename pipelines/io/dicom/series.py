@@ -24,6 +24,7 @@ from itertools import combinations
 
 import numpy as np
 
+from pipelines.io.dicom.geometry import is_orthonormal
 from pipelines.io.dicom.scan import SliceRecord
 from pipelines.io.rules import ORIENTATIONS as _ORIENTATIONS
 from pipelines.io.rules import SeriesRules
@@ -173,7 +174,9 @@ def group_series(records: Sequence[SliceRecord]) -> list[SeriesCandidate]:
 
 
 def _split_repeats(records: list[SliceRecord]) -> list[SeriesCandidate]:
-    if not _has_repeats(records):
+    # without a slice normal (an all-zero or broken ImageOrientationPatient) every slice would seem to
+    # lie at one position: kept together, the geometry step names the tag instead of N volumes
+    if not _has_repeats(records) or not is_orthonormal(records[0].orientation):
         return [SeriesCandidate(records)]
     for keys in [(key,) for key in _SPLIT_KEYS] + list(combinations(_SPLIT_KEYS, 2)):
         parts: dict[tuple, list[SliceRecord]] = defaultdict(list)
