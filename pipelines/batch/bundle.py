@@ -48,6 +48,7 @@ from pathlib import Path
 import torch
 
 from pipelines.batch.errors import BundleContractError
+from pipelines.engines.weights import mismatched_tensors
 from pipelines.io.hashing import content_hash
 from pipelines.io.rules import SeriesRules
 
@@ -216,12 +217,9 @@ class BundleModel:
         """The weights into the network; weights of another shape (trained with other ``channels``,
         ``features``, ...) are a :class:`BundleContractError` naming the first tensors that differ,
         both shapes and the overrides that set them."""
-        expected = self.network.state_dict()
-        differ = [(name, tuple(state[name].shape), tuple(tensor.shape)) for name, tensor in expected.items()
-                  if name in state and tuple(state[name].shape) != tuple(tensor.shape)]
-        missing = [name for name in expected if name not in state]
+        differ, missing = mismatched_tensors(state, self.network)
         if differ or missing:
-            shapes = "; ".join(f"{name}: {w} in the weights, {n} in the network" for name, w, n in differ[:3])
+            shapes = "; ".join(differ[:3])
             hint = ", ".join(f"`--{key} {parser[key]!r}`".replace("'", '"') for key in ("channels", "features")
                              if key in parser and key not in self.overrides)
             raise BundleContractError(

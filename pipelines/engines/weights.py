@@ -11,7 +11,7 @@ import torch
 
 from pipelines.io.writers import atomic_path
 
-__all__ = ["load_pretrained", "load_weights", "save_weights"]
+__all__ = ["load_pretrained", "load_weights", "mismatched_tensors", "save_weights"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +51,16 @@ def load_weights(network: torch.nn.Module, path: str | os.PathLike, map_location
     return network
 
 
+def mismatched_tensors(state: Mapping, network: torch.nn.Module) -> tuple[list[str], list[str]]:
+    """What keeps ``state`` from loading into ``network``: ``"<tensor>: <shape> in the weights,
+    <shape> in the network"`` for each tensor of another shape, and the network's tensors missing
+    from ``state``."""
+    expected = getattr(network, "module", network).state_dict()
+    differ = [f"{name}: {tuple(state[name].shape)} in the weights, {tuple(tensor.shape)} in the network"
+              for name, tensor in expected.items() if name in state and state[name].shape != tensor.shape]
+    return differ, [name for name in expected if name not in state]
+
+
 def load_pretrained(network: torch.nn.Module, path: str | os.PathLike | None, channels: Sequence[str] | None = None,
                     pretrained_channels: Sequence[str] | None = None) -> torch.nn.Module:
     """Start ``network`` from the weights in ``path`` to fine-tune it; ``network`` as it is when
@@ -87,8 +97,7 @@ def load_pretrained(network: torch.nn.Module, path: str | os.PathLike | None, ch
             raise ValueError(f"{path}: {first} takes {state[first].shape[1]} input channels, not the "
                              f"{len(pretrained_channels)} of {list(pretrained_channels)}")
         state[first] = state[first][:, [list(pretrained_channels).index(c) for c in channels]].clone()
-    differ = [f"{name}: {tuple(state[name].shape)} in the weights, {tuple(tensor.shape)} in the network"
-              for name, tensor in target.items() if name in state and state[name].shape != tensor.shape]
+    differ, _ = mismatched_tensors(state, network)
     if differ:
         raise ValueError(f"{path}: the pretrained weights do not fit the network ({'; '.join(differ[:3])})")
     try:
