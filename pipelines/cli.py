@@ -177,13 +177,22 @@ def _demo_brain(args: argparse.Namespace) -> int:
 def _batch(args: argparse.Namespace) -> int:
     import logging
 
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
+    package_logger = logging.getLogger("pipelines")
+    level = package_logger.level
+    package_logger.setLevel(logging.WARNING if args.quiet else logging.INFO)
+    try:  # called in-process (tests, notebooks), a run leaves the package's log level as it found it
+        return _run_batch(args)
+    finally:
+        package_logger.setLevel(level)
+
+
+def _run_batch(args: argparse.Namespace) -> int:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from pipelines.batch import BatchAbortedError, BatchInterrupted, run_batch
     from pipelines.batch.cases import RemoteQuery
 
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
-    logging.getLogger("pipelines").setLevel(logging.WARNING if args.quiet else logging.INFO)
     rules = _series_rules(args)
     with logging_redirect_tqdm():
         try:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 
@@ -80,9 +81,11 @@ def test_batch_words_it_does_not_know_are_bundle_overrides(monkeypatch):
         raise pipelines.batch.BatchInputError("stop here")
 
     monkeypatch.setattr(pipelines.batch, "run_batch", run_batch)
+    level = logging.getLogger("pipelines").level
     assert main(["batch", "--bundle", "b", "--input", "i", "--output", "o", "--channels", "['t2f', 't1c']",
-                 "--spacing=[1.5, 1.5, 1.5]", "--register", "auto", "--max_epochs", "3"]) == 2
+                 "--spacing=[1.5, 1.5, 1.5]", "--register", "auto", "--max_epochs", "3", "--quiet"]) == 2
     assert seen == {"channels": ["t2f", "t1c"], "spacing": [1.5, 1.5, 1.5], "register": "auto", "max_epochs": 3}
+    assert logging.getLogger("pipelines").level == level  # in-process, --quiet does not silence later callers
     for words in (["--channels"], ["--channels", "--quiet"], ["stray"]):
         with pytest.raises(SystemExit):
             main(["batch", "--bundle", "b", "--input", "i", "--output", "o", *words])
