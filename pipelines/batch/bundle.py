@@ -48,9 +48,9 @@ from pathlib import Path
 import torch
 
 from pipelines.batch.errors import BundleContractError
-from pipelines.engines.weights import mismatched_tensors
 from pipelines.io.hashing import content_hash
 from pipelines.io.rules import SeriesRules
+from pipelines.io.weights import mismatched_tensors
 
 __all__ = ["OPTIONAL_IDS", "PRED", "PROB", "REQUIRED_IDS", "BundleModel", "bundle_hash"]
 

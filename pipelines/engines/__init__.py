@@ -8,7 +8,7 @@ from .overlays import ValidationOverlays
 from .prepare_batch import PrepareBatchWithWeights
 from .tracking import flatten_params, tracked_handlers
 from .tuning import tune_membrane_watershed
-from .weights import load_pretrained, load_weights, mismatched_tensors, save_weights
+from .weights import load_pretrained, load_weights, save_weights
 
 __all__ = [
     "PrepareBatchWithWeights",
@@ -19,7 +19,6 @@ __all__ = [
     "latest_checkpoint",
     "load_pretrained",
     "load_weights",
-    "mismatched_tensors",
     "save_weights",
     "tracked_handlers",
     "tune_membrane_watershed",

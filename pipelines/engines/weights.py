@@ -9,9 +9,10 @@ from pathlib import Path
 
 import torch
 
+from pipelines.io.weights import mismatched_tensors
 from pipelines.io.writers import atomic_path
 
-__all__ = ["load_pretrained", "load_weights", "mismatched_tensors", "save_weights"]
+__all__ = ["load_pretrained", "load_weights", "save_weights"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,16 +50,6 @@ def load_weights(network: torch.nn.Module, path: str | os.PathLike, map_location
     except (RuntimeError, TypeError, AttributeError) as exc:
         raise ValueError(f"{path}: weights do not fit {type(network).__name__}: {exc}") from exc
     return network
-
-
-def mismatched_tensors(state: Mapping, network: torch.nn.Module) -> tuple[list[str], list[str]]:
-    """What keeps ``state`` from loading into ``network``: ``"<tensor>: <shape> in the weights,
-    <shape> in the network"`` for each tensor of another shape, and the network's tensors missing
-    from ``state``."""
-    expected = getattr(network, "module", network).state_dict()
-    differ = [f"{name}: {tuple(state[name].shape)} in the weights, {tuple(tensor.shape)} in the network"
-              for name, tensor in expected.items() if name in state and state[name].shape != tensor.shape]
-    return differ, [name for name in expected if name not in state]
 
 
 def load_pretrained(network: torch.nn.Module, path: str | os.PathLike | None, channels: Sequence[str] | None = None,
