@@ -301,7 +301,7 @@ def _study_cases(root: Path, records: list, errors: list, inputs: Mapping[str, S
     studies: dict[str, list] = defaultdict(list)
     for record in records:
         studies[record.study_instance_uid].append(record)
-    broken, orphans = _assign_errors(root, studies, errors)
+    broken, orphans, owners = _assign_errors(root, studies, errors)
     cases = [
         Case(case_id=pseudonym(os.path.relpath(folder, root) if folder != root else "."), path=str(folder),
              error="unreadable DICOM files, with no readable study beside them: " + "; ".join(found))
@@ -309,7 +309,11 @@ def _study_cases(root: Path, records: list, errors: list, inputs: Mapping[str, S
     ]
     warnings = dict(warnings or {})
     known = {str(r.path) for r in records}
-    general = [w for path, found in warnings.items() if path not in known for w in found]  # e.g. the DICOMDIR's
+    owned: dict[str, list[str]] = defaultdict(list)  # per study, those of its unreadable files
+    general: list[str] = []  # of no one file, e.g. a DICOMDIR's
+    for path, found in warnings.items():
+        if path not in known:
+            (owned[owners[path]] if path in owners else general).extend(found)
     for uid in sorted((skipped or {}).keys() - studies.keys() - broken.keys()):  # nothing there to segment
         files = skipped[uid]
         kinds = sorted({what for _, what in files})
@@ -319,11 +323,12 @@ def _study_cases(root: Path, records: list, errors: list, inputs: Mapping[str, S
     for uid in broken.keys() - studies.keys():  # not one of its files could be read as a slice
         folders = [Path(getattr(e, "path", root)).parent for e in errors if getattr(e, "study_instance_uid", "") == uid]
         cases.append(Case(case_id=pseudonym(uid), path=os.path.commonpath([str(f) for f in folders]), study_uid=uid,
-                          warnings=list(general), error="study has unreadable DICOM files: " + "; ".join(broken[uid])))
+                          warnings=list(dict.fromkeys(general + owned[uid])),
+                          error="study has unreadable DICOM files: " + "; ".join(broken[uid])))
     for uid, study_records in studies.items():
         folder = str(Path(os.path.commonpath([str(r.path.parent) for r in study_records])))
         case = Case(case_id=pseudonym(uid), path=folder, study_uid=uid,
-                    warnings=list(dict.fromkeys(general + _study_warnings(study_records, warnings))))
+                    warnings=list(dict.fromkeys(general + owned[uid] + _study_warnings(study_records, warnings))))
         if broken[uid]:
             case.error = "study has unreadable DICOM files: " + "; ".join(broken[uid])
         else:
@@ -355,11 +360,11 @@ def _choose_series(case: Case, records: list, inputs: Mapping[str, SeriesRules])
         case.sources[key] = DicomSeriesSource(chosen, case.path)
 
 
-def _assign_errors(root: Path, studies: Mapping[str, list], errors: list) -> tuple[dict, dict]:
+def _assign_errors(root: Path, studies: Mapping[str, list], errors: list) -> tuple[dict, dict, dict[str, str]]:
     """Each error's study: the one its header names, else, walking up from the unreadable file or
     folder, the first folder that holds (at any depth) files of exactly one study. Errors with none,
     or with several studies in their nearest folder that has any, are grouped by their own folder
-    as ``orphans``."""
+    as ``orphans``. Also returns the study of each unreadable path that has one."""
     under: dict[Path, set[str]] = defaultdict(set)
     for uid, study_records in studies.items():
         for folder in {r.path.parent for r in study_records}:
@@ -369,10 +374,12 @@ def _assign_errors(root: Path, studies: Mapping[str, list], errors: list) -> tup
                     break
     broken: dict[str, list[str]] = defaultdict(list)
     orphans: dict[Path, list[str]] = defaultdict(list)
+    owners: dict[str, str] = {}
     for error in errors:
         path = Path(getattr(error, "path", root))
         if getattr(error, "study_instance_uid", ""):  # its header named its study
             broken[error.study_instance_uid].append(str(error))
+            owners[str(path)] = error.study_instance_uid
             continue
         owner = None
         for above in (path.parent, *path.parent.parents):
@@ -385,7 +392,8 @@ def _assign_errors(root: Path, studies: Mapping[str, list], errors: list) -> tup
             orphans[path.parent].append(str(error))
         else:
             broken[owner].append(str(error))
-    return broken, orphans
+            owners[str(path)] = owner
+    return broken, orphans, owners
 
 
 def _study_warnings(records: list, warnings: Mapping[str, list[str]]) -> list[str]:

@@ -25,6 +25,7 @@ import torch
 from pipelines.batch.bundle import BundleModel
 from pipelines.batch.cases import Case
 from pipelines.batch.notices import distinct_warnings, warning_text
+from pipelines.io.library_logs import library_logs_as_warnings
 from pipelines.runtime import CoreShare
 
 __all__ = ["Loading", "describe_error"]
@@ -70,7 +71,7 @@ class _CaseLoader(torch.utils.data.Dataset):
         start = time.perf_counter()
         # third-party warnings often name the file: they go to the case's record, not to stderr
         # (entering resets the once-per-location registries: each case gets its own warnings)
-        with warnings.catch_warnings(record=True) as caught:
+        with warnings.catch_warnings(record=True) as caught, library_logs_as_warnings():
             try:
                 sources = case.load(self.rules, self.options, self.cache_dir)
                 loaded = time.perf_counter()

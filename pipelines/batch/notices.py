@@ -8,6 +8,8 @@ import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
+from pipelines.io.library_logs import library_logs_as_warnings
+
 __all__ = ["MAX_WARNINGS", "CaseWarnings", "case_warnings", "distinct_warnings", "warning_text"]
 
 MAX_WARNINGS = 50  # per record
@@ -33,7 +35,9 @@ def case_warnings(case, caught: Sequence[str]) -> list[str]:
 class CaseWarnings:
     """Sends the warnings raised in a thread of this process to the case that thread works on, for its
     record: third-party messages (pydicom, nibabel, MONAI) often name the file, which may name the
-    patient. Outside a case they are shown as before. The loader processes keep their own (pipelines.batch.loading)."""
+    patient; those pydicom, highdicom and nibabel only log are warnings too
+    (:func:`~pipelines.io.library_logs.library_logs_as_warnings`). Outside a case they are shown as
+    before. The loader processes keep their own (pipelines.batch.loading)."""
 
     def __init__(self) -> None:
         self._local = threading.local()
@@ -42,7 +46,7 @@ class CaseWarnings:
     @contextmanager
     def installed(self) -> Iterator[None]:
         """For the run, from the main thread (``warnings.showwarning`` is process-wide)."""
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), library_logs_as_warnings():
             self._show_before = warnings.showwarning
             warnings.showwarning = self._show
             yield

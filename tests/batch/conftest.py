@@ -27,3 +27,20 @@ def copy_study(section: str, index: int, target: Path) -> dict:
     entry = demo_case(section, index)
     shutil.copytree(DEMO / entry["dicom"], target)
     return entry
+
+
+def broken_stranger(source: Path, target: Path, keep: int = 1000) -> Path:
+    """``source`` (a DICOM file) under new study, series and instance UIDs, cut short to ``keep``
+    bytes: a broken file of a study of its own, which no intact copy can stand in for."""
+    import io
+
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    ds = pydicom.dcmread(source)
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    target.write_bytes(buffer.getvalue()[:keep])
+    return target

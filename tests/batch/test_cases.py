@@ -130,6 +130,26 @@ def test_two_identical_copies_of_a_study_make_one_case(tree):
     assert study.sources["image"].series.dropped_duplicates == len(study.sources["image"].series.records)
 
 
+def test_a_second_copy_cut_short_leaves_the_study_whole(tree):
+    """An export that holds a study twice, the second transfer interrupted: the intact instances are
+    read, the study goes ahead, its case's warnings name each broken copy; study B is untouched."""
+    copy = tree / "site_c" / "copy"
+    shutil.copytree(tree / "site_a" / "p1", copy)
+    cut = sorted(copy.glob("*.dcm"))[-4:]
+    for path in cut:
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    cases = {c.case_id: c for c in discover_cases(tree, ONE)}
+    study = cases[pseudonym(_study_uid(tree / "site_a" / "p1"))]
+    assert study.error is None and study.kind == "dicom"
+    records = study.sources["image"].series.records
+    assert len(records) == len(list((tree / "site_a" / "p1").glob("*.dcm")))
+    assert not {r.path for r in records} & set(cut)
+    broken = [w for w in study.warnings if w.startswith("broken copy left out")]
+    assert sorted(w.split(": ")[1] for w in broken) == sorted(str(p) for p in cut)
+    assert sum(c.kind == "dicom" for c in cases.values()) == 2
+    assert all(not c.warnings for c in cases.values() if c is not study)
+
+
 def test_a_copy_with_different_pixels_fails_only_its_study(tree):
     copy = tree / "site_c" / "copy"
     shutil.copytree(tree / "site_a" / "p1", copy)
@@ -212,3 +232,33 @@ def test_a_study_with_no_image_volume_gets_a_failed_case(tree):
     case = {c.case_id: c for c in discover_cases(tree, ONE)}[pseudonym(uid)]
     assert case.kind == "error" and case.path == str(shots)
     assert case.error == "study holds no image volume: its 3 DICOM file(s) are Secondary Capture Image Storage without patient geometry"
+
+
+def test_a_dicomdir_missing_files_of_one_study_fails_that_study_alone(tmp_path, caplog):
+    """Media whose DICOMDIR lists files that are gone (an export cut short): pydicom's warnings name
+    each missing file; they go to its study's case, the one that fails, never to the log."""
+    from pydicom.fileset import FileSet
+
+    from tests.io.dicom_factory import SeriesSpec, write_series
+
+    fileset = FileSet()
+    studies = [write_series(tmp_path / "export" / name, SeriesSpec(series_description=name)) for name in "abc"]
+    for paths in studies:
+        for path in paths:
+            fileset.add(path)
+    fileset.write(tmp_path / "media")
+    bad_uid = _study_uid(tmp_path / "export" / "c")
+    gone = [Path(instance.path) for instance in FileSet(tmp_path / "media" / "DICOMDIR")
+            if instance.StudyInstanceUID == bad_uid][2:4]
+    for path in gone:
+        path.unlink()
+    with caplog.at_level("DEBUG"):
+        cases = {case.case_id: case for case in discover_cases(tmp_path / "media" / "DICOMDIR", ONE)}
+    assert not [r for r in caplog.records if str(tmp_path) in r.getMessage()], caplog.text
+    bad = cases.pop(pseudonym(bad_uid))
+    assert all(f"{path}: missing (listed by a DICOMDIR" in bad.error for path in gone), bad.error
+    assert len([w for w in bad.warnings if "does not exist" in w]) == 2, bad.warnings
+    assert len(cases) == 2
+    for case in cases.values():
+        assert case.error is None and set(case.sources) == {"image"}
+        assert not [w for w in case.warnings if "does not exist" in w], case.warnings

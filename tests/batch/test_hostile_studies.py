@@ -51,6 +51,10 @@ def new_study(section: str, index: int, target: Path, edit=None) -> str:
     return pseudonym(study)
 
 
+def file_size(path: Path) -> int:
+    return path.stat().st_size
+
+
 def by_position(folder: Path) -> list[Path]:
     """The study's files from the lowest slice to the highest."""
     return sorted(folder.glob("*.dcm"), key=lambda f: float(pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient[2]))
@@ -194,6 +198,13 @@ def hostile(tmp_path_factory):
     (inbox / "resent" / "again").mkdir()
     for file in sorted((inbox / "resent").glob("*.dcm"))[:3]:
         shutil.copy(file, inbox / "resent" / "again" / file.name)
+    # a good study exported twice, the second transfer cut short (files end in their header, in their
+    # pixel data, one byte short): every instance is intact in the first copy, which is read instead
+    cut_short = new_study("validation", 6, inbox / "cut_short")
+    shutil.copytree(inbox / "cut_short", inbox / "cut_short_again")
+    again = sorted((inbox / "cut_short_again").glob("*.dcm"))
+    for file, keep in zip(again[::7], (400, file_size(again[7]) // 2, file_size(again[14]) - 1, 1000)):
+        file.write_bytes(file.read_bytes()[:keep])
     files = inbox / "files"
     files.mkdir()
     huge = files / nifti(files / "huge_header.nii.gz", np.zeros((2, 2, 2), np.float32))
@@ -220,7 +231,8 @@ def hostile(tmp_path_factory):
     )
     result = run_unprivileged(code, timeout=900, cwd=REPO)
     os.chmod(inbox / "bad" / "unreadable_series" / "series2", 0o755)
-    return {"root": root, "result": result, "expected": expected, "inbox": inbox, "resent": resent}
+    return {"root": root, "result": result, "expected": expected, "inbox": inbox, "resent": resent,
+            "cut_short": cut_short}
 
 
 def records(folder: Path) -> dict[str, dict]:
@@ -230,7 +242,7 @@ def records(folder: Path) -> dict[str, dict]:
 def test_the_run_goes_on_and_exits_0(hostile):
     result = hostile["result"]
     assert result.returncode == 0, result.stderr[-3000:]
-    assert len(records(hostile["root"] / "out")) == len(hostile["expected"]) + 3
+    assert len(records(hostile["root"] / "out")) == len(hostile["expected"]) + 4
 
 
 def test_good_studies_come_out_as_in_a_clean_run(hostile):
@@ -267,6 +279,13 @@ def test_a_study_exported_twice_in_part_is_read_once(hostile):
     record = records(hostile["root"] / "out")[hostile["resent"]]
     assert record["status"] == "ok"
     assert {"type": "duplicate_instances_dropped", "count": 3} in record["geometry_corrections"]
+
+
+def test_a_study_whose_second_copy_was_cut_short_is_segmented_whole(hostile):
+    record = records(hostile["root"] / "out")[hostile["cut_short"]]
+    assert record["status"] == "ok", record.get("error")
+    broken = [w for w in record["warnings"] if w.startswith("broken copy left out")]
+    assert len(broken) == 4 and all("cut_short_again" in w for w in broken), record["warnings"]
 
 
 def test_no_log_line_names_an_input_path(hostile):

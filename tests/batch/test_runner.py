@@ -21,7 +21,7 @@ import pytest
 from pipelines.batch import BatchAbortedError, BatchInputError, BundleModel, pseudonym, run_batch
 from pipelines.io import load_volume
 from pipelines.io.writers import resample_labels
-from tests.batch.conftest import BUNDLE, DEMO, copy_study, demo_case
+from tests.batch.conftest import BUNDLE, DEMO, broken_stranger, copy_study, demo_case
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.integration
@@ -54,7 +54,7 @@ def folder_run(tmp_path_factory):
     shutil.copy(DEMO / nifti["image"], root / "in" / "scan.nii.gz")
     (root / "in" / "junk").mkdir()
     broken = root / "in" / "junk" / "x.dcm"
-    broken.write_bytes((root / "in" / "b" / "IM00001.dcm").read_bytes()[:1000])
+    broken_stranger(root / "in" / "b" / "IM00001.dcm", broken)
     during = []
     predict = BundleModel.predict
 
@@ -170,7 +170,7 @@ def test_rerun_skips_complete_cases_and_redoes_changed_ones(folder_run, caplog):
 def test_exit_codes(tmp_path):
     (tmp_path / "in").mkdir()
     slice_file = DEMO / demo_case("test", 0)["dicom"] / "IM00001.dcm"
-    (tmp_path / "in" / "x.dcm").write_bytes(slice_file.read_bytes()[:1000])  # truncated
+    broken_stranger(slice_file, tmp_path / "in" / "x.dcm")  # truncated
     result = _cli("--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--quiet")
     assert result.returncode == 1, result.stderr  # every case failed
     assert "1 cases: 0 segmented, 0 already complete, 1 failed" in result.stdout

@@ -8,6 +8,7 @@ import gzip
 import io
 import os
 import re
+import shutil
 
 import nibabel as nib
 import numpy as np
@@ -20,6 +21,7 @@ from pipelines.io import (
     CorruptFileError,
     GeometryError,
     InvalidValuesError,
+    NoImageDataError,
     load_volume,
 )
 from tests.conftest import shared_data_dir
@@ -215,3 +217,47 @@ def test_a_dicom_seg_beside_its_series_is_not_an_image_to_load(tmp_path):
     write_dicom_seg(labels, volume.meta, [tumor], tmp_path / "study" / "seg.dcm", "test", "1")
     again = load_volume(tmp_path / "study")
     assert np.array_equal(again.numpy(), volume.numpy())
+
+
+def _cut(path, keep: int) -> None:
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+def test_copies_cut_short_give_way_to_their_intact_copies(tmp_path):
+    """A series exported twice, the second transfer interrupted: files cut in the header, in the
+    pixel data and one byte short. Every instance is intact in the first copy: the series loads as
+    from it alone, and each broken copy is a warning of the intact one read instead."""
+    from pipelines.io.dicom import scan_dicom
+
+    paths = write_series(tmp_path / "first", SeriesSpec())
+    shutil.copytree(tmp_path / "first", tmp_path / "again")
+    again = sorted((tmp_path / "again").glob("*.dcm"))
+    for path, keep in zip(again, (300, again[1].stat().st_size - 100, again[2].stat().st_size - 1)):
+        _cut(path, keep)
+    reference = load_volume(tmp_path / "first")
+    both = load_volume(tmp_path)
+    assert np.array_equal(both.numpy(), reference.numpy()) and np.allclose(both.affine, reference.affine)
+    errors: list = []
+    scan = scan_dicom(tmp_path, errors=errors)
+    assert not errors
+    for broken, intact in zip(again[:3], paths[:3]):
+        (warning,) = scan.warnings[str(intact)]
+        assert warning.startswith(f"broken copy left out, this intact one read instead: {broken}: "), warning
+
+    intact_lost = paths[1]
+    intact_lost.unlink()  # instance 2 now exists only as the cut copy
+    with pytest.raises(CorruptFileError, match=re.escape(f"{again[1]}: file ends after ") + r"\d+ of the 240 bytes"):
+        load_volume(tmp_path)
+
+
+@needs_syntaxes
+@pytest.mark.parametrize("name", ["1.dcm", "4.dcm", "9.dcm"])  # explicit little endian, RLE, JPEG 2000
+def test_a_real_slice_cut_short_beside_its_intact_copy(tmp_path, name):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    shutil.copy(SYNTAXES / name, tmp_path / "a" / name)
+    shutil.copy(SYNTAXES / name, tmp_path / "b" / name)
+    _cut(tmp_path / "b" / name, (SYNTAXES / name).stat().st_size * 2 // 3)
+    with pytest.raises((CorruptFileError, NoImageDataError), match=re.escape(str(tmp_path / "b" / name))):
+        load_volume(tmp_path / "b")
+    assert np.array_equal(load_volume(tmp_path).numpy(), load_volume(tmp_path / "a").numpy())

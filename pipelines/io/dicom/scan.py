@@ -13,8 +13,8 @@ skipped silently; each of these is an error naming the file:
 - pixel data shorter than its header promises (``Rows`` x ``Columns`` x frames);
 - a folder that cannot be read.
 
-Warnings that pydicom raises while reading a file (they name the file) are collected per file in
-:attr:`ScanResult.warnings` instead of being printed, so a caller can keep them with its case.
+Warnings that pydicom raises or logs while reading a file (they name the file) are collected per
+file in :attr:`ScanResult.warnings` instead of being printed, so a caller can keep them with its case.
 """
 
 from __future__ import annotations
@@ -30,12 +30,14 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_partial
 from pydicom.fileset import FileSet
 from pydicom.uid import UID
 
 from pipelines.io.dicom.private import private_value
 from pipelines.io.dicom.tiles import Tile, tile_layout
 from pipelines.io.errors import CorruptFileError, InputNotFoundError, InputPermissionError, NoImageDataError
+from pipelines.io.library_logs import library_logs_as_warnings
 
 __all__ = ["PARALLEL_CHUNK", "PARALLEL_MIN_FILES", "ScanResult", "Skipped", "SliceRecord", "scan_dicom"]
 
@@ -46,6 +48,7 @@ PARALLEL_CHUNK = 16
 
 _DIRECTORY_SOP_CLASS = "1.2.840.10008.1.3.10"  # Media Storage Directory (DICOMDIR)
 _DEFER = 1024  # bytes: values larger than this (pixel data) are read only when used
+_STUDY_INSTANCE_UID = 0x0020000D  # the last tag a broken file is read to, for its identity
 # IODs whose Image Plane module (or Plane Position/Orientation functional groups) is mandatory:
 # an image of these without patient geometry is broken, not a screenshot to skip
 _GEOMETRY_REQUIRED = {
@@ -167,6 +170,7 @@ def scan_dicom(path: str | os.PathLike, errors: list[CorruptFileError] | None = 
         outcomes = pool.map(_read_outcome, files, chunksize=PARALLEL_CHUNK)
     else:
         outcomes = map(_read_outcome, files)
+    broken: list[Exception] = []
     for file, (outcome, caught) in zip(files, outcomes):
         result.files += 1
         if caught:
@@ -174,16 +178,19 @@ def scan_dicom(path: str | os.PathLike, errors: list[CorruptFileError] | None = 
         if isinstance(outcome, InvalidDicomError):
             result.skipped_non_dicom += 1
         elif isinstance(outcome, Exception):
-            if errors is None:
-                raise outcome
             outcome.path = file  # type: ignore[attr-defined]
-            errors.append(outcome)
+            broken.append(outcome)
         elif outcome is None or isinstance(outcome, Skipped):
             result.skipped_non_image += 1
             if outcome is not None and outcome.study_instance_uid:
                 result.skipped.setdefault(outcome.study_instance_uid, []).append((file, outcome.what))
         else:
             result.records.extend(outcome)
+    broken = _without_superseded(broken, result)
+    if broken and errors is None:
+        raise broken[0]
+    if errors is not None:
+        errors.extend(broken)
     if not result.records:
         error = NoImageDataError(
             f"{path}: no DICOM image found ({result.files} files; {result.skipped_non_dicom} not DICOM, "
@@ -201,10 +208,28 @@ def scan_dicom(path: str | os.PathLike, errors: list[CorruptFileError] | None = 
     return result
 
 
+def _without_superseded(broken: list[Exception], result: ScanResult) -> list[Exception]:
+    """``broken`` less the files whose instance (SOPInstanceUID, read before the break) has an intact
+    copy among ``result.records`` (an export made twice, one copy cut short): each of those becomes
+    a warning of the intact copy, which is read instead."""
+    if not broken:
+        return broken
+    intact = {r.sop_instance_uid: r.path for r in result.records}
+    kept = []
+    for error in broken:
+        copy = intact.get(getattr(error, "sop_instance_uid", ""))
+        if copy is None:
+            kept.append(error)
+        else:
+            result.warnings.setdefault(str(copy), []).append(
+                f"broken copy left out, this intact one read instead: {error}")
+    return kept
+
+
 def _read_outcome(file: Path) -> tuple[list[SliceRecord] | Skipped | None | Exception, list[str]]:
     """:func:`_read_records` and the warnings it raised, with the errors the scan handles returned
     rather than raised (so they come back from a pool's worker in order with the rest)."""
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught, library_logs_as_warnings():
         warnings.simplefilter("always")
         try:
             outcome = _read_records(file)
@@ -228,13 +253,31 @@ def _read_records(file: Path) -> list[SliceRecord] | Skipped | None:
         _refuse_broken_dicom(file, exc)
         raise
     except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError, IndexError, OverflowError) as exc:
-        raise CorruptFileError(f"{file}: unreadable DICOM file ({type(exc).__name__}: {exc})") from exc
+        error = CorruptFileError(f"{file}: unreadable DICOM file ({type(exc).__name__}: {exc})")
+        error.study_instance_uid, error.sop_instance_uid = _identity(file)  # type: ignore[attr-defined]
+        raise error from exc
     try:
         return _records(file, ds)
     except (CorruptFileError, NoImageDataError) as exc:
-        # the header was read: which study the broken file belongs to is known (callers group by it)
-        exc.study_instance_uid = _text(ds, "StudyInstanceUID")  # type: ignore[attr-defined]
+        # the header was read: which study the broken file belongs to is known (callers group by it),
+        # and which instance it holds (an intact copy elsewhere is read instead)
+        # (pydicom returns an empty data set for some files cut short: read up to the break then)
+        identity = (_text(ds, "StudyInstanceUID"), _text(ds, "SOPInstanceUID"))
+        exc.study_instance_uid, exc.sop_instance_uid = identity if all(identity) else _identity(file)  # type: ignore[attr-defined]
         raise
+
+
+def _identity(file: Path) -> tuple[str, str]:
+    """StudyInstanceUID and SOPInstanceUID of a file that cannot be read whole, from the elements
+    before the break (near its start; the SOPInstanceUID also from the file meta information);
+    empty where they cannot be read either."""
+    try:
+        with open(file, "rb") as handle:
+            ds = read_partial(handle, stop_when=lambda tag, vr, length: tag > _STUDY_INSTANCE_UID)
+        meta = ds.get("file_meta") or {}
+        return _text(ds, "StudyInstanceUID"), _text(ds, "SOPInstanceUID") or str(meta.get("MediaStorageSOPInstanceUID", ""))
+    except Exception:  # noqa: BLE001 - a damaged file breaks pydicom in many ways: no identity then
+        return "", ""
 
 
 def _refuse_broken_dicom(file: Path, exc: InvalidDicomError) -> None:
@@ -283,16 +326,15 @@ def _folder_error(folder: Path, exc: OSError) -> InputPermissionError:
 
 def _dicomdir_files(path: Path, caught: dict[str, list[str]]) -> Iterator[Path]:
     """The files a DICOMDIR lists, including those that are missing (reading them then says so:
-    pydicom leaves them out with a warning, which would lose slices without a word)."""
-    with warnings.catch_warnings(record=True) as raised:
+    pydicom leaves them out with a warning, which would lose slices without a word). pydicom's
+    warnings go to ``caught`` under the file they name, else under the DICOMDIR."""
+    with warnings.catch_warnings(record=True) as raised, library_logs_as_warnings():
         warnings.simplefilter("always")
         try:
             directory = pydicom.dcmread(path)
             instances = [Path(instance.path) for instance in FileSet(directory)]
         except Exception as exc:  # pydicom raises many types for a broken DICOMDIR
             raise CorruptFileError(f"{path}: unreadable DICOMDIR ({type(exc).__name__}: {exc})") from exc
-    if raised:
-        caught[str(path)] = _messages(raised)
     found = {str(p) for p in instances}
     for record in directory.get("DirectoryRecordSequence", []):
         file_id = record.get("ReferencedFileID")
@@ -302,6 +344,9 @@ def _dicomdir_files(path: Path, caught: dict[str, list[str]]) -> Iterator[Path]:
         if str(listed) not in found:
             instances.append(listed)
             found.add(str(listed))
+    for message in _messages(raised):  # one that ends with a listed file's path is that file's warning
+        named = message.rsplit(": ", 1)[-1]
+        caught.setdefault(named if named in found else str(path), []).append(message)
     yield from instances
 
 
@@ -388,6 +433,12 @@ def _check_pixel_length(file: Path, ds: pydicom.Dataset, rows: int, columns: int
         raise CorruptFileError(
             f"{file}: pixel data holds {length} bytes, but Rows {rows} x Columns {columns} x {frames} frame(s) "
             f"x {samples} sample(s) x {bits} bits promise {expected}"
+        )
+    start = getattr(element, "value_tell", None)  # set when the value was deferred (left on disk)
+    if start is not None and start + length > (size := file.stat().st_size):
+        raise CorruptFileError(
+            f"{file}: file ends after {max(size - start, 0)} of the {length} bytes of its pixel data (cut short, "
+            f"e.g. by an interrupted transfer)"
         )
 
 
