@@ -27,6 +27,7 @@ __all__ = [
     "SECTIONS",
     "CheckReport",
     "build_manifest",
+    "bundle_default",
     "check_manifest",
     "image_hash",
     "load_manifest",
@@ -315,3 +316,22 @@ def split_manifest(manifest: Mapping, folds: int, seed: int = 0, validation_fold
     out["training"] = [c for c in cases if c["fold"] != validation_fold]
     out["validation"] = [c for c in cases if c["fold"] == validation_fold]
     return out
+
+
+def bundle_default(bundle_root: str | os.PathLike, relative: str, config_id: str) -> str:
+    """A bundle config's default data path, ``relative`` to ``bundle_root``, when it exists.
+
+    The defaults find the project's data from the bundle's place in the repository
+    (``bundles/<name>``); a bundle copied elsewhere has none there, and says which id to set
+    rather than failing later on a file it cannot name.
+
+    Raises:
+        FileNotFoundError: the path does not exist; the message names ``config_id`` to pass.
+    """
+    path = Path(bundle_root) / relative
+    if not path.exists():
+        raise FileNotFoundError(
+            f"`{config_id}` defaults to {path}, which does not exist (the default finds the project's data from "
+            f"the bundle's place in the repository); pass --{config_id} <path>"
+        )
+    return str(path)

@@ -15,6 +15,7 @@ import itertools
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
+from typing import Optional
 
 import torch
 from monai.networks.layers.factories import Conv, Pool
@@ -66,13 +67,12 @@ def _act_args(act: str | tuple) -> tuple:
     raise TypeError(f"`act` must be a name or a (name, kwargs) pair, got {act!r}")
 
 
-def _center_crop(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+def _center_crop(x: torch.Tensor, size: list[int]) -> torch.Tensor:
     """Crop the spatial dimensions of ``x`` ``(B, C, *spatial)`` to ``size``, centred (copy and crop)."""
-    slices = [slice(None), slice(None)]
-    for have, want in zip(x.shape[2:], size):
-        start = (have - want) // 2
-        slices.append(slice(start, start + want))
-    return x[tuple(slices)]
+    for axis in range(len(size)):
+        have, want = x.shape[axis + 2], size[axis]
+        x = x.narrow(axis + 2, (have - want) // 2, want)
+    return x
 
 
 class _DoubleConv(nn.Sequential):
@@ -127,7 +127,7 @@ class _Up(nn.Module):
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         x = self.up(x)
-        skip = _center_crop(skip, x.shape[2:])
+        skip = _center_crop(skip, list(x.shape[2:]))
         x = torch.cat([skip, x], dim=1) if self.skip == "concat" else x + skip
         return self.convs(x)
 
@@ -171,6 +171,8 @@ class UNet(nn.Module):
         >>> net(torch.zeros(1, 1, 572, 572)).shape
         torch.Size([1, 2, 388, 388])
     """
+
+    __jit_unused_properties__ = ["downsample_factor"]  # noqa: RUF012 - TorchScript reads this name
 
     def __init__(
         self,
@@ -245,13 +247,13 @@ class UNet(nn.Module):
                 nn.init.zeros_(module.bias)
 
     # ---- shape arithmetic -------------------------------------------------------------------
-    def _valid_output_1d(self, size: int) -> int | None:
+    def _valid_output_1d(self, size: int) -> Optional[int]:  # noqa: UP045 - TorchScript reads no `int | None`
         """Output size along one axis for a valid network, or None when ``size`` is impossible."""
         for _ in range(self.depth):
             size -= 4
             if size < 2 or size % 2:
                 return None
-            size //= 2
+            size = size // 2
         size -= 4
         if size < 1:
             return None
@@ -321,21 +323,28 @@ class UNet(nn.Module):
         if x.ndim != self.spatial_dims + 2:
             raise ValueError(
                 f"input must have shape (B, C, *spatial) with {self.spatial_dims} spatial axes, "
-                f"got {tuple(x.shape)}"
+                f"got {list(x.shape)}"
             )
         if x.shape[1] != self.in_channels:
             raise ValueError(f"input must have {self.in_channels} channels, got {x.shape[1]}")
-        spatial = tuple(x.shape[2:])
+        spatial = list(x.shape[2:])
         if self.padding == "valid":
-            self.output_shape(spatial)  # raises with the nearest valid sizes
+            if torch.jit.is_scripting():  # TorchScript (ckpt_export): the sizes only
+                for size in spatial:
+                    if self._valid_output_1d(size) is None:
+                        raise ValueError("an input size does not fit this valid U-Net (every pooling needs an even size)")
+            else:
+                self._check_valid(spatial)  # raises with the nearest valid sizes
         else:
-            pads = [(-s) % self.downsample_factor for s in spatial]
-            if any(pads):
-                # F.pad takes (last axis low, last axis high, ...)
-                flat = [p for total in reversed(pads) for p in (total // 2, total - total // 2)]
+            factor = int(2**self.depth)
+            flat: list[int] = []  # F.pad takes (last axis low, last axis high, ...)
+            for size in spatial[::-1]:
+                total = (-size) % factor
+                flat += [total // 2, total - total // 2]
+            if max(flat) > 0:
                 x = F.pad(x, flat)
 
-        skips = []
+        skips: list[torch.Tensor] = []
         for level, block in enumerate(self.encoder):
             x = block(x if level == 0 else self.pool(x))
             skips.append(x)
@@ -343,6 +352,10 @@ class UNet(nn.Module):
         for up in self.decoder:
             x = up(x, skips.pop())
         x = self.head(x)
-        if x.shape[2:] != spatial and self.padding == "same":
+        if self.padding == "same" and list(x.shape[2:]) != spatial:
             x = _center_crop(x, spatial)  # undoes the total // 2 low-side padding
         return x
+
+    @torch.jit.unused
+    def _check_valid(self, spatial: list[int]) -> None:
+        self.output_shape(spatial)

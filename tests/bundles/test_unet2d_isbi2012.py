@@ -80,14 +80,6 @@ def test_network_matches_metadata_and_the_paper_recipe():
     assert elastic.elastic.grid_size == 3 and elastic.elastic.sigma == 10.0
 
 
-def test_verify_net_in_out():
-    result = run_bundle(
-        "unet2d_isbi2012", "verify_net_in_out", "network_def",
-        "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json",
-    )
-    assert "data shape of network is verified with no error" in result.stdout + result.stderr
-
-
 class ThresholdOracle(nn.Module):
     """A valid 'network' whose logits make argmax = 1 (cell) exactly where the image is darker than 0.5."""
 
