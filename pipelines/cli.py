@@ -192,6 +192,7 @@ def _run_batch(args: argparse.Namespace) -> int:
 
     from pipelines.batch import BatchAbortedError, BatchInterrupted, run_batch
     from pipelines.batch.cases import RemoteQuery
+    from pipelines.batch.retry import RetryPolicy
 
     rules = _series_rules(args)
     with logging_redirect_tqdm():
@@ -201,8 +202,9 @@ def _run_batch(args: argparse.Namespace) -> int:
                 probabilities=args.probabilities, rtstruct=args.rtstruct, rules=rules, section=args.section, dataset_dir=args.dataset_dir,
                 image_key=args.image_key, push=args.push,
                 query=RemoteQuery(tuple(args.study_uid or ()), args.study_date, args.calling_aet),
+                retry=RetryPolicy(retries=args.retries, wait=args.retry_wait),
                 prior=args.prior or (), fail_on_error=args.fail_on_error,
-                min_free_mb=args.min_free_mb, progress=not args.quiet, overrides=args.overrides,
+                min_free_mb=args.min_free_mb, progress=not args.quiet, overrides=args.overrides, wait=args.wait,
             )
         except BatchAbortedError as exc:  # disk full, read-only or permission denied mid-run
             print(f"unet-pipelines batch: stopped: {exc.strerror}", file=sys.stderr)
@@ -249,6 +251,12 @@ def _add_batch_command(commands) -> None:
     batch.add_argument("--study-date", metavar="DATES", help="server input: studies of YYYYMMDD or YYYYMMDD-YYYYMMDD")
     batch.add_argument("--calling-aet", default="UNETPIPELINES",
                        help="AE title this job calls DICOM peers with (default: UNETPIPELINES)")
+    batch.add_argument("--retries", type=int, default=7, metavar="N",
+                       help="server input and --push: try a transient failure (connection refused or reset, timeout, "
+                            "HTTP 429/502/503/504, association aborted, out of resources) again up to N times (default: 7)")
+    batch.add_argument("--retry-wait", type=float, default=2.0, metavar="SECONDS",
+                       help="longest wait before the first retry, doubled for each next one up to 60 s; the wait is "
+                            "drawn at random below it (default: 2)")
     batch.add_argument("--prior", action="append", metavar="FOLDER",
                        help="output folder of an earlier run holding prior studies of these patients (repeatable): "
                             "each study is compared with the patient's latest earlier one, there or in this run")
@@ -257,6 +265,8 @@ def _add_batch_command(commands) -> None:
     batch.add_argument("--dataset-dir", help="folder the manifest's paths are relative to (default: the manifest's)")
     batch.add_argument("--image-key", help="manifest key of the image (default: dicom when every case has it)")
     batch.add_argument("--min-free-mb", type=float, default=100.0, help="refuse to start with less free space")
+    batch.add_argument("--wait", action="store_true",
+                       help="when another run is using the output folder, wait for it to end (default: exit with 2)")
     _add_series_rule_arguments(batch)
     batch.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
     batch.set_defaults(func=_batch)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from .bundle import BundleModel, bundle_hash
 from .cases import Case, RemoteQuery, discover_cases, pseudonym
 from .errors import BatchAbortedError, BatchInputError, BundleContractError
+from .lock import OutputLockedError, output_lock
 from .measures import dice_scores, lesion_measurements, max_diameter_mm, region_volumes, section_measurements
 from .outputs import CaseOutput, Output, default_outputs
 from .qc import qc_picture, save_qc_picture
@@ -24,13 +25,15 @@ __all__ = [
     "Case",
     "CaseOutput",
     "Output",
+    "OutputLockedError",
+    "RemoteQuery",
     "bundle_hash",
     "default_outputs",
     "dice_scores",
-    "RemoteQuery",
     "discover_cases",
     "lesion_measurements",
     "max_diameter_mm",
+    "output_lock",
     "pseudonym",
     "qc_picture",
     "read_records",

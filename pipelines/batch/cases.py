@@ -24,9 +24,11 @@ from collections.abc import Iterator, Mapping
 from concurrent.futures import Executor, ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from pipelines.batch.errors import BatchInputError
+from pipelines.batch.retry import RetryPolicy
 from pipelines.batch.sources import (
     DicomSeriesSource,
     DicomWebSeriesSource,
@@ -57,6 +59,8 @@ class Case:
             so they go to the case's record, not to the log).
         identifiers: ``patient_id`` and ``study_date`` a manifest entry gives (its ``patient`` and
             ``study_date``), for image files, which carry none; DICOM headers' own take precedence.
+        retry: how a remote study's fetch is tried again after a transient failure.
+        retries: the retries made for the case, by step (``fetch``, ``push``), for its record.
     """
 
     case_id: str
@@ -67,6 +71,8 @@ class Case:
     error: str | None = None
     warnings: list[str] = field(default_factory=list)
     identifiers: dict = field(default_factory=dict, repr=False)  # patient and date: never logged
+    retry: RetryPolicy = field(default_factory=RetryPolicy, repr=False, compare=False)
+    retries: dict[str, int] = field(default_factory=dict, compare=False)
 
     @property
     def kind(self) -> str:
@@ -85,13 +91,17 @@ class Case:
         return hashlib.sha256("\n".join(hashes).encode()).hexdigest()
 
     def load(self, rules: Mapping[str, SeriesRules], options: Mapping, cache_dir: Path) -> dict:
-        """Each input, loaded: key -> ``(C, *spatial)`` MetaTensor.
+        """Each input, loaded: key -> ``(C, *spatial)`` MetaTensor. A remote study is fetched first,
+        whole, again from the start after a transient failure (``retry``; counted in ``retries``).
 
         Raises:
             ValueError: the case cannot be read (``error``); the loaders' errors otherwise.
         """
         if self.error is not None:
             raise ValueError(self.error)
+        studies = {id(s.study): s.study for s in self.sources.values() if isinstance(s, DicomWebSeriesSource)}
+        for study in studies.values():
+            self.retry.call(partial(study.fetch, cache_dir / self.case_id), "fetch", self.case_id, self.retries)
         return {key: source.load(rules[key], options, cache_dir / self.case_id) for key, source in self.sources.items()}
 
     def source(self) -> dict:
@@ -148,7 +158,7 @@ class RemoteQuery:
 
 def discover_cases(source: str | os.PathLike, inputs: Mapping[str, SeriesRules], section: str = "test",
                    dataset_dir: str | os.PathLike | None = None, image_key: str | None = None,
-                   query: RemoteQuery | None = None) -> list[Case]:
+                   query: RemoteQuery | None = None, retry: RetryPolicy | None = None) -> list[Case]:
     """The cases under ``source``: a folder, a manifest (``.json``), a DICOMweb URL or a DICOM peer.
 
     Args:
@@ -162,6 +172,8 @@ def discover_cases(source: str | os.PathLike, inputs: Mapping[str, SeriesRules],
             the entries have it, else ``image``); a bundle of several inputs finds each under its
             own key.
         query: for a server, which studies (required for a DICOM peer) and the calling AE title.
+        retry: for a server, how the query and each case's fetch are tried again after a transient
+            failure (default: :class:`~pipelines.batch.retry.RetryPolicy`'s defaults).
 
     Returns:
         Cases sorted by id. Those that cannot be used come back with ``error`` set, so they are
@@ -174,9 +186,9 @@ def discover_cases(source: str | os.PathLike, inputs: Mapping[str, SeriesRules],
     if not inputs:
         raise ValueError("`inputs` must name at least one input key")
     if is_dicomweb_url(source):
-        cases = _from_dicomweb(str(source), inputs, query or RemoteQuery())
+        cases = _from_dicomweb(str(source), inputs, query or RemoteQuery(), retry or RetryPolicy())
     elif str(source).startswith("dicom://"):
-        cases = _from_dimse(str(source), inputs, query or RemoteQuery())
+        cases = _from_dimse(str(source), inputs, query or RemoteQuery(), retry or RetryPolicy())
     else:
         path = Path(source)
         if not path.exists():
@@ -236,39 +248,40 @@ def _modalities(inputs: Mapping[str, SeriesRules]) -> set[str] | None:
     return {m.upper() for wanted in named for m in ([wanted] if isinstance(wanted, str) else wanted)}
 
 
-def _from_dicomweb(url: str, inputs: Mapping[str, SeriesRules], query: RemoteQuery) -> list[Case]:
+def _from_dicomweb(url: str, inputs: Mapping[str, SeriesRules], query: RemoteQuery, retry: RetryPolicy) -> list[Case]:
     """One case per study on the server with an image series (of the rules' modalities, when they
     all name some); each input's series is chosen by its rules once the study is fetched."""
     from pipelines.batch.dicomweb import discover_studies
 
     modalities = _modalities(inputs)
     try:
-        found = discover_studies(url, modalities, query.study_uids, query.dates)
+        found = retry.call(partial(discover_studies, url, modalities, query.study_uids, query.dates), "discovery")
     except ValueError as exc:
         raise BatchInputError(str(exc)) from exc
     cases = []
     for uid, listing_hash, _ in found:
         study = DicomWebStudy(url, uid, listing_hash, tuple(sorted(modalities)) if modalities else None)
         cases.append(Case(case_id=pseudonym(uid), sources={key: DicomWebSeriesSource(study) for key in inputs},
-                          path=study.path, study_uid=uid))
+                          path=study.path, study_uid=uid, retry=retry))
     return cases
 
 
-def _from_dimse(url: str, inputs: Mapping[str, SeriesRules], query: RemoteQuery) -> list[Case]:
+def _from_dimse(url: str, inputs: Mapping[str, SeriesRules], query: RemoteQuery, retry: RetryPolicy) -> list[Case]:
     """One case per study the DICOM peer finds (C-FIND) with an image series; each is fetched (C-GET)
     when its turn comes, and each input's series chosen by its rules."""
     from pipelines.batch.dimse import DimsePeer, find_studies
 
     try:
         peer = DimsePeer.parse(url)
-        found = find_studies(peer, query.calling_aet, query.study_uids, query.dates, _modalities(inputs))
+        found = retry.call(partial(find_studies, peer, query.calling_aet, query.study_uids, query.dates,
+                                   _modalities(inputs)), "discovery")
     except ValueError as exc:
         raise BatchInputError(str(exc)) from exc
     cases = []
     for uid, listing_hash, series in found:
         study = DimseStudy(str(peer), query.calling_aet, uid, listing_hash, tuple(series))
         cases.append(Case(case_id=pseudonym(uid), sources={key: DicomWebSeriesSource(study) for key in inputs},
-                          path=study.path, study_uid=uid))
+                          path=study.path, study_uid=uid, retry=retry))
     return cases
 
 

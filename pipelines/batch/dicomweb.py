@@ -1,6 +1,11 @@
 """DICOMweb input and output for the batch job: QIDO-RS to find studies, WADO-RS to fetch their
 image series, STOW-RS to store DICOM SEGs back (``dicomweb-client``). Plain data in and out: the
-cases are made from it by :mod:`pipelines.batch.cases`."""
+cases are made from it by :mod:`pipelines.batch.cases`.
+
+Each call makes one attempt: its errors name the server and are raised from the ``requests`` error,
+so that :func:`pipelines.batch.retry.is_transient` tells whether the caller should try again
+(dicomweb-client's own retries are off: they neither jitter nor read ``Retry-After``).
+"""
 
 from __future__ import annotations
 
@@ -11,9 +16,12 @@ from collections import defaultdict
 from collections.abc import Mapping
 from pathlib import Path
 
-__all__ = ["discover_studies", "download_study", "push_instance"]
+import requests
 
 from pipelines.batch.dimse import NON_IMAGE_MODALITIES as _NON_IMAGE_MODALITIES
+from pipelines.batch.retry import TransientError
+
+__all__ = ["discover_studies", "download_study", "push_instance"]
 
 _STUDY, _SERIES, _MODALITY, _COUNT = "0020000D", "0020000E", "00080060", "00201209"
 
@@ -21,7 +29,9 @@ _STUDY, _SERIES, _MODALITY, _COUNT = "0020000D", "0020000E", "00080060", "002012
 def _client(url: str):
     from dicomweb_client.api import DICOMwebClient
 
-    return DICOMwebClient(url=url.rstrip("/"))
+    client = DICOMwebClient(url=url.rstrip("/"))
+    client.set_http_retry_params(retry=False)  # the caller retries (pipelines.batch.retry): one policy, not two
+    return client
 
 
 def _value(entry: Mapping, tag: str, default=""):
@@ -65,26 +75,54 @@ def discover_studies(url: str, modalities: set[str] | None = None, study_uids=()
 
 
 def download_study(url: str, study_uid: str, folder: str | os.PathLike, modalities=None) -> Path:
-    """Fetch the study's image series (WADO-RS) into ``folder`` (replaced), one file per instance."""
+    """Fetch the study's image series (WADO-RS) into ``folder`` (replaced), one file per instance.
+
+    Each series must arrive whole: as many instances as the server's QIDO-RS lists for it
+    (NumberOfSeriesRelatedInstances, asked for at the start of the fetch), else the fetch fails
+    naming the series and both counts. A failure leaves nothing in ``folder``, so a retry starts afresh.
+
+    Raises:
+        TransientError: a series arrived incomplete.
+        ValueError: the study cannot be fetched (the message names the server, the study and the
+            error, raised from the ``requests`` error, if any).
+        OSError: ``folder`` cannot be written.
+    """
     folder = Path(folder)
     shutil.rmtree(folder, ignore_errors=True)
-    client = _client(url)
-    wanted = {m.upper() for m in modalities} if modalities else None
     try:
-        series = _image_series(client.search_for_series(study_instance_uid=study_uid), wanted)
-        for entry in series:
-            series_uid = str(_value(entry, _SERIES))
-            target = folder / hashlib.sha256(series_uid.encode()).hexdigest()[:16]
-            target.mkdir(parents=True, exist_ok=True)
-            for index, dataset in enumerate(client.retrieve_series(study_uid, series_uid)):
-                dataset.save_as(target / f"{index:05d}.dcm", enforce_file_format=True)
-    except OSError:
+        series = _download(url, study_uid, folder, {m.upper() for m in modalities} if modalities else None)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
         raise
-    except Exception as exc:  # HTTP and decoding errors: this study fails, the run goes on
-        raise ValueError(f"study {study_uid} could not be fetched (WADO-RS): {type(exc).__name__}: {exc}") from exc
     if not series:
         raise ValueError(f"study {study_uid} has no image series on {url}")
     return folder
+
+
+def _download(url: str, study_uid: str, folder: Path, modalities: set[str] | None) -> list[Mapping]:
+    client = _client(url)
+    try:
+        series = _image_series(client.search_for_series(study_instance_uid=study_uid,
+                                                        fields=["NumberOfSeriesRelatedInstances"]), modalities)
+        for entry in series:
+            series_uid = str(_value(entry, _SERIES))
+            datasets = client.retrieve_series(study_uid, series_uid)
+            listed, arrived = _value(entry, _COUNT, None), len({str(d.SOPInstanceUID) for d in datasets})
+            if listed is not None and arrived < int(listed):
+                raise TransientError(f"{url}: WADO-RS of series {series_uid} of study {study_uid}: the series arrived "
+                                     f"incomplete: {arrived} of the {int(listed)} instances QIDO-RS lists",
+                                     "WADO-RS: series incomplete")
+            target = folder / hashlib.sha256(series_uid.encode()).hexdigest()[:16]
+            target.mkdir(parents=True, exist_ok=True)
+            for index, dataset in enumerate(datasets):
+                dataset.save_as(target / f"{index:05d}.dcm", enforce_file_format=True)
+    except requests.RequestException as exc:  # an OSError: not the folder's
+        raise ValueError(f"{url}: WADO-RS of study {study_uid} failed: {type(exc).__name__}: {exc}") from exc
+    except (OSError, TransientError):
+        raise
+    except Exception as exc:  # decoding errors: this study fails, the run goes on
+        raise ValueError(f"{url}: study {study_uid} could not be fetched (WADO-RS): {type(exc).__name__}: {exc}") from exc
+    return series
 
 
 def push_instance(url: str, path: str | os.PathLike) -> dict:

@@ -3,8 +3,11 @@ find studies, C-GET to fetch their image series, C-STORE to store results back.
 
 A peer is written ``dicom://AET@host:port`` (:class:`DimsePeer`). Every failure is a ``ValueError``
 whose message names the peer and what went wrong: the association rejected (and by whom, why),
-aborted, or a status that is not success. Plain data in and out: the cases are made from it by
-:mod:`pipelines.batch.cases`.
+aborted, or a status that is not success. Those a later attempt may not meet are a
+:class:`~pipelines.batch.retry.TransientError` (no connection, the association aborted, rejected as
+transient or not answered, an out-of-resources status, a series that arrived incomplete); the
+caller retries them (:class:`~pipelines.batch.retry.RetryPolicy`). Plain data in and out: the cases
+are made from it by :mod:`pipelines.batch.cases`.
 """
 
 from __future__ import annotations
@@ -13,9 +16,12 @@ import hashlib
 import os
 import re
 import shutil
+from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from pipelines.batch.retry import TransientError
 
 __all__ = ["DEFAULT_CALLING_AET", "DimsePeer", "find_studies", "is_dimse_url", "retrieve_study", "store_files"]
 
@@ -25,6 +31,27 @@ NON_IMAGE_MODALITIES = {"SEG", "SR", "PR", "KO", "RTSTRUCT", "RTPLAN", "RTDOSE",
 _URL = re.compile(r"^dicom://(?P<aet>[^@/]+)@(?P<host>[^:/]+):(?P<port>\d+)/?$")
 _PENDING = (0xFF00, 0xFF01)
 _TIMEOUT_S = 60
+_OUT_OF_RESOURCES = {"C-FIND": (0xA700,), "C-GET": (0xA701, 0xA702), "C-MOVE": (0xA701, 0xA702)}  # C-STORE: 0xA7xx
+_WARNINGS = (0xB000, 0xB006, 0xB007)  # stored, or sub-operations done, with a warning
+
+
+def _out_of_resources(service: str, code: int | None) -> bool:
+    """Whether a DIMSE status says the peer is short of resources now (a later attempt may succeed)."""
+    if code is None:
+        return False
+    if service == "C-STORE":
+        return 0xA700 <= code <= 0xA7FF
+    return code in _OUT_OF_RESOURCES.get(service, ())
+
+
+def _failed(service: str, code: int | None, message: str) -> ValueError:
+    """The error for a DIMSE status that is not success: transient when the association was aborted
+    (``code`` None) or the peer is out of resources."""
+    if code is None:
+        return TransientError(message, f"{service}: association aborted")
+    if _out_of_resources(service, code):
+        return TransientError(message, f"{service}: status 0x{code:04X}")
+    return ValueError(message)
 
 
 def is_dimse_url(source) -> bool:
@@ -76,18 +103,25 @@ def _associate(peer: DimsePeer, calling_aet: str, contexts: Iterable[tuple[str, 
     try:
         assoc = ae.associate(peer.host, peer.port, ae_title=peer.aet, ext_neg=list(roles) or None,
                              evt_handlers=list(handlers) or None)
-    except (OSError, RuntimeError) as exc:
+    except OSError as exc:
+        raise TransientError(f"{peer}: {what}: cannot connect: {exc}", f"{what}: cannot connect") from exc
+    except RuntimeError as exc:
         raise ValueError(f"{peer}: {what}: cannot connect: {exc}") from exc
     if assoc.is_established:
         return assoc
     if assoc.is_rejected and assoc.acceptor.primitive is not None:
         primitive = assoc.acceptor.primitive
+        if primitive.result == 0x02:  # rejected-transient: busy, a limit reached
+            raise TransientError(f"{peer}: {what}: association rejected by the peer for now (result "
+                                 f"{primitive.result_str}, source {primitive.source_str}, reason {primitive.reason_str})",
+                                 f"{what}: association rejected (transient)")
         raise ValueError(f"{peer}: {what}: association rejected by the peer (result {primitive.result_str}, "
                          f"source {primitive.source_str}, reason {primitive.reason_str}); check the called AE title "
                          f"{peer.aet!r} and that the peer knows the calling AE title {calling_aet!r}")
-    if assoc.is_aborted:
-        raise ValueError(f"{peer}: {what}: association aborted by the peer")
-    raise ValueError(f"{peer}: {what}: no association (the peer did not answer)")
+    if assoc.is_aborted:  # pynetdicom's account of a connection refused, too
+        raise TransientError(f"{peer}: {what}: no association: the connection failed or the peer aborted the request",
+                             f"{what}: no association")
+    raise TransientError(f"{peer}: {what}: no association (the peer did not answer)", f"{what}: no answer")
 
 
 def _status(status) -> int | None:
@@ -103,7 +137,7 @@ def _query(assoc, peer: DimsePeer, identifier, what: str) -> list:
         if code in _PENDING:
             found.append(answer)
         elif code != 0x0000:
-            raise ValueError(f"{peer}: C-FIND of {what} failed: " + (
+            raise _failed("C-FIND", code, f"{peer}: C-FIND of {what} failed: " + (
                 "the association was aborted" if code is None else f"status 0x{code:04X}"))
     return found
 
@@ -198,67 +232,104 @@ def retrieve_study(peer: DimsePeer, calling_aet: str, study_uid: str, series_uid
     """Fetch the series of a study (C-GET, study root, series level) into ``folder`` (replaced), one
     file per instance. The storage contexts offered are the SOP classes the series hold (C-FIND at
     image level), so any image type comes, each in the transfer syntax the archive stores it in when
-    this environment decodes it, uncompressed otherwise (:func:`_storage_contexts`)."""
+    this environment decodes it, uncompressed otherwise (:func:`_storage_contexts`).
+
+    Each series must arrive whole, every instance the C-FIND at image level lists: one that does not
+    fails the fetch, naming the series, how many instances were listed and how many arrived, and
+    the sub-operation counts the C-GET reported. A failure leaves nothing in ``folder``, so a retry
+    starts afresh.
+
+    Raises:
+        TransientError: no association, the association aborted, the peer out of resources, or a
+            series that arrived incomplete.
+        ValueError: any other failure (the message names the peer).
+        OSError: ``folder`` cannot be written.
+    """
+    folder = Path(folder)
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    try:
+        _retrieve(peer, calling_aet, study_uid, series_uids, folder)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return folder
+
+
+def _retrieve(peer: DimsePeer, calling_aet: str, study_uid: str, series_uids: Sequence[str], folder: Path) -> None:
     from pynetdicom import build_role, evt
     from pynetdicom.sop_class import (
         StudyRootQueryRetrieveInformationModelFind,
         StudyRootQueryRetrieveInformationModelGet,
     )
 
-    folder = Path(folder)
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
+    listed: dict[str, set[str]] = {uid: set() for uid in series_uids}
+    classes: set[str] = set()
     assoc = _associate(peer, calling_aet, [(StudyRootQueryRetrieveInformationModelFind, None)], "C-FIND")
     try:
-        instances = [answer for uid in series_uids for answer in _query(
-            assoc, peer, _dataset("IMAGE", StudyInstanceUID=study_uid, SeriesInstanceUID=uid, SOPInstanceUID="",
-                                  SOPClassUID=""), f"series {uid}'s instances")]
+        for uid in series_uids:
+            query = _dataset("IMAGE", StudyInstanceUID=study_uid, SeriesInstanceUID=uid, SOPInstanceUID="",
+                             SOPClassUID="")
+            for answer in _query(assoc, peer, query, f"series {uid}'s instances"):
+                listed[uid].add(str(answer.get("SOPInstanceUID", "")))
+                if answer.get("SOPClassUID"):
+                    classes.add(str(answer.SOPClassUID))
     finally:
         assoc.release()
-    classes = sorted({str(i.SOPClassUID) for i in instances if i.get("SOPClassUID")})
     if not classes:
         raise ValueError(f"{peer}: study {study_uid}: its series list no instances (C-FIND at image level)")
-    received: list[str] = []
+    received: dict[str, set[str]] = defaultdict(set)
+    unwritten: list[OSError] = []
 
     def on_store(event) -> int:
         dataset = event.dataset
         dataset.file_meta = event.file_meta
-        dataset.save_as(folder / f"{len(received):05d}.dcm", enforce_file_format=True)
-        received.append(str(dataset.SOPInstanceUID))
+        try:
+            dataset.save_as(folder / f"{sum(map(len, received.values())):05d}.dcm", enforce_file_format=True)
+        except OSError as exc:  # raised below, after the C-GET: the disk's error, not an incomplete series
+            unwritten.append(exc)
+            return 0xA700  # refused: out of resources
+        received[str(dataset.SeriesInstanceUID)].add(str(dataset.SOPInstanceUID))
         return 0x0000
 
-    storage = _storage_contexts(classes)
+    storage = _storage_contexts(sorted(classes))
     contexts = [(StudyRootQueryRetrieveInformationModelGet, None), *storage]
     roles = [build_role(c, scp_role=True) for c in dict.fromkeys(c for c, _ in storage)]
     assoc = _associate(peer, calling_aet, contexts, "C-GET", roles, [(evt.EVT_C_STORE, on_store)])
     try:
         for uid in series_uids:
             identifier = _dataset("SERIES", StudyInstanceUID=study_uid, SeriesInstanceUID=uid)
-            final = None
-            for status, _ in assoc.send_c_get(identifier, StudyRootQueryRetrieveInformationModelGet):
-                code = _status(status)
-                if code not in _PENDING:
-                    final = (code, status)
-            if final is None or final[0] is None:
-                raise ValueError(f"{peer}: C-GET of series {uid} of study {study_uid}: the association was aborted "
-                                 f"after {len(received)} instance(s)")
-            code, status = final
-            if code != 0x0000:
+            code, status = None, None
+            for reply, _ in assoc.send_c_get(identifier, StudyRootQueryRetrieveInformationModelGet):
+                if _status(reply) not in _PENDING:
+                    code, status = _status(reply), reply
+            if unwritten:
+                raise unwritten[0]
+            arrived = len(listed[uid] & received[uid])
+            what = f"{peer}: C-GET of series {uid} of study {study_uid}"
+            if code is None:
+                raise _failed("C-GET", code, f"{what}: the association was aborted after {arrived} of its "
+                                             f"{len(listed[uid])} instances")
+            if code != 0x0000 and code not in _WARNINGS:
                 failed = status.get("NumberOfFailedSuboperations", "?")
-                raise ValueError(f"{peer}: C-GET of series {uid} of study {study_uid} ended with status 0x{code:04X} "
-                                 f"({failed} instance(s) not sent)")
+                raise _failed("C-GET", code, f"{what} ended with status 0x{code:04X} ({failed} instance(s) not sent)")
+            if arrived < len(listed[uid]):
+                counts = ", ".join(f"{status.get(f'NumberOf{kind.title()}Suboperations', '?')} {kind}"
+                                   for kind in ("completed", "failed", "warning"))
+                raise TransientError(f"{what}: the series arrived incomplete: {arrived} of the {len(listed[uid])} "
+                                     f"instances C-FIND lists (status 0x{code:04X}; sub-operations: {counts})",
+                                     "C-GET: series incomplete")
     finally:
         if assoc.is_established:
             assoc.release()
-    if len(set(received)) < len({str(i.SOPInstanceUID) for i in instances}):
-        raise ValueError(f"{peer}: study {study_uid}: {len(set(received))} of {len(instances)} instances arrived")
-    return folder
 
 
 def store_files(peer: DimsePeer, calling_aet: str, paths: Sequence[str | os.PathLike]) -> dict[str, dict]:
     """Store DICOM files on ``peer`` (C-STORE), in order, on one association; returns, per file name,
     its series and SOP instance UIDs. Stops at the first failure: the message names the file, why,
-    and which files were stored before it."""
+    and which files were stored before it; a :class:`TransientError` when the association was
+    aborted or the peer is out of resources (0xA7xx), so the caller may store them all again (the
+    same UIDs: the peer keeps one copy)."""
     import pydicom
 
     datasets = [pydicom.dcmread(path) for path in paths]
@@ -270,10 +341,10 @@ def store_files(peer: DimsePeer, calling_aet: str, paths: Sequence[str | os.Path
             name = Path(path).name
             status = assoc.send_c_store(dataset)
             code = _status(status)
-            if code not in (0x0000, 0xB000, 0xB007, 0xB006):  # success, or stored with a warning
+            if code != 0x0000 and code not in _WARNINGS:  # not stored, not even with a warning
                 done = ", ".join(stored) or "none"
                 reason = "the association was aborted" if code is None else f"status 0x{code:04X}"
-                raise ValueError(f"{peer}: C-STORE of {name} failed: {reason} (stored before it: {done})")
+                raise _failed("C-STORE", code, f"{peer}: C-STORE of {name} failed: {reason} (stored before it: {done})")
             stored[name] = {"series_instance_uid": str(dataset.SeriesInstanceUID),
                             "sop_instance_uid": str(dataset.SOPInstanceUID)}
     finally:

@@ -11,12 +11,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from pipelines.batch.brain import BrainExtraction
 from pipelines.batch.cases import Case
+from pipelines.batch.retry import RetryPolicy
 from pipelines.io.writers import atomic_path, save_nifti
 
 __all__ = [
@@ -254,27 +256,30 @@ class PushOutput(Output):
     in the record is ``{"url", <file>: {series and SOP instance UIDs}}``, set only once every file is
     stored: a failure fails the case naming what was stored before it, and a rerun stores them all
     again; their UIDs are the same for the same input and run settings, so the archive keeps one
-    copy of each, not two."""
+    copy of each, not two. A transient failure is tried again first (``retry``; counted in the
+    case's ``retries["push"]``): STOW-RS the file that failed, C-STORE every file on a new association."""
 
-    def __init__(self, push_url: str | None, calling_aet: str = "UNETPIPELINES") -> None:
-        self.push_url, self.calling_aet = push_url, calling_aet
+    def __init__(self, push_url: str | None, calling_aet: str = "UNETPIPELINES", retry: RetryPolicy | None = None) -> None:
+        self.push_url, self.calling_aet, self.retry = push_url, calling_aet, retry or RetryPolicy()
 
     def write(self, out: CaseOutput) -> None:
         out.record["pushed"] = None
         files = [name for name in DICOM_OUTPUTS if name in out.files]
         if not self.push_url or not files:
             return
+        retried = {"step": "push", "case_id": out.case.case_id, "counts": out.case.retries}
         if self.push_url.startswith("dicom://"):
             from pipelines.batch.dimse import DimsePeer, store_files
 
-            stored = store_files(DimsePeer.parse(self.push_url), self.calling_aet, [out.case_dir / n for n in files])
+            stored = self.retry.call(partial(store_files, DimsePeer.parse(self.push_url), self.calling_aet,
+                                             [out.case_dir / n for n in files]), **retried)
         else:
             from pipelines.batch.dicomweb import push_instance
 
             stored = {}
             for name in files:
                 try:
-                    where = push_instance(self.push_url, out.case_dir / name)
+                    where = self.retry.call(partial(push_instance, self.push_url, out.case_dir / name), **retried)
                 except ValueError as exc:
                     raise ValueError(f"{exc} (stored before it: {', '.join(stored) or 'none'})") from exc
                 stored[name] = {k: v for k, v in where.items() if k != "url"}
@@ -428,10 +433,10 @@ class DiceOutput(Output):
 
 def default_outputs(model, probabilities: bool = False, push_url: str | None = None, rtstruct: bool = False,
                     calling_aet: str = "UNETPIPELINES", output: Path | None = None,
-                    prior: Sequence[Path] = ()) -> list[Output]:
+                    prior: Sequence[Path] = (), retry: RetryPolicy | None = None) -> list[Output]:
     """The batch job's outputs for ``model`` (a :class:`~pipelines.batch.bundle.BundleModel`), in order;
     ``output`` (the run's folder) and ``prior`` (earlier runs' folders) for the comparison with prior
-    studies (none without ``output``)."""
+    studies (none without ``output``); ``retry`` for the push."""
     outputs: list[Output] = [MaskOutput(), BrainMaskOutput()]
     if probabilities:
         outputs.append(ProbabilityOutput())
@@ -441,7 +446,7 @@ def default_outputs(model, probabilities: bool = False, push_url: str | None = N
         DicomSegOutput(model.segments, model.name, model.version, model.regions),
         DicomSrOutput(model.segments, model.labels, model.regions, model.name, model.version, model.weights_sha256),
         *([RtstructOutput(model.segments, model.name, model.version)] if rtstruct else []),
-        PushOutput(push_url, calling_aet),
+        PushOutput(push_url, calling_aet, retry),
         QcOutput(),
         DiceOutput(model.labels, model.regions, model.lesion_scoring),
     ]

@@ -47,10 +47,20 @@ class Records:
     def _record(self, case: Case) -> dict:
         return {"case_id": case.case_id, "source": case.source(), "input_hash": case.input_hash, **self.base}
 
+    def _retries(self, case: Case) -> dict:
+        """``{"retries": {step: count}}``, the retries a server's transient failures took
+        (:mod:`pipelines.batch.retry`) for each step of the case that talks to one: ``fetch`` from a
+        server input, ``push`` with a push destination; {} for neither."""
+        steps = ["fetch"] if case.kind in ("dicomweb", "dimse") else []
+        if self.base.get("settings", {}).get("push"):
+            steps.append("push")
+        return {"retries": {step: case.retries.get(step, 0) for step in steps}} if steps else {}
+
     def failed(self, case: Case, error: str, timings: Mapping | None = None, warnings: Sequence[str] = ()) -> dict:
         case_dir = self._start(case)
         record = {**self._record(case), "status": "failed", "error": error, "outputs": [],
-                  "timings": dict(timings or {}), "warnings": case_warnings(case, warnings), "finished": _now()}
+                  "timings": dict(timings or {}), **self._retries(case), "warnings": case_warnings(case, warnings),
+                  "finished": _now()}
         _write_record(case_dir, record)
         # the reason can hold file or folder names, which may name the patient: it goes to the record only
         logger.warning("%s: failed; the reason is in %s/record.json", case.case_id, case.case_id)
@@ -83,6 +93,7 @@ class Records:
             "geometry_corrections": geometry_corrections(reference.meta),
             **_registration(sources),
             "timings": {k: round(v, 3) for k, v in timings.items()},
+            **self._retries(case),  # read now: the push may have retried
             "warnings": case_warnings(case, warnings),  # read now: the outputs may have added some
             "finished": _now(),
         })

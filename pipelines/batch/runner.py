@@ -10,6 +10,10 @@ complete, so an interrupted run leaves either a complete case or one that the ne
 CPU the network leaves a core to each helper while it works (:func:`pipelines.runtime.cpu_runtime`).
 Under ``torchrun`` each rank takes every ``world_size``-th case and rank 0 writes the run reports.
 
+One run per output folder: the run holds the folder's lock (:mod:`pipelines.batch.lock`) from before
+it looks at the cases until its reports are written; under ``torchrun`` rank 0 holds it for all
+ranks (:func:`_lock_output`).
+
 What goes wrong stops as little as it can. A study that cannot be read, preprocessed or segmented
 fails alone, with its reason in its record, and so does one whose loading kills the loader process
 (a decoder's ``abort()``, a segmentation fault). When the output cannot take more (disk full,
@@ -35,7 +39,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import closing, contextmanager, nullcontext
+from contextlib import ExitStack, closing, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,11 +51,13 @@ from pipelines.batch.bundle import BundleModel
 from pipelines.batch.cases import Case, RemoteQuery, discover_cases, is_remote
 from pipelines.batch.errors import BatchAbortedError, BatchInputError
 from pipelines.batch.loading import Loading, describe_error
+from pipelines.batch.lock import output_lock
 from pipelines.batch.notices import CaseWarnings
 from pipelines.batch.outputs import default_outputs
 from pipelines.batch.priors import prior_folders
 from pipelines.batch.records import Records
 from pipelines.batch.report import read_records, write_reports
+from pipelines.batch.retry import RetryPolicy
 from pipelines.io.rules import SeriesRules
 from pipelines.io.writers import atomic_path
 from pipelines.runtime import CoreShare, cpu_runtime
@@ -135,11 +141,13 @@ def run_batch(
     image_key: str | None = None,
     push: bool | str = False,
     query: RemoteQuery | None = None,
+    retry: RetryPolicy | None = None,
     prior: Sequence[str | os.PathLike] = (),
     fail_on_error: bool = False,
     min_free_mb: float = 100.0,
     progress: bool = False,
     overrides: Mapping[str, object] | None = None,
+    wait: bool = False,
 ) -> BatchSummary:
     """Segment every case of ``source`` with the bundle; see the module docstring.
 
@@ -160,6 +168,8 @@ def run_batch(
             (``http(s)://...`` DICOMweb or ``dicom://AET@host:port``).
         query: for a server ``source``, which studies (``--study-uid``, ``--study-date``; required for a
             DICOM peer) and the calling AE title (also used to push to a DICOM peer).
+        retry: how the study query, each fetch and each push are tried again after a server's
+            transient failure (default: :class:`~pipelines.batch.retry.RetryPolicy`'s defaults).
         prior: output folders of earlier runs that hold prior studies of the run's patients (the
             run's own finished cases are looked at anyway; :mod:`pipelines.batch.priors`).
         fail_on_error: exit code 1 when any case failed (default: only when all failed).
@@ -167,19 +177,21 @@ def run_batch(
         progress: show a progress bar with ETA.
         overrides: bundle overrides (config id -> value, e.g. ``{"channels": ["t2f", "t1c"]}``), set on
             the bundle's inference config as ``python -m monai.bundle run --channels ...`` sets them.
+        wait: when another run holds the output folder, wait for it to end instead of refusing to start.
 
     Raises:
         BatchInputError: unusable input or output, or a bundle that does not meet the contract
-            (:class:`~pipelines.batch.errors.BundleContractError`), before any work.
+            (:class:`~pipelines.batch.errors.BundleContractError`), before any work; also
+            :class:`~pipelines.batch.lock.OutputLockedError`, another run holding the output folder.
         BatchAbortedError: the output disk filled up, became read-only or refused permission during the run.
         BatchInterrupted: SIGINT or SIGTERM (when called from the main thread, and the caller left
             their handlers at Python's defaults).
     """
-    with _stopped_by_signals():
+    with _stopped_by_signals(), ExitStack() as held:  # held: the output folder's lock, to the end
         plan = _plan(bundle, source, Path(output), device=device, tta=tta, probabilities=probabilities,
                      rtstruct=rtstruct, rules=rules or {}, section=section, dataset_dir=dataset_dir, image_key=image_key,
-                     push=push, query=query or RemoteQuery(), prior=prior,
-                     min_free_mb=min_free_mb, overrides=overrides or {})
+                     push=push, query=query or RemoteQuery(), retry=retry or RetryPolicy(), prior=prior,
+                     min_free_mb=min_free_mb, overrides=overrides or {}, wait=wait, held=held)
         summary = BatchSummary(cases=len(plan.mine), skipped=len(plan.mine) - len(plan.todo))
         logger.info("rank %d/%d: %d cases, %d complete from an earlier run, %d to do", plan.rank, plan.world,
                     len(plan.mine), summary.skipped, len(plan.todo))
@@ -194,11 +206,12 @@ def run_batch(
 
 
 def _plan(bundle, source, output: Path, *, device: str, tta: bool, probabilities: bool, rtstruct: bool, rules: Mapping,
-          section: str, dataset_dir, image_key, push: bool | str, query: RemoteQuery, prior: Sequence,
-          min_free_mb: float, overrides: Mapping) -> _Plan:
-    """Everything decided before the first case: refuses an unusable input, output or bundle."""
+          section: str, dataset_dir, image_key, push: bool | str, query: RemoteQuery, retry: RetryPolicy, prior: Sequence,
+          min_free_mb: float, overrides: Mapping, wait: bool, held: ExitStack) -> _Plan:
+    """Everything decided before the first case: refuses an unusable input, output or bundle, and an
+    output folder another run holds (its lock goes on ``held``)."""
     if device == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
         torch.cuda.set_device(torch.device(device))  # before NCCL joins: one GPU per rank
     rank, world, joined = _distributed(device)
     if push is True and not is_remote(source):
@@ -208,6 +221,7 @@ def _plan(bundle, source, output: Path, *, device: str, tta: bool, probabilities
     if destination and not is_remote(destination):
         raise BatchInputError(f"--push: a destination is a DICOMweb URL or dicom://AET@host:port, got {destination!r}")
     _check_output(output, min_free_mb)
+    _lock_output(output, rank, world, joined, wait, held)
     priors = prior_folders(prior)
     model = BundleModel(bundle, device=device, tta=tta, probabilities=probabilities, overrides=overrides)
     try:
@@ -215,7 +229,7 @@ def _plan(bundle, source, output: Path, *, device: str, tta: bool, probabilities
     except (TypeError, ValueError) as exc:
         raise BatchInputError(f"DICOM series rules: {exc}") from exc
     cases = discover_cases(source, model.series_rules, section=section, dataset_dir=dataset_dir, image_key=image_key,
-                           query=query)
+                           query=query, retry=retry)
     settings = {"tta": tta, "probabilities": probabilities, "rtstruct": rtstruct, "push": destination,
                 "series_rules": {key: r.as_dict() for key, r in model.series_rules.items()}}
     run_key = _run_key(model, settings)
@@ -228,7 +242,7 @@ def _plan(bundle, source, output: Path, *, device: str, tta: bool, probabilities
     base = {"model": model.describe(), "settings": {**settings, "device": str(model.device), "rank": rank,
                                                     "world_size": world},
             "run_key": run_key, "software": _software()}
-    outputs = default_outputs(model, probabilities, destination, rtstruct, query.calling_aet, output, priors)
+    outputs = default_outputs(model, probabilities, destination, rtstruct, query.calling_aet, output, priors, retry)
     records = Records(output, outputs, base, model.reference_key)
     return _Plan(output, model, cases, mine, todo, records, rank, world, joined)
 
@@ -398,6 +412,29 @@ def _distributed(device: str) -> tuple[int, int, bool]:
         backend = "nccl" if device.startswith("cuda") else "gloo"
         dist.init_process_group(backend, timeout=dt.timedelta(hours=24))  # ranks finish at different times
     return dist.get_rank(), dist.get_world_size(), joined
+
+
+def _lock_output(output: Path, rank: int, world: int, joined: bool, wait: bool, held: ExitStack) -> None:
+    """Rank 0 takes the output folder's lock onto ``held`` and hands its outcome to the other ranks,
+    which wait for it (the broadcast is the barrier before any rank touches a case) and stop with
+    rank 0's refusal, ending the process group together."""
+    refusal = None
+    if rank == 0:
+        try:
+            held.enter_context(output_lock(output, wait=wait))
+        except BatchInputError as exc:
+            if world == 1:
+                raise
+            refusal = exc
+    if world > 1:
+        import torch.distributed as dist
+
+        shared = [refusal]
+        dist.broadcast_object_list(shared, src=0)
+        if shared[0] is not None:
+            if joined:
+                end_process_group()
+            raise shared[0]
 
 
 def _check_output(output: Path, min_free_mb: float) -> None:

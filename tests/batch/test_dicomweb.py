@@ -9,6 +9,7 @@ import highdicom as hd
 import pytest
 
 from pipelines.batch import BatchInputError, discover_cases, pseudonym, run_batch
+from pipelines.batch.retry import RetryPolicy
 from pipelines.io import SeriesRules
 from tests import servers
 from tests.batch.conftest import BUNDLE, DEMO, demo_case
@@ -30,7 +31,7 @@ def _qido(url: str, path: str) -> list[dict]:
 
 
 def test_studies_from_dicomweb_segmented_and_pushed_back(orthanc, tmp_path):
-    url, entries = orthanc
+    url, _ = orthanc
     cases = discover_cases(url, {"image": SeriesRules()})
     assert [c.kind for c in cases] == ["dicomweb", "dicomweb"]
     out = tmp_path / "out"
@@ -39,6 +40,7 @@ def test_studies_from_dicomweb_segmented_and_pushed_back(orthanc, tmp_path):
     for case in cases:
         record = json.loads((out / case.case_id / "record.json").read_text())
         assert record["status"] == "ok" and record["source"]["kind"] == "dicomweb"
+        assert record["retries"] == {"fetch": 0, "push": 0}
         assert record["pushed"]["url"] == url and set(record["pushed"]) == {"url", "seg.dcm", "sr.dcm", "rtstruct.dcm"}
         seg_uid, sr_uid, rt_uid = (record["pushed"][name]["series_instance_uid"]
                                    for name in ("seg.dcm", "sr.dcm", "rtstruct.dcm"))
@@ -70,7 +72,8 @@ def test_same_result_as_the_folder_input(orthanc, tmp_path):
 
 
 def test_unreachable_server_is_a_clear_error(tmp_path):
-    with pytest.raises(BatchInputError, match="DICOMweb query .QIDO-RS. failed"):
-        run_batch(BUNDLE, f"http://127.0.0.1:{servers.free_port()}/dicom-web", tmp_path / "out")
+    url = f"http://127.0.0.1:{servers.free_port()}/dicom-web"
+    with pytest.raises(BatchInputError, match=r"DICOMweb query .QIDO-RS. failed: .*\(gave up after 1 retry\)$"):
+        run_batch(BUNDLE, url, tmp_path / "out", retry=RetryPolicy(retries=1, wait=0.01))
     with pytest.raises(BatchInputError, match=r"--push alone stores DICOM SEGs \(and SRs, RTSTRUCTs\) back to a DICOMweb or DICOM input"):
         run_batch(BUNDLE, DEMO, tmp_path / "out", push=True)

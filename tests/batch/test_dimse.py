@@ -15,6 +15,7 @@ import pytest
 
 from pipelines.batch import BatchInputError, RemoteQuery, pseudonym, run_batch
 from pipelines.batch.dimse import DimsePeer, find_studies
+from pipelines.batch.retry import RetryPolicy
 from tests import servers
 from tests.batch.conftest import BUNDLE, DEMO, copy_study, demo_case
 
@@ -45,7 +46,7 @@ print(json.dumps(found))
 def pacs(tmp_path_factory):
     """Orthanc (DIMSE and DICOMweb) holding two demo studies, in a network namespace of its own."""
     entries = [demo_case("test", 0), demo_case("test", 1)]
-    with servers.orthanc_dimse(tmp_path_factory.mktemp("pacs"), [DEMO / e["dicom"] for e in entries]) as (dicom, web, ns):
+    with servers.orthanc_dimse(tmp_path_factory.mktemp("pacs"), [DEMO / e["dicom"] for e in entries]) as (dicom, _, ns):
         yield dicom, ns, entries
 
 
@@ -104,7 +105,7 @@ def test_one_study_by_its_uid(pacs, tmp_path):
 
 
 def test_a_wrong_called_ae_title_is_refused_by_the_peer(pacs, tmp_path):
-    dicom, ns, entries = pacs
+    dicom, ns, _ = pacs
     wrong = dicom.replace("ORTHANC@", "NOTORTHANC@")
     result = ns.run(*CLI, "--input", wrong, "--study-date", "20260101", "--output", str(tmp_path / "out"))
     assert result.returncode == 2
@@ -174,22 +175,26 @@ def flaky():
 
 
 def test_a_drop_mid_transfer_fails_the_case_and_a_rerun_stores_what_is_missing(flaky, tmp_path):
+    """Every association dropped at its second file: the push is retried on a new one (the SEG stored
+    again), then the case fails; once the peer holds, a rerun stores all three."""
     copy_study("test", 2, tmp_path / "in" / "study")
     out = tmp_path / "out"
-    first = run_batch(BUNDLE, tmp_path / "in", out, workers=0, push=flaky.url, rtstruct=True)
+    retry = RetryPolicy(retries=1, wait=0.01)
+    first = run_batch(BUNDLE, tmp_path / "in", out, workers=0, push=flaky.url, rtstruct=True, retry=retry)
     assert first.failed and first.done == 0
     (case_dir,) = [p for p in out.iterdir() if p.is_dir() and not p.name.startswith(".")]
     record = json.loads((case_dir / "record.json").read_text())
-    assert record["status"] == "failed" and "pushed" not in record
-    assert f"{flaky.url}: C-STORE of sr.dcm failed: the association was aborted (stored before it: seg.dcm)" in record["error"]
-    assert sorted(m for ms in flaky.stored.values() for m in ms) == ["SEG"]  # only what really arrived
+    assert record["status"] == "failed" and "pushed" not in record and record["retries"] == {"push": 1}
+    assert record["error"] == (f"{flaky.url}: C-STORE of sr.dcm failed: the association was aborted (stored before "
+                               f"it: seg.dcm) (gave up after 1 retry)")
+    assert sorted(m for ms in flaky.stored.values() for m in ms) == ["SEG", "SEG"]  # only what really arrived
     flaky.drop = False
-    second = run_batch(BUNDLE, tmp_path / "in", out, workers=0, push=flaky.url, rtstruct=True)
+    second = run_batch(BUNDLE, tmp_path / "in", out, workers=0, push=flaky.url, rtstruct=True, retry=retry)
     assert second.done == 1 and not second.failed
     record = json.loads((case_dir / "record.json").read_text())
     pushed = {record["pushed"][name]["sop_instance_uid"] for name in ("seg.dcm", "sr.dcm", "rtstruct.dcm")}
     assert set(flaky.stored) == pushed  # the SEG stored again under its own UID: one copy, not two
-    assert sorted(len(v) for v in flaky.stored.values()) == [1, 1, 2]
+    assert sorted(len(v) for v in flaky.stored.values()) == [1, 1, 3]
 
 
 def test_a_peer_refusing_the_association_fails_each_case_and_the_run_goes_on(tmp_path):

@@ -1,18 +1,22 @@
 """The batch job under faults: permission lost mid-run, SIGTERM/SIGINT, a loader process that dies,
-warnings that name files. Real ones: a command run without root's permission override, signals sent
-to a running job, a preprocessing step that calls ``abort()``."""
+warnings that name files, a PACS restarted or gone mid-run. Real ones: a command run without root's
+permission override, signals sent to a running job, a preprocessing step that calls ``abort()``, a
+real Orthanc stopped and started again under a running job."""
 
 from __future__ import annotations
 
 import faulthandler
 import json
 import os
+import re
 import resource
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+import urllib.request
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,11 +24,13 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import psutil
+import pydicom
 import pytest
 
 from pipelines.batch import Case, run_batch
 from pipelines.batch import runner as runner_module
 from pipelines.io import load_volume
+from tests import servers
 from tests.batch.conftest import BUNDLE, DEMO, MANIFEST, copy_study, demo_case
 from tests.conftest import REPO
 
@@ -314,3 +320,220 @@ def test_record_warnings_are_distinct_capped_and_include_the_scan_s():
     texts = case_warnings(case, caught)
     assert texts[:3] == ["UserWarning: from the scan", "UserWarning: 0", "UserWarning: 1"]
     assert len(texts) == 51 and texts[-1] == "... and 11 more warnings"
+
+
+# --- a PACS restarted, or gone, in the middle of a run: a real Orthanc (DICOMweb) ------------------
+
+_RETRY = re.compile(r"(case-[0-9a-f]{12}): (fetch|push) failed \((.+?)\); retry 1 of \d+ in [0-9.]+ s")
+
+
+class _Stderr:
+    """A running command's stderr, read line by line in a thread (the INFO log lines among them)."""
+
+    def __init__(self, process: subprocess.Popen) -> None:
+        self.lines: list[str] = []
+        self.thread = threading.Thread(target=lambda: self.lines.extend(process.stderr), daemon=True)
+        self.thread.start()
+
+    def wait_for(self, pattern: re.Pattern, process: subprocess.Popen, timeout: float = 180) -> re.Match:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = [m for line in list(self.lines) if (m := pattern.search(line))]
+            if found:
+                return found[0]
+            if process.poll() is not None:
+                break
+            time.sleep(0.05)
+        pytest.fail(f"no line matching {pattern.pattern!r}: {self.text[-3000:]}")
+
+    @property
+    def text(self) -> str:
+        return "".join(self.lines)
+
+
+def _study_uid(entry: dict) -> str:
+    return str(pydicom.dcmread(next((DEMO / entry["dicom"]).glob("*.dcm")), stop_before_pixels=True).StudyInstanceUID)
+
+
+def _modalities(url: str, study_uid: str) -> list[str]:
+    """The modalities of the study's series on the DICOMweb server (QIDO-RS)."""
+    with urllib.request.urlopen(f"{url}/studies/{study_uid}/series", timeout=30) as response:
+        return sorted(s["00080060"]["Value"][0] for s in json.loads(response.read() or b"[]"))
+
+
+@pytest.fixture
+def pacs(tmp_path):
+    """A real Orthanc (DICOMweb) holding three demo studies, which the test may stop and start again."""
+    entries = [demo_case("test", index) for index in range(3)]
+    (tmp_path / "pacs").mkdir()
+    with servers.orthanc_server(tmp_path / "pacs", [DEMO / e["dicom"] for e in entries]) as server:
+        yield server, [_study_uid(e) for e in entries]
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_pacs_restarted_mid_run_costs_retries_not_cases(pacs, tmp_path):
+    """Orthanc stopped once the first case is done, and started again (same port and storage) once a
+    case in flight has met it down: that case retries and succeeds, every case is segmented and its
+    results stored on the PACS, none twice, nothing partial; the retry's log line names the case only."""
+    server, study_uids = pacs
+    out = tmp_path / "out"
+    command = _command("--input", server.url, "--output", str(out), "--push", "--workers", "1",
+                       "--retries", "8", "--retry-wait", "0.25")
+    with _started(command) as (process, _):
+        stderr = _Stderr(process)
+        _wait_for_records(out, process)
+        server.stop()
+        case_id, step, _ = stderr.wait_for(_RETRY, process).groups()  # a case in flight met the PACS down
+        server.start()
+        process.wait(timeout=300)
+        stdout = process.stdout.read()
+        stderr.thread.join(timeout=10)
+    assert process.returncode == 0, stderr.text[-3000:]
+    assert "3 cases: 3 segmented, 0 already complete, 0 failed" in stdout
+    records = {record["case_id"]: record for record in _finished(out)}
+    assert len(records) == 3 and records[case_id]["retries"][step] >= 1
+    for uid in study_uids:
+        assert _modalities(server.url, uid) == ["MR", "SEG", "SR"]  # stored once each: the same UIDs again
+    assert _partials(out) == [] and not (out / ".cache").exists()
+    retried = [line for line in stderr.lines if " failed (" in line and "; retry " in line]
+    assert retried and not [line for line in retried if "127.0.0.1" in line or any(u in line for u in study_uids)]
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_pacs_gone_for_good_fails_the_cases_left_and_a_rerun_finishes_them(pacs, tmp_path):
+    """Orthanc stopped for good once the first case is done: the cases left fail after their retries,
+    naming the PACS (exit code 1 with --fail-on-error; 0 without, as one case was segmented). A rerun
+    started while it is still down retries its study query until it is back, then finishes them and
+    leaves the finished one alone."""
+    server, study_uids = pacs
+    out = tmp_path / "out"
+    command = _command("--input", server.url, "--output", str(out), "--push", "--workers", "1", "--retries", "2",
+                       "--retry-wait", "0.1", "--fail-on-error", "--quiet")
+    with _started(command) as (process, _):
+        _wait_for_records(out, process)
+        server.stop()
+        stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 1, stderr[-3000:]
+    records = [json.loads(p.read_text()) for p in sorted(out.glob("*/record.json"))]
+    failed = [record for record in records if record["status"] == "failed"]
+    assert len(records) == 3 and 1 <= len(failed) < 3, [r.get("error") for r in records]
+    assert f"3 cases: {3 - len(failed)} segmented, 0 already complete, {len(failed)} failed" in stdout
+    for record in failed:  # refused, or reset while it was shutting down
+        assert server.url in record["error"] and "(gave up after 2 retries)" in record["error"], record["error"]
+        assert sum(record["retries"].values()) == 2
+        assert [p.name for p in (out / record["case_id"]).iterdir()] == ["record.json"]  # nothing partial
+    rerun = [*command[:command.index("--retries")], "--retries", "8", "--retry-wait", "0.25"]
+    with _started(rerun) as (process, _):
+        stderr = _Stderr(process)
+        stderr.wait_for(re.compile(r"INFO discovery failed \(ConnectionError\); retry 1 of 8 in "), process)
+        server.start()
+        process.wait(timeout=300)
+        stdout = process.stdout.read()
+        stderr.thread.join(timeout=10)
+    assert process.returncode == 0, stderr.text[-3000:]
+    assert f"3 cases: {len(failed)} segmented, {3 - len(failed)} already complete, 0 failed" in stdout
+    assert len(_finished(out)) == 3
+    for uid in study_uids:
+        assert _modalities(server.url, uid) == ["MR", "SEG", "SR"]
+
+
+# Orthanc deletes one instance of a series as its WADO-RS request comes in: the series it sends is one
+# short of what its QIDO-RS listed a moment before, as an archive's can be while a study changes
+_LOSE_ONE = """
+function IncomingHttpRequestFilter(method, uri, ip, username, httpHeaders)
+  if method == 'GET' and string.find(uri, '/series/[0-9.]+$') then
+    local series = string.match(uri, '/series/([0-9.]+)$')
+    local found = ParseJson(RestApiPost('/tools/find', DumpJson({Level='Instance', Query={SeriesInstanceUID=series}})))
+    if found[1] ~= nil then
+      RestApiDelete('/instances/' .. found[1])
+    end
+  end
+  return true
+end
+"""
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_series_that_arrives_incomplete_fails_its_case_naming_it(tmp_path):
+    """The study fetched in a loader process, twice (one retry): its case fails naming the series and
+    the counts; nothing of it is segmented; the retry's log line, from the loader, names the case only."""
+    entry = demo_case("test", 0)
+    study = DEMO / entry["dicom"]
+    first = pydicom.dcmread(next(study.glob("*.dcm")), stop_before_pixels=True)
+    count = len(list(study.glob("*.dcm")))
+    (tmp_path / "pacs").mkdir()
+    (tmp_path / "lose_one.lua").write_text(_LOSE_ONE)
+    out = tmp_path / "out"
+    with servers.orthanc_server(tmp_path / "pacs", [study], LuaScripts=[str(tmp_path / "lose_one.lua")]) as server:
+        result = subprocess.run(_command("--input", server.url, "--output", str(out), "--workers", "1", "--retries", "1",
+                                         "--retry-wait", "0.01"), check=False, cwd=REPO, capture_output=True, text=True,
+                                timeout=300)
+    assert result.returncode == 1, result.stderr[-3000:]  # its one case failed
+    (case_dir,) = [p for p in out.iterdir() if p.is_dir()]
+    record = json.loads((case_dir / "record.json").read_text())
+    assert record["error"] == (  # each attempt fetches afresh: the second found one more missing
+        f"{server.url}: WADO-RS of series {first.SeriesInstanceUID} of study {first.StudyInstanceUID}: the series "
+        f"arrived incomplete: {count - 2} of the {count - 1} instances QIDO-RS lists (gave up after 1 retry)")
+    assert record["retries"] == {"fetch": 1} and record["outputs"] == []
+    assert [p.name for p in case_dir.iterdir()] == ["record.json"]  # no partial series was segmented
+    assert not (out / ".cache").exists()
+    assert f"{case_dir.name}: fetch failed (WADO-RS: series incomplete); retry 1 of 1 in " in result.stderr
+    assert str(first.StudyInstanceUID) not in result.stderr and str(first.SeriesInstanceUID) not in result.stderr
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_dicom_peer_restarted_mid_run_costs_retries_not_cases(tmp_path):
+    """The same over DIMSE: Orthanc's DICOM port (in a network namespace, where the job runs too)
+    stopped under a running job and started again; the case in flight retries (C-GET or C-STORE on a
+    new association) and every case is segmented and stored back."""
+    entries = [demo_case("test", index) for index in range(3)]
+    (tmp_path / "pacs").mkdir()
+    with servers.orthanc_dimse_server(tmp_path / "pacs", [DEMO / e["dicom"] for e in entries]) as server:
+        out = tmp_path / "out"
+        uids = [arg for entry in entries for arg in ("--study-uid", _study_uid(entry))]
+        command = _command("--input", server.dicom, *uids, "--output", str(out), "--push", "--workers", "1",
+                           "--retries", "8", "--retry-wait", "0.25")
+        with _started(server.namespace.command(*command)) as (process, _):
+            stderr = _Stderr(process)
+            _wait_for_records(out, process)
+            server.stop()
+            case_id, step, _ = stderr.wait_for(_RETRY, process).groups()
+            server.start()
+            process.wait(timeout=300)
+            stdout = process.stdout.read()
+            stderr.thread.join(timeout=10)
+    assert process.returncode == 0, stderr.text[-3000:]
+    assert "3 cases: 3 segmented, 0 already complete, 0 failed" in stdout
+    records = {record["case_id"]: record for record in _finished(out)}
+    assert len(records) == 3 and records[case_id]["retries"][step] >= 1
+    assert all(set(record["pushed"]) == {"url", "seg.dcm", "sr.dcm"} for record in records.values())
+    assert _partials(out) == [] and not (out / ".cache").exists()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.parametrize("qdisc", ["netem delay 50ms loss 5%",
+                                   "tbf rate 4mbit burst 256kb latency 400ms"],  # a burst above loopback's 64 KiB
+                         ids=["lossy", "slow"])
+def test_a_slow_or_lossy_link_still_brings_every_study_whole(qdisc, tmp_path):
+    """The DICOM peer behind a link that delays and loses packets (netem), or one of 4 Mbit/s (tbf),
+    shaped on the loopback interface of the namespace the peer and the job share: the study comes
+    whole and its results go back."""
+    entry = demo_case("test", 1)
+    (tmp_path / "pacs").mkdir()
+    with servers.orthanc_dimse_server(tmp_path / "pacs", [DEMO / entry["dicom"]]) as server:
+        shaped = server.namespace.run("tc", "qdisc", "add", "dev", "lo", "root", *qdisc.split(), timeout=30)
+        if shaped.returncode != 0:
+            pytest.skip(f"cannot shape the link with tc {qdisc.split()[0]} here: {shaped.stderr.strip()} "
+                        f"(netem needs the kernel's sch_netem)")
+        command = _command("--input", server.dicom, "--study-uid", _study_uid(entry), "--output", str(tmp_path / "out"),
+                           "--push", "--workers", "0", "--retry-wait", "0.5", "--quiet")
+        result = server.namespace.run(*command, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "1 cases: 1 segmented" in result.stdout
+    (record,) = _finished(tmp_path / "out")
+    assert set(record["pushed"]) == {"url", "seg.dcm", "sr.dcm"}
