@@ -124,7 +124,7 @@ class PriorIndex:
     folders: Sequence[Path] = ()
     bundle: str | None = None
     _studies: dict[str, list[_Study]] = field(default_factory=dict)
-    _seen: set[Path] = field(default_factory=set)
+    _seen: set[str] = field(default_factory=set)  # case folders as os.scandir names them: no Path per entry
     _patient_of: dict[Path, str] = field(default_factory=dict)
     _pending: set[Path] = field(default_factory=set)
     _listed: int | None = None
@@ -133,7 +133,7 @@ class PriorIndex:
     def add(self, case_dir: Path, record: Mapping) -> None:
         """Take a finished case (its record replaces what was known of its folder)."""
         here = Path(case_dir)  # as the run names it: <folder>/<case id>, no resolving (one look per case)
-        self._seen.add(here)
+        self._seen.add(os.fspath(here))
         known = self._patient_of.pop(here, None)
         if known is not None:
             self._studies[known] = [s for s in self._studies[known] if s.case_dir != here]
@@ -149,13 +149,13 @@ class PriorIndex:
 
     def _scan(self, folder: Path) -> None:
         try:
-            entries = [Path(e.path) for e in os.scandir(folder) if e.is_dir() and not e.name.startswith(".")]
+            new = [e.path for e in os.scandir(folder)
+                   if e.path not in self._seen and not e.name.startswith(".") and e.is_dir()]
         except OSError as exc:
             logger.warning("prior studies: cannot read %s: %s", folder, exc.strerror or exc)
             return
-        for case_dir in entries:
-            if case_dir not in self._seen:
-                self._read(case_dir)
+        for case_dir in new:
+            self._read(Path(case_dir))
 
     def _read(self, case_dir: Path) -> None:
         try:

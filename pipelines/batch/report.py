@@ -1,4 +1,11 @@
-"""Run-level reports from the cases' ``record.json`` files: ``report.csv`` and ``report.html``."""
+"""Run-level reports from the cases' ``record.json`` files: ``report.csv`` and ``report.html``.
+
+``report.html`` holds the cases' QC thumbnails while they come to at most
+:data:`INLINE_THUMBNAIL_BYTES` together: one file, to mail or move. A larger run's page links each
+case's thumbnail in the case folders beside it, loaded as it is scrolled to: thousands of cases
+inlined make a page of hundreds of MB that no browser opens quickly (docs/benchmarks.md, "The batch
+job at scale").
+"""
 
 from __future__ import annotations
 
@@ -9,13 +16,16 @@ import io
 import json
 import os
 from pathlib import Path
+from urllib.parse import quote
 
 from PIL import Image
 
-from pipelines.batch.qc import qc_thumbnail
+from pipelines.batch.qc import THUMBNAIL_WIDTH, qc_thumbnail
 from pipelines.io.writers import atomic_path
 
-__all__ = ["read_records", "write_reports"]
+__all__ = ["INLINE_THUMBNAIL_BYTES", "read_records", "write_reports"]
+
+INLINE_THUMBNAIL_BYTES = 32 * 2**20  # the most QC picture bytes report.html holds; beyond, it links them
 
 
 def read_records(output_dir: str | os.PathLike) -> list[dict]:
@@ -102,27 +112,56 @@ def write_reports(output_dir: str | os.PathLike, title: str = "Segmentation batc
     return csv_path, html_path
 
 
-def _thumbnail(case_dir: Path) -> str | None:
-    """The case's QC thumbnail as a data URI: ``qc_thumbnail.png`` as written with the case, else
-    made from ``qc.png`` (cases written without one)."""
+def _picture(case_dir: Path) -> Path | None:
+    """The case's picture for the report: ``qc_thumbnail.png``, else ``qc.png`` (cases written
+    without a thumbnail), else None."""
+    for name in ("qc_thumbnail.png", "qc.png"):
+        if (case_dir / name).is_file():
+            return case_dir / name
+    return None
+
+
+def _thumbnail(picture: Path) -> str | None:
+    """A case's :func:`_picture` as a data URI: ``qc_thumbnail.png`` as written with the case, or a
+    thumbnail made from ``qc.png`` (None when it cannot be read)."""
     try:
-        if (case_dir / "qc_thumbnail.png").is_file():
-            data = (case_dir / "qc_thumbnail.png").read_bytes()
-        elif (case_dir / "qc.png").is_file():
-            with Image.open(case_dir / "qc.png") as picture:
-                buffer = io.BytesIO()
-                qc_thumbnail(picture.convert("RGB")).save(buffer, format="PNG", compress_level=3)
-            data = buffer.getvalue()
+        if picture.name == "qc_thumbnail.png":
+            data = picture.read_bytes()
         else:
-            return None
+            with Image.open(picture) as opened:
+                buffer = io.BytesIO()
+                qc_thumbnail(opened.convert("RGB")).save(buffer, format="PNG", compress_level=3)
+            data = buffer.getvalue()
     except OSError:
         return None
     return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
 
 
+def _image(case: str, picture: Path, inline: bool) -> str | None:
+    """A case's ``<img>`` of its :func:`_picture`: inlined, or linked from its folder (relative to
+    the page) under ``data-src``, which the page's script fetches as it comes near the view, its size
+    given so that the rows keep their height meanwhile (a ``qc.png`` scaled to the thumbnails' width)."""
+    alt = f'alt="QC of {html.escape(case)}"'
+    if inline:
+        thumb = _thumbnail(picture)
+        return f'<img {alt} src="{thumb}">' if thumb else None
+    size = ""
+    try:
+        with Image.open(picture) as opened:  # reads the header only
+            width, height = opened.size
+        if width > THUMBNAIL_WIDTH:
+            width, height = THUMBNAIL_WIDTH, max(1, height * THUMBNAIL_WIDTH // width)
+        size = f' width="{width}" height="{height}"'
+    except OSError:
+        pass  # linked all the same: the page names a picture that does not load
+    return f'<img {alt} data-src="{html.escape(quote(case))}/{picture.name}"{size}>'
+
+
 # Sorting (click a column heading; ``#sort=<column>:asc|desc`` in the address sorts on opening, so a
-# sorted view can be shared) and a check that every picture shows (``data-loaded`` on each image; a
-# picture that does not load is named above the table). Inline: the page stays one file.
+# sorted view can be shared), linked thumbnails (``data-src``) fetched when they come within 1,000 px
+# of the view (``loading="lazy"`` alone is not enough: headless browsers fetch every such picture
+# before the page counts as loaded), and a check that every picture shown loads (``data-loaded`` on
+# each; a picture that does not load is named above the table). Inline: the page stays one file.
 _SCRIPT = """
 (function () {
   var table = document.getElementById("cases"), body = table.tBodies[0];
@@ -167,15 +206,37 @@ _SCRIPT = """
     var note = document.getElementById("pictures");
     note.textContent = broken ? broken + " QC picture(s) did not load" : "";
   }
-  Array.prototype.forEach.call(document.images, function (image) {
+  function watch(image) {
     if (image.complete) { checked(image); }
     else {
       image.addEventListener("load", function () { checked(image); });
       image.addEventListener("error", function () { checked(image); });
     }
+  }
+  function show(image) {
+    image.src = image.getAttribute("data-src");
+    image.removeAttribute("data-src");
+    watch(image);
+  }
+  var linked = Array.prototype.slice.call(document.querySelectorAll("img[data-src]"));
+  Array.prototype.forEach.call(document.images, function (image) {
+    if (!image.hasAttribute("data-src")) { watch(image); }
   });
+  if (!("IntersectionObserver" in window)) { linked.forEach(show); return; }
+  var reach = window.innerHeight + 1000;  // px below the view fetched ahead
+  var near = linked.filter(function (image) { return image.getBoundingClientRect().top < reach; });
+  near.forEach(show);
+  var ahead = new IntersectionObserver(function (entries) {
+    entries.forEach(function (entry) {
+      if (entry.isIntersecting) { ahead.unobserve(entry.target); show(entry.target); }
+    });
+  }, {rootMargin: "1000px 0px"});
+  linked.forEach(function (image) { if (image.hasAttribute("data-src")) { ahead.observe(image); } });
 })();
 """
+
+
+_LINKED = "; the thumbnails are read from the case folders beside this page, as they are scrolled to"
 
 
 def _html(output_dir: Path, records: list[dict], rows: list[dict], columns: list[str], title: str) -> str:
@@ -186,14 +247,17 @@ def _html(output_dir: Path, records: list[dict], rows: list[dict], columns: list
     timelines = _timelines(records)
     plots = any(len(points) > 1 for points in timelines.values())
     head += "<th>QC</th>" + ("<th>volumes over time</th>" if plots else "")
+    pictures = {str(r.get("case_id", "")): _picture(output_dir / str(r.get("case_id", "")))
+                for r in records if r.get("status") == "ok"}
+    inline = sum(p.stat().st_size for p in pictures.values() if p is not None) <= INLINE_THUMBNAIL_BYTES
     body = []
     for record, row in zip(records, rows):
         case = str(record.get("case_id", ""))
         status = str(record.get("status", ""))
-        thumb = _thumbnail(output_dir / case) if status == "ok" else None
-        if thumb:
-            full = f"{case}/qc.png" if (output_dir / case / "qc.png").is_file() else None
-            image = f'<img alt="QC of {html.escape(case)}" src="{thumb}">'
+        picture = pictures.get(case) if status == "ok" else None
+        image = _image(case, picture, inline) if picture is not None else None
+        if image:
+            full = f"{quote(case)}/qc.png" if (output_dir / case / "qc.png").is_file() else None
             qc = f'<a href="{html.escape(full)}" title="the full QC picture">{image}</a>' if full else image
         else:
             qc = html.escape(row["error"])
@@ -218,9 +282,9 @@ def _html(output_dir: Path, records: list[dict], rows: list[dict], columns: list
         f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>"
         f"<p>{len(records)} cases: {len(records) - failed} ok, {failed} failed. Volumes in mL, section areas in "
         f"pixels; QC pictures of volumes are axial | coronal | sagittal through the largest lesion "
-        f"(radiological view; a thumbnail opens the full picture). Changes are since the patient's prior "
-        f"study (prior_case, interval_days; new and gone lesions); the plot shows the patient's volumes "
-        f"up to each study. Click a column heading to sort.</p>"
+        f"(radiological view; a thumbnail opens the full picture{'' if inline else _LINKED}). Changes are since the "
+        f"patient's prior study (prior_case, interval_days; new and gone lesions); the plot shows the patient's "
+        f"volumes up to each study. Click a column heading to sort.</p>"
         f'<p id="pictures"></p>'
         f'<table id="cases"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
         f"<script>{_SCRIPT}</script></body></html>\n"

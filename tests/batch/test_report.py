@@ -157,3 +157,27 @@ def test_the_plot_takes_a_prior_study_from_an_earlier_run(tmp_path):
     rows = {row["case_id"]: row for row in csv.DictReader(csv_path.open())}
     assert rows["case-fff"]["tumor_change_pct"] == "-50.0" and rows["case-fff"]["gone_lesions"] == "1"
     assert rows["case-ggg"]["tumor_change_ml"] == ""
+
+
+def test_a_large_run_links_its_thumbnails_to_load_as_scrolled_to(tmp_path, monkeypatch):
+    """Past ``INLINE_THUMBNAIL_BYTES`` of pictures the page links each case's thumbnail in its folder
+    (the address escaped) for its script to fetch near the view, with its size (a ``qc.png`` scaled to
+    the thumbnails' width), so that a night of thousands of cases opens at once; Chromium loads those
+    in view from the links."""
+    _records(tmp_path)  # case-aaa: a qc.png of 900 x 300 only
+    odd = tmp_path / "case 7#b"  # a manifest's case id
+    odd.mkdir()
+    (odd / "record.json").write_text(json.dumps({"case_id": "case 7#b", "status": "ok", "volumes_ml": {"tumor": 1.0}}))
+    Image.fromarray(np.full((50, 420, 3), 90, np.uint8)).save(odd / "qc_thumbnail.png")
+    monkeypatch.setattr("pipelines.batch.report.INLINE_THUMBNAIL_BYTES", 100)
+    _, html_path = write_reports(tmp_path)
+    page = _Page()
+    page.feed(html_path.read_text())
+    images = {a["alt"]: a for t, a in page.tags if t == "img"}
+    assert images["QC of case-aaa"] == {"alt": "QC of case-aaa", "data-src": "case-aaa/qc.png", "width": "420",
+                                        "height": "140"}
+    assert images["QC of case 7#b"]["data-src"] == "case%207%23b/qc_thumbnail.png"
+    assert (images["QC of case 7#b"]["width"], images["QC of case 7#b"]["height"]) == ("420", "50")
+    assert "read from the case folders beside this page" in "".join(page.text)
+    dom, console = _chromium(html_path)
+    assert console == [] and dom.count('data-loaded="yes"') == 2 and 'data-loaded="no"' not in dom
