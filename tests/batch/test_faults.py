@@ -370,6 +370,25 @@ def pacs(tmp_path):
         yield server, [_study_uid(e) for e in entries]
 
 
+def _restarted_under(process: subprocess.Popen, server, out: Path) -> tuple[dict[str, dict], list[str]]:
+    """Stops ``server`` once the job has written a record and starts it again (same port and storage)
+    once a case in flight has logged a retry; checks the job then segments all 3 cases, that case's
+    record counting the retry. Returns the records by case id and the job's stderr lines."""
+    stderr = _Stderr(process)
+    _wait_for_records(out, process)
+    server.stop()
+    case_id, step, _ = stderr.wait_for(_RETRY, process).groups()  # a case in flight met the PACS down
+    server.start()
+    process.wait(timeout=300)
+    stdout = process.stdout.read()
+    stderr.thread.join(timeout=10)
+    assert process.returncode == 0, stderr.text[-3000:]
+    assert "3 cases: 3 segmented, 0 already complete, 0 failed" in stdout
+    records = {record["case_id"]: record for record in _finished(out)}
+    assert len(records) == 3 and records[case_id]["retries"][step] >= 1
+    return records, stderr.lines
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 def test_a_pacs_restarted_mid_run_costs_retries_not_cases(pacs, tmp_path):
@@ -381,22 +400,11 @@ def test_a_pacs_restarted_mid_run_costs_retries_not_cases(pacs, tmp_path):
     command = _command("--input", server.url, "--output", str(out), "--push", "--workers", "1",
                        "--retries", "8", "--retry-wait", "0.25")
     with _started(command) as (process, _):
-        stderr = _Stderr(process)
-        _wait_for_records(out, process)
-        server.stop()
-        case_id, step, _ = stderr.wait_for(_RETRY, process).groups()  # a case in flight met the PACS down
-        server.start()
-        process.wait(timeout=300)
-        stdout = process.stdout.read()
-        stderr.thread.join(timeout=10)
-    assert process.returncode == 0, stderr.text[-3000:]
-    assert "3 cases: 3 segmented, 0 already complete, 0 failed" in stdout
-    records = {record["case_id"]: record for record in _finished(out)}
-    assert len(records) == 3 and records[case_id]["retries"][step] >= 1
+        _, lines = _restarted_under(process, server, out)
     for uid in study_uids:
         assert _modalities(server.url, uid) == ["MR", "SEG", "SR"]  # stored once each: the same UIDs again
     assert _partials(out) == [] and not (out / ".cache").exists()
-    retried = [line for line in stderr.lines if " failed (" in line and "; retry " in line]
+    retried = [line for line in lines if " failed (" in line and "; retry " in line]
     assert retried and not [line for line in retried if "127.0.0.1" in line or any(u in line for u in study_uids)]
 
 
@@ -498,18 +506,7 @@ def test_a_dicom_peer_restarted_mid_run_costs_retries_not_cases(tmp_path):
         command = _command("--input", server.dicom, *uids, "--output", str(out), "--push", "--workers", "1",
                            "--retries", "8", "--retry-wait", "0.25")
         with _started(server.namespace.command(*command)) as (process, _):
-            stderr = _Stderr(process)
-            _wait_for_records(out, process)
-            server.stop()
-            case_id, step, _ = stderr.wait_for(_RETRY, process).groups()
-            server.start()
-            process.wait(timeout=300)
-            stdout = process.stdout.read()
-            stderr.thread.join(timeout=10)
-    assert process.returncode == 0, stderr.text[-3000:]
-    assert "3 cases: 3 segmented, 0 already complete, 0 failed" in stdout
-    records = {record["case_id"]: record for record in _finished(out)}
-    assert len(records) == 3 and records[case_id]["retries"][step] >= 1
+            records, _ = _restarted_under(process, server, out)
     assert all(set(record["pushed"]) == {"url", "seg.dcm", "sr.dcm"} for record in records.values())
     assert _partials(out) == [] and not (out / ".cache").exists()
 
