@@ -8,7 +8,10 @@ file) travel with it, for its record.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
+import os
 import pickle
 import re
 import signal
@@ -31,6 +34,8 @@ from pipelines.runtime import CoreShare
 __all__ = ["Loading", "describe_error"]
 
 logger = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1  # prctl option, <linux/prctl.h>
 
 
 class _CaseLoader(torch.utils.data.Dataset):
@@ -149,6 +154,7 @@ class Loading:
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=None, shuffle=False, num_workers=workers, collate_fn=_first,
             prefetch_factor=2 if workers else None, persistent_workers=False,
+            worker_init_fn=functools.partial(_end_with, os.getpid()) if workers else None,
         )
         batches = iter(loader)
         deaths = _WorkerDeaths()
@@ -222,6 +228,21 @@ def _how_it_died(report: str) -> str:
         return f"signal {names[0]}" if names else f"signal: {killed.group(1)}"
     code = re.search(r"exit code (-?\d+)", report)
     return f"exit code {code.group(1)}" if code else "cause unknown"
+
+
+def _end_with(job: int, _worker: int) -> None:
+    """In a loader process: end when the batch job ``job`` ends, however it ends. Killed with
+    ``kill -9`` or by the out-of-memory killer, the job cannot end its loaders, and one blocked
+    writing a prefetched case into the pipe no one reads would live on, holding its memory and the
+    job's stdout and stderr. Linux's parent-death signal (``prctl(PR_SET_PDEATHSIG)``) ends it; it
+    is sent when the thread that started the loader ends, the one that iterates :class:`Loading`
+    for the whole run. Elsewhere nothing is set."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux
+        return
+    if prctl(_PR_SET_PDEATHSIG, signal.SIGKILL) == 0 and os.getppid() != job:  # the job ended before that
+        os._exit(1)
 
 
 def _end_workers(batches) -> None:

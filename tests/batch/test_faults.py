@@ -274,6 +274,26 @@ def test_a_loader_process_that_dies_fails_its_study_only(what, name, fault_bundl
 
 @pytest.mark.integration
 @pytest.mark.slow
+def test_a_loader_process_ends_with_a_job_killed_by_sigkill(tmp_path):
+    """``kill -9`` of the job alone (the out-of-memory killer's way), its loader process busy
+    prefetching the next studies into a pipe no one reads any more: the loader ends too, instead of
+    living on with its memory and the job's stdout and stderr."""
+    for index in range(5):
+        copy_study("test", index, tmp_path / "in" / f"s{index}")
+    with _started(_command("--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--workers", "1",
+                           "--quiet")) as (process, seen):
+        _wait_for_records(tmp_path / "out", process)
+        job = psutil.Process(process.pid)
+        seen.extend(job.children(recursive=True))
+        assert seen, "the job should have a loader process while studies are left"
+        os.kill(process.pid, signal.SIGKILL)  # the job alone, not its process group
+        process.wait(timeout=30)
+        _, alive = psutil.wait_procs(seen, timeout=20)
+        assert alive == [], [p.pid for p in alive]
+
+
+@pytest.mark.integration
+@pytest.mark.slow
 def test_warnings_naming_files_go_to_the_record_not_the_log(fault_bundle, tmp_path):
     study = tmp_path / "in" / "fault-warn"
     copy_study("test", 0, study)
