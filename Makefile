@@ -32,7 +32,7 @@ PORT ?= 8000
 LABEL_ARGS ?=
 export UNET_LABEL_PYTHON := $(LABEL_PY)
 
-.PHONY: help venv label-venv label-server system-deps test demo demo-data demo-brain demo-isbi bench clean
+.PHONY: help venv label-venv label-server system-deps test docs demo demo-data demo-brain demo-isbi bench clean
 
 help:
 	@echo "make demo   - create .venv, install, generate the demo data, train the 3D tumor bundle, run the batch jobs (tumor, brain)"
@@ -41,6 +41,7 @@ help:
 	@echo "make demo-isbi - train and run the U-Net ISBI 2012 bundle on ../shared/data/isbi2012"
 	@echo "make test   - create/refresh .venv and run the test suite (all but GPU tests)"
 	@echo "make bench  - benchmarks, with ratios against the peer measured in the same run"
+	@echo "make docs   - build the documentation site into site/ (strict: broken links fail)"
 	@echo "make label-server STUDIES=<folder | DICOMweb URL> [PORT=8000] - serve the bundles from MONAI Label on 127.0.0.1"
 
 # torch==2.13.0 first: that exact version is the local CPU build; anything that asks for torch later
@@ -83,8 +84,13 @@ system-deps:
 		exit $$status; \
 	fi
 
-test: $(STAMP) $(LABEL_STAMP) system-deps demo-data demo-brain
+test: $(STAMP) $(LABEL_STAMP) system-deps demo-data demo-brain docs
 	$(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
+
+# --strict: a broken link, a missing anchor or a docstring naming a parameter the code lacks fails the
+# build. The environment variables silence the theme's and MkDocs' notices about their successors.
+docs: $(STAMP)
+	DISABLE_MKDOCS_2_WARNING=true NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
 
 demo: $(STAMP) demo-data demo-brain
 	@echo "== demo 1/5: train the 3D tumor bundle for $(DEMO_EPOCHS) epochs (from scratch, tracked in MLflow) =="
@@ -168,4 +174,4 @@ bench: $(STAMP) demo-data demo-brain
 	$(PY) benchmarks/bench_brain.py --data $(DEMO_BRAIN)
 
 clean:
-	rm -rf $(DEMO) bench_output .pytest_cache
+	rm -rf $(DEMO) bench_output .pytest_cache site

@@ -10,7 +10,18 @@ import ast
 import sys
 from collections.abc import Sequence
 
-__all__ = ["main"]
+__all__ = ["BATCH_EXIT_CODES", "main"]
+
+BATCH_EXIT_CODES = {
+    0: "every case segmented or complete from an earlier run; some may have failed (see `report.csv`)",
+    1: "every case failed; with `--fail-on-error`, any case failed",
+    2: "the run cannot start: a usage error, unusable input, an output that is a file, not writable or short of "
+       "`--min-free-mb`, in use by another run (without `--wait`), two manifest entries or files mapping to one case "
+       "id, a bundle that breaks the contract",
+    3: "the output stopped taking writes mid-run: disk full, read-only, permission denied (EACCES, EPERM)",
+    130: "stopped by SIGINT (the shell's 128 + signal number): finished cases stay complete; rerun to resume",
+    143: "stopped by SIGTERM, as SIGINT",
+}
 
 
 def _shapes(args: argparse.Namespace) -> int:
@@ -226,12 +237,10 @@ def _add_batch_command(commands) -> None:
         description="Run a bundle over a folder tree of DICOM studies and/or NIfTI files, a manifest, or a "
         "DICOMweb server. Writes <output>/<case_id>/{mask.nii.gz,seg.dcm,sr.dcm,qc.png,qc_thumbnail.png,record.json} and "
         "<output>/report.{csv,html}; a study with a PatientID and StudyDate also anatomy.nii.gz, and the change since "
-        "the patient's prior study in this run or in --prior folders. Rerunning skips complete cases. Exit code 0 unless every case "
-        "failed (or any, with --fail-on-error); 2 for unusable input or output, 3 when the output "
-        "stopped taking writes mid-run (disk full, read-only, permission denied), 130 and 143 when "
-        "stopped by SIGINT and SIGTERM (finished cases stay complete; rerun to resume). Other --id value pairs are "
+        "the patient's prior study in this run or in --prior folders. Rerunning skips complete cases. Other --id value pairs are "
         "bundle overrides, as python -m monai.bundle run takes them (e.g. --channels \"['t2f', 't1c']\" for weights "
         "trained on FLAIR and T1c). A bundle's configs run Python code: use bundles you trust.",
+        epilog="exit codes: " + "; ".join(f"{code} {why}" for code, why in BATCH_EXIT_CODES.items()).replace("`", ""),
     )
     batch.add_argument("--bundle", required=True, help="bundle folder (configs/inference.json, models/model.pt)")
     batch.add_argument("--input", required=True,

@@ -83,7 +83,7 @@ def test_brain_bench_runs():
 
 @pytest.mark.slow
 def test_follow_up_accuracy_runs_on_the_demo_seed():
-    """The script behind the README's per-seed errors of the change since the prior study: on the
+    """The script behind the benchmark page's per-seed errors of the change since the prior study: on the
     demo's seed every error is within the 5 % the acceptance asks, and the new lesion is found."""
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "follow_up_accuracy.py"), "--seeds", "1003"],
                             capture_output=True, text=True, timeout=600, check=True)

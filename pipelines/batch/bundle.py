@@ -1,37 +1,9 @@
 """A bundle is the contract: what the batch job reads from ``configs/inference.json`` and
 ``metadata.json``, loaded once for a run.
 
-Required config ids (a bundle without one is refused at start, naming it):
-
-- ``network_def``: the network.
-- ``preprocessing``: a ``Compose`` whose first transform loads the inputs (``LoadVolumed`` or MONAI's
-  ``LoadImaged``); its keys are the bundle's input keys, one or several. The batch job loads the
-  inputs itself (DICOM studies, files, DICOMweb) and runs the rest.
-- ``inferer``: the inferer (a MONAI ``Inferer``).
-- ``postprocessing``: applied as MONAI's ``SupervisedEvaluator`` applies it: to the preprocessed
-  data with the network output under ``pred``. It must leave the label map ``(1, *spatial)`` under
-  ``pred`` on the grid of the reference input (an ``Invertd`` back through the preprocessing does
-  that). Its saving transforms (``SaveImaged``) are left out: the batch job writes its own outputs.
-
-Optional config ids:
-
-- ``series_rules``: DICOM series rules (:class:`pipelines.io.SeriesRules` fields), for every input
-  key, or per input key (``{"t1c": {...}, "flair": {...}}``); over what the loading transform sets.
-- ``network_input_key``: the preprocessed key the network reads; required with several input keys
-  (a bundle that stacks channels names the stacked key), else the input key.
-- ``reference_key``: the input whose grid the label map is on; default the network input key when it
-  is an input key, else the first input key.
-- ``tta_inferer``: the inferer used with ``--tta`` (e.g. a ``TTAInferer`` wrapping ``@inferer``).
-- ``probabilities``: a transform applied like ``postprocessing`` that leaves class or region
-  probabilities ``(C, *spatial)`` under ``prob`` on the reference grid; used with ``--probabilities``.
-
-From ``metadata.json``: ``labels`` (label value -> name; default: the output's ``channel_def``
-without channel 0), optional ``regions`` (name -> label values, measured together, and scored as
-BraTS scores its regions when a reference label exists), ``lesion_labels`` (the labels whose
-connected components are the lesions counted; default every foreground label), ``lesion_scoring``
-(``dilation``, ``min_lesion_mm3`` of the lesion-wise scores), ``qc_inputs`` (the input keys the QC
-picture shows, one row each, as the preprocessing leaves them on the reference grid: FLAIR and T1c
-for a brain tumor), ``name``, ``version`` and ``dicom_seg_segments`` (SNOMED CT codes for DICOM SEG).
+The config ids it requires and takes (:data:`REQUIRED_IDS`, :data:`OPTIONAL_IDS`) and the metadata
+keys it reads are written in docs/reference/bundle-contract.md and docs/reference/metadata.md;
+``tests/test_docs.py`` holds that page to these tuples.
 
 A bundle is code: its configs evaluate Python expressions when they are parsed. Run only bundles you
 trust. The weights load with ``torch.load(..., weights_only=True)`` (no pickled code).
@@ -165,7 +137,7 @@ class BundleModel:
             why = {"tta_inferer": " (asked for by --tta)", "probabilities": " (asked for by --probabilities)"}
             raise BundleContractError(
                 f"{config}: lacks the config id(s) " + ", ".join(f"`{m}`{why.get(m, '')}" for m in missing)
-                + "; see the README, 'The bundle contract'"
+                + "; see docs/reference/bundle-contract.md"
             )
         self.metadata: dict = json.loads(meta_file.read_text())
         self.name = str(self.metadata.get("name", self.root.name))

@@ -161,16 +161,16 @@ def discover_cases(source: str | os.PathLike, inputs: Mapping[str, SeriesRules],
                    query: RemoteQuery | None = None, retry: RetryPolicy | None = None) -> list[Case]:
     """The cases under ``source``: a folder, a manifest (``.json``), a DICOMweb URL or a DICOM peer.
 
+    ``section``, ``dataset_dir``, ``image_key``: manifest section, base folder (default: the manifest's) and,
+    for a bundle of one input, the key of each entry's path (default: ``dicom`` when the entries have it,
+    else ``image``); a bundle of several inputs finds each under its own key.
+
     Args:
         source: a folder tree of DICOM studies (any nesting, series mixed) and/or image files
             (NIfTI, NRRD, MHA, PNG, TIFF); a manifest file; an ``http(s)://`` DICOMweb service root;
             or a DICOM peer ``dicom://AET@host:port`` (C-FIND, then C-GET of each study).
         inputs: the bundle's input keys, each with its DICOM series rules (a study gives each input
             the series its rules choose; an image file is a case only for a bundle of one input).
-        section, dataset_dir, image_key: manifest section, base folder (default: the manifest's)
-            and, for a bundle of one input, the key of each entry's path (default: ``dicom`` when
-            the entries have it, else ``image``); a bundle of several inputs finds each under its
-            own key.
         query: for a server, which studies (required for a DICOM peer) and the calling AE title.
         retry: for a server, how the query and each case's fetch are tried again after a transient
             failure (default: :class:`~pipelines.batch.retry.RetryPolicy`'s defaults).

@@ -1,8 +1,8 @@
 """Retries of what a server's failure a later attempt may not meet: a PACS restarted at 2 a.m., a
 busy archive, a link that drops a connection. One policy for DICOMweb (``requests``) and DIMSE
 (pynetdicom): the batch job's study discovery, fetches and pushes go through
-:meth:`RetryPolicy.call`; what counts as transient is :func:`is_transient` (the list is in the
-README's batch section).
+:meth:`RetryPolicy.call`; what counts as transient is :func:`is_transient` (the list is in
+docs/how-to/pacs.md).
 """
 
 from __future__ import annotations

@@ -151,6 +151,8 @@ def run_batch(
 ) -> BatchSummary:
     """Segment every case of ``source`` with the bundle; see the module docstring.
 
+    ``section``, ``dataset_dir``, ``image_key``: for manifest input.
+
     Args:
         bundle: bundle folder (its ``configs/inference.json``, ``configs/metadata.json`` and
             ``models/model.pt``; what it must define: :mod:`pipelines.batch.bundle`).
@@ -162,7 +164,6 @@ def run_batch(
         probabilities: also write ``prob.nii.gz`` (the bundle's ``probabilities`` transform).
         rtstruct: also write ``rtstruct.dcm`` (an RT Structure Set, for DICOM input).
         rules: DICOM series rules by name (``{"modality": "CT"}``), over each input's rules from the bundle.
-        section, dataset_dir, image_key: for manifest input.
         push: store each case's DICOM outputs (SEG, SR, RTSTRUCT): True, back to the ``source`` server
             (STOW-RS to DICOMweb, C-STORE to a DICOM peer); or to the destination given
             (``http(s)://...`` DICOMweb or ``dicom://AET@host:port``).

@@ -22,10 +22,11 @@ class ValidationOverlays:
     the image with the reference labels, and the image with the prediction. Attach to a
     ``SupervisedEvaluator`` whose post-processed output holds class-index maps ``(1, *spatial)``.
 
+    ``image_key``, ``label_key``, ``pred_key``: keys of the decollated engine output.
+
     Args:
         output_dir: folder for the PNGs (created).
         max_cases: cases drawn per validation (the first ones of the loader, so every epoch shows the same).
-        image_key, label_key, pred_key: keys of the decollated engine output.
     """
 
     def __init__(

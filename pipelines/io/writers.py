@@ -101,7 +101,7 @@ def _copy_aligned_planes(labels: np.ndarray, origins: np.ndarray, step_i: np.nda
     are grid planes of ``labels`` (steps of one voxel along two distinct axes, origins on voxel
     centres, each within 0.01 voxel over the whole plane). Fills ``out`` and returns True then;
     otherwise leaves it and returns False. Same result without computing coordinates for every voxel,
-    which on a large mask takes far longer than the copy (README, "Writing results")."""
+    which on a large mask takes far longer than the copy (docs/benchmarks.md, "Writing results")."""
     rows, columns = out.shape[1:]
     units_i, units_j, corners = np.rint(step_i), np.rint(step_j), np.rint(origins)
     axis_i, axis_j = np.flatnonzero(units_i), np.flatnonzero(units_j)

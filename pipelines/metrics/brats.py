@@ -205,12 +205,13 @@ def brats_scores(pred: np.ndarray, ref: np.ndarray, spacing: float | Sequence[fl
                  min_lesion_mm3: float = 50.0, max_distance: float = MAX_DISTANCE_MM) -> dict[str, RegionScores]:
     """Per region scores of a predicted label map against a reference.
 
+    ``dilation``, ``min_lesion_mm3``, ``max_distance``: as in :func:`lesion_wise`.
+
     Args:
         pred: predicted labels ``(*spatial)``.
         ref: reference labels, the same shape, on the same grid.
         spacing: voxel size in mm per spatial axis; None for 1.
         regions: region name -> the label values it covers (default BraTS 2023 WT, TC, ET).
-        dilation, min_lesion_mm3, max_distance: as in :func:`lesion_wise`.
 
     Returns:
         region name -> :class:`RegionScores`.
@@ -236,11 +237,12 @@ class BratsRegionMetric(CumulativeIterationMetric):
     ``channel``; the voxel size in mm comes from the reference's affine (a MetaTensor), else 1.
     ``aggregate`` is the mean over images.
 
+    ``dilation``, ``min_lesion_mm3``, ``max_distance``: as in :func:`lesion_wise`.
+
     Args:
         channel: the region channel (BraTS: 0 WT, 1 TC, 2 ET).
         score: ``"dice"``, ``"hd95"`` (mm), ``"lesion_dice"`` or ``"lesion_hd95"`` (BraTS 2023
             lesion-wise, see :func:`lesion_wise`).
-        dilation, min_lesion_mm3, max_distance: as in :func:`lesion_wise`.
     """
 
     SCORES = ("dice", "hd95", "lesion_dice", "lesion_hd95")

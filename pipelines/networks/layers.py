@@ -19,7 +19,7 @@ takes a kernel that PyTorch does not pick by itself:
 Each takes channels-first or channels-last input (:func:`channels_last`). In channels-last 3D
 convolutions oneDNN reads and writes its own layout directly, instead of reordering input and
 output into its blocked layout and back into newly mapped memory. :func:`instance_norm_` normalises
-a convolution's fresh output in place in either layout. Figures: README, "Benchmarks".
+a convolution's fresh output in place in either layout. Figures: docs/benchmarks.md, "The network's CPU speed".
 
 Everywhere else (autograd on, training mode, other devices or dtypes, TorchScript, tracing,
 ``torch.export``, ``torch.compile``, and under a dispatch mode such as ``FlopCounterMode``, which

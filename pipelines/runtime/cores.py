@@ -6,7 +6,8 @@ takes one of those cores, every operator waits for the thread it displaced, so e
 helper work costs the network about as much as running the helper alone. Here the network gives up
 one thread per working helper, checked before each of its layers, and takes it back when the helper
 is done; the helper then has a core of its own, and the network, which slows much less than in
-proportion to its threads, goes on at its speed on the rest. Figures: README, "The batch job".
+proportion to its threads, goes on at its speed on the rest. Figures: docs/benchmarks.md,
+"The batch job's throughput".
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ A 3D network's window allocates and frees hundreds of megabytes of activations. 
 serves every block above its mmap threshold (at most 32 MiB) with a fresh ``mmap`` and unmaps it on
 ``free``, and trims the heap's top when more than its trim threshold is free. Every window then
 writes to new pages, and the kernel zeroes and maps each 4 KiB page on first touch, a sizeable part
-of a window's time (README, "Benchmarks": ``bench_inference.py --sections limit``). While
+of a window's time (docs/benchmarks.md, "The network's CPU speed"). While
 :func:`keep_freed_memory` is active, glibc serves large blocks from the heap and never trims it
 (``mallopt(M_MMAP_MAX, 0)``, ``mallopt(M_TRIM_THRESHOLD, ...)``), so the next window reuses pages
 already mapped; on exit the freed memory goes back to the system (``malloc_trim(0)``). This is what

@@ -2,7 +2,7 @@
 
 For every source image of a DICOM SEG, highdicom asks whether its IOD holds the pixel data and frame
 attributes; each answer is a linear scan of the standard's module tables, and for a series of a few
-dozen slices these scans are a large share of the SEG's cost (README, "Writing results"). The answer
+dozen slices these scans are a large share of the SEG's cost (docs/benchmarks.md, "Writing results"). The answer
 depends only on the arguments and on the tables shipped with highdicom (pinned), so it is cached;
 errors (an unknown SOP class) are not. The cache gives highdicom's own answers, so it is installed
 once and left in place: :func:`pipelines.io.dicom_seg.write_dicom_seg` installs it before each SEG.

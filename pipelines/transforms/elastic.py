@@ -103,11 +103,12 @@ def _sampling_grid(displacements: np.ndarray, shape: tuple[int, ...], device: to
 class RandCoarseElasticd(RandomizableTransform, MapTransform):
     """Dictionary wrapper of :class:`RandCoarseElastic`: one random field deforms every key alike.
 
+    The other arguments: see :class:`RandCoarseElastic`.
+
     Args:
         keys: keys to deform, e.g. ``["image", "label", "weight"]``.
         mode: interpolation per key (``"bilinear"`` for images and weight maps, ``"nearest"`` for labels).
         allow_missing_keys: skip missing keys instead of raising.
-        other args: see :class:`RandCoarseElastic`.
     """
 
     def __init__(

@@ -43,12 +43,13 @@ class LoadVolume(Transform):
 class LoadVolumed(MapTransform):
     """Dictionary wrapper of :class:`LoadVolume`.
 
+    ``rules``, ``options``: see :class:`LoadVolume`.
+
     Args:
         keys: keys holding paths, e.g. ``["image", "label"]``.
         check_grid: every loaded key must share the first key's grid (shape and affine within
             1 micrometre), else :class:`pipelines.io.GridMismatchError` names both files.
         allow_missing_keys: skip missing keys instead of raising.
-        rules, options: see :class:`LoadVolume`.
         key_rules: series rules of single keys (key -> rules or a mapping of their fields), merged
             over ``rules`` for that key: the channels of one study folder, each found by its own
             rules (a bundle's ``series_rules``); keys not loaded are ignored (the rules of every

@@ -54,9 +54,10 @@ def membrane_watershed(
 class MembraneWatershed(Transform):
     """Array transform: probabilities ``(C, *spatial)`` to a cell/membrane map ``(1, *spatial)``.
 
+    The other arguments: see :func:`membrane_watershed`.
+
     Args:
         membrane_channel: the channel holding the membrane probability (softmax output).
-        other args: see :func:`membrane_watershed`.
     """
 
     def __init__(

@@ -212,6 +212,8 @@ class RegisterToReferenced(MapTransform):
     """Every channel under ``keys`` onto the grid of ``reference_key``, rigidly registered when
     ``register`` (see the module docstring); the channel's metadata gains ``registration``.
 
+    ``min_gain``, ``bins``, ``sampling``, ``iterations``, ``seed``: as in :func:`register_rigid`.
+
     Args:
         keys: the channels to align (the reference key among them is left as it is).
         reference_key: the channel whose grid the others take.
@@ -221,7 +223,6 @@ class RegisterToReferenced(MapTransform):
             on the reference grid as they are (BraTS-layout files, co-registered by their
             distributor). Without registering, a channel already on the reference grid is kept as it is.
         min_mutual_information: a registered channel with less mutual information (nats) is refused.
-        min_gain, bins, sampling, iterations, seed: as in :func:`register_rigid`.
         allow_missing_keys: skip keys that are absent.
     """
 

@@ -118,11 +118,12 @@ class UNetWeightMap(Transform):
 class UNetWeightMapd(MapTransform):
     """Dictionary wrapper of :class:`UNetWeightMap`: writes the weight map of ``keys`` to ``weight_keys``.
 
+    The other arguments: see :func:`unet_weight_map`.
+
     Args:
         keys: class-map keys, e.g. ``"label"``.
         weight_keys: output key(s), one per key (default ``"weight"``).
         allow_missing_keys: skip missing keys instead of raising.
-        other args: see :func:`unet_weight_map`.
     """
 
     def __init__(

@@ -17,6 +17,7 @@ from pipelines.batch import run_batch
 from pipelines.cli import main
 from tests.batch.conftest import BUNDLE, DEMO, MANIFEST
 from tests.dicom_checks import assert_report_matches_record
+from tests.documented import assert_record_documented
 
 pytestmark = pytest.mark.integration
 
@@ -59,6 +60,8 @@ def test_the_changes_are_the_true_ones_and_the_new_lesion_is_new(one_run):
     _, entries, records = one_run
     baseline, follow_up = records["fu_baseline"], records["fu_follow_up"]
     assert baseline["comparison"] is None and baseline["study"]["patient"] == follow_up["study"]["patient"]
+    assert_record_documented(baseline)
+    assert_record_documented(follow_up)
     comparison = follow_up["comparison"]
     assert comparison["prior_case"] == baseline["case_id"] and comparison["interval_days"] == 91
     assert comparison["registration"]["kept"] and 5 < comparison["registration"]["translation_mm"] < 12

@@ -16,6 +16,7 @@ from PIL import Image
 from pipelines.batch import pseudonym
 from tests.bundles.conftest import run_bundle
 from tests.conftest import REPO
+from tests.documented import assert_record_documented
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -48,5 +49,6 @@ def test_masks_equal_the_bundles_own_inference(isbi_dir, tmp_path):
         assert record["areas_px"]["cell"] == int((ours == 1).sum())
         assert record["area_fractions"]["cell"] == pytest.approx((ours == 1).mean(), abs=1e-4)
         assert record["objects"]["cell"] > 20  # a section of the ventral nerve cord holds dozens of cells
+        assert_record_documented(record)
     report = (tmp_path / "batch" / "report.csv").read_text().splitlines()
     assert "cell_px" in report[0] and "cell_objects" in report[0] and "_ml" not in report[0]

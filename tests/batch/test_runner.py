@@ -23,6 +23,7 @@ from pipelines.io import load_volume
 from pipelines.io.writers import resample_labels
 from tests.batch.conftest import BUNDLE, DEMO, broken_stranger, copy_study, demo_case
 from tests.conftest import REPO
+from tests.documented import assert_record_documented
 
 pytestmark = pytest.mark.integration
 
@@ -83,6 +84,7 @@ def test_every_case_gets_outputs_and_a_record(folder_run):
     case_a = _case_dir(root, root / "in" / "site" / "patient_a")
     record = json.loads((case_a / "record.json").read_text())
     assert record["status"] == "ok" and record["error"] is None
+    assert_record_documented(record)
     source = load_volume(root / "in" / "site" / "patient_a")
     mask = load_volume(case_a / "mask.nii.gz")
     assert mask.shape == source.shape and np.allclose(mask.affine, source.affine, atol=1e-4)  # the source grid
@@ -131,6 +133,7 @@ def test_bad_input_is_recorded_with_its_reason(folder_run):
     (failed,) = summary.failed
     record = json.loads((root / "out" / failed / "record.json").read_text())
     assert record["status"] == "failed" and "x.dcm" in record["error"] and record["outputs"] == []
+    assert_record_documented(record)
     assert sorted(p.name for p in (root / "out" / failed).iterdir()) == ["record.json"]
 
 

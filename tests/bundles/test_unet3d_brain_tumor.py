@@ -30,6 +30,7 @@ from pipelines.transforms import LabelsToRegions, RegionsToLabels
 from tests.bundles.conftest import BUNDLES, assert_bundle_ids, assert_bundle_layout, read_metrics, run_bundle
 from tests.conftest import REPO
 from tests.dicom_checks import assert_report_matches_record, assert_seg_reads_back_as_mask
+from tests.documented import assert_record_documented
 
 BUNDLE = BUNDLES / "unet3d_brain_tumor"
 CONFIGS = BUNDLE / "configs"
@@ -414,6 +415,7 @@ def test_the_batch_job_segments_the_demo_studies(demo, tmp_path):
         assert mask.shape == tuple(t1.shape[1:]) and np.allclose(mask.affine, t1.affine, atol=1e-3)
         assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 1, 2, 3}
         assert set(record["regions_ml"]) == {"WT", "TC", "ET"}
+        assert_record_documented(record)
         assert record["regions_ml"]["WT"] == pytest.approx(sum(record["volumes_ml"].values()), abs=0.02)
         registration = record["registration"]
         assert set(registration) == {"t1c", "t2w", "t2f"} and all(r["reference"] == "t1n" for r in registration.values())
@@ -478,6 +480,7 @@ def test_the_validation_cases_from_the_manifest_of_nifti_channels(demo, tmp_path
     for entry in entries:
         record = json.loads((tmp_path / "out" / entry["case_id"] / "record.json").read_text())
         assert record["source"]["inputs"]["t2f"]["path"] == str(demo / entry["image"][3])
+        assert_record_documented(record)
         assert all(not r["registered"] and r["same_grid"] for r in record["registration"].values())  # BraTS layout
         assert record["lesion_count"] == entry["tumors"] and len(record["lesions"]) == entry["tumors"]
         assert all(lesion["diameter_mm"] > 5 for lesion in record["lesions"])

@@ -64,7 +64,7 @@ def _empty(shape: tuple[int, ...], dtype) -> np.ndarray:
 
     numpy asks the kernel for transparent huge pages on large arrays; when memory is fragmented the
     kernel then compacts memory on first touch, several times slower than faulting in ordinary pages
-    (README, "Benchmarks", loading).
+    (docs/benchmarks.md, "Loading").
     """
     nbytes = math.prod(shape) * np.dtype(dtype).itemsize
     if nbytes < 2**22:
