@@ -203,7 +203,7 @@ def _run_batch(args: argparse.Namespace) -> int:
 
     from pipelines.batch import BatchAbortedError, BatchInterrupted, run_batch
     from pipelines.batch.cases import RemoteQuery
-    from pipelines.batch.retry import RetryPolicy
+    from pipelines.batch.remote.retry import RetryPolicy
 
     rules = _series_rules(args)
     with logging_redirect_tqdm():

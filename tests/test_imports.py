@@ -97,5 +97,29 @@ def test_lower_layers_import_no_upper_one(lower):
 def test_the_graph_is_read():
     """The checks above see real imports (a broken parser would find no edges and pass)."""
     assert "pipelines.io.dicom.scan" in GRAPH["pipelines.io.dicom.series"]
-    assert "pipelines.batch.cases" in GRAPH["pipelines.batch.runner"]
+    assert "pipelines.batch.plan" in GRAPH["pipelines.batch.runner"]
     assert "pipelines.io.formats" in GRAPH["pipelines.io"]  # relative import in a package __init__
+
+
+BATCH = PACKAGE / "batch"
+# what the batch package may import inside a function: MONAI and what loads it (it takes seconds and
+# imports Ignite, which `import pipelines.batch` must not: tests/test_visualize.py)
+LATE = ("monai", "pipelines.io", "pipelines.transforms", "pipelines.metrics")
+
+
+def test_the_batch_modules_are_small_and_import_at_the_top():
+    """Rooms that show the stages: no module of ``pipelines.batch`` over about 300 lines, and imports
+    inside functions only for MONAI and what loads it (or for annotations)."""
+    long = {p.relative_to(REPO).as_posix(): n for p in BATCH.rglob("*.py") if (n := len(p.read_text().splitlines())) > 330}
+    assert not long, long
+    late = []
+    for path in BATCH.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
+                       and isinstance(block.test, ast.Name) and block.test.id == "TYPE_CHECKING" for n in ast.walk(block)}
+        for function in (n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)):
+            for node in ast.walk(function):
+                if isinstance(node, ast.Import | ast.ImportFrom) and id(node) not in typing_only:
+                    names = [node.module] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+                    late += [f"{path.name}:{node.lineno} {n}" for n in names if not str(n).startswith(LATE)]
+    assert not late, late

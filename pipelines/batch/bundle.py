@@ -23,6 +23,7 @@ from pipelines.batch.errors import BundleContractError
 from pipelines.io.hashing import content_hash
 from pipelines.io.rules import SeriesRules
 from pipelines.io.weights import mismatched_tensors
+from pipelines.segment_codes import segments_from_metadata
 
 __all__ = ["OPTIONAL_IDS", "PRED", "PROB", "REQUIRED_IDS", "BundleModel", "bundle_hash"]
 
@@ -60,6 +61,11 @@ def _bundle_digest(root: Path, weights_sha256: str, overrides: Mapping | None = 
     if overrides:
         parts.append(json.dumps(overrides, sort_keys=True, default=str))
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+# MONAI (its transforms, bundle parser and MetaTensor) is imported where a bundle is loaded or run, not
+# with this module: it takes seconds and imports Ignite, which `import pipelines.batch` (the CLI's
+# --help, the lock, the reports) must not pay for (tests/test_visualize.py).
 
 
 def _loading_transform_types() -> tuple[type, ...]:
@@ -278,8 +284,6 @@ class BundleModel:
         return list(given)
 
     def _segments(self):
-        from pipelines.segment_codes import segments_from_metadata
-
         return segments_from_metadata(self.metadata) if self.metadata.get("dicom_seg_segments") else None
 
     def describe(self) -> dict:

@@ -1,9 +1,9 @@
 """Cases loaded and preprocessed by worker processes (a torch ``DataLoader``) while the network
 runs on the previous one; a worker that dies fails the case it was loading, not the run.
 
-Each item is a case's loaded inputs and preprocessed data, or the reason it failed; errors travel as
-data, never as exceptions. Warnings raised while a case loads (third-party messages often name the
-file) travel with it, for its record.
+Each item is a :class:`Loaded` case (its loaded inputs and preprocessed data) or a :class:`LoadFailed`
+one (the reason); errors travel as data, never as exceptions. Warnings raised while a case loads
+(third-party messages often name the file) travel with it, for its record.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import multiprocessing
 import os
 import pickle
 import re
@@ -21,29 +22,57 @@ import warnings
 from collections import deque
 from collections.abc import Iterator
 from contextlib import closing, contextmanager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from pipelines.batch.bundle import BundleModel
 from pipelines.batch.cases import Case
+from pipelines.batch.errors import describe_error
 from pipelines.batch.notices import distinct_warnings, warning_text
 from pipelines.io.library_logs import library_logs_as_warnings
 from pipelines.runtime import CoreShare
 
-__all__ = ["Loading", "describe_error"]
+__all__ = ["LoadFailed", "Loaded", "Loading"]
 
 logger = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1  # prctl option, <linux/prctl.h>
 
 
+@dataclass
+class Loaded:
+    """A case loaded and preprocessed.
+
+    Attributes:
+        case: the case.
+        sources: its inputs as loaded (key -> ``(C, *spatial)`` MetaTensor).
+        data: the bundle's preprocessing of them.
+        timings: ``load_s`` and ``preprocess_s``.
+        warnings: what was warned of meanwhile (distinct).
+    """
+
+    case: Case
+    sources: dict
+    data: dict
+    timings: dict
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoadFailed:
+    """A case that could not be loaded or preprocessed: ``error`` says why."""
+
+    case: Case
+    error: str
+    warnings: list[str] = field(default_factory=list)
+
+
 class _CaseLoader(torch.utils.data.Dataset):
     """Loads and preprocesses a case in a worker process; never raises (errors travel as data)."""
 
     def __init__(self, cases: list[Case], model: BundleModel, cache_dir: Path, cores: CoreShare | None = None) -> None:
-        import multiprocessing
-
         self.cases = cases
         self.preprocess = model.preprocess
         self.rules = dict(model.series_rules)
@@ -71,7 +100,7 @@ class _CaseLoader(torch.utils.data.Dataset):
             # memory that numpy views in MONAI's transform trace (e.g. Orientation's affine) still point to
             return pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)
 
-    def _item(self, index: int) -> dict:
+    def _item(self, index: int) -> Loaded | LoadFailed:
         case = self.cases[index]
         start = time.perf_counter()
         # third-party warnings often name the file: they go to the case's record, not to stderr
@@ -82,21 +111,11 @@ class _CaseLoader(torch.utils.data.Dataset):
                 loaded = time.perf_counter()
                 data = self.preprocess(sources)
                 timings = {"load_s": loaded - start, "preprocess_s": time.perf_counter() - loaded}
-                item = {"case": case, "sources": sources, "data": data, "timings": timings}
+                item: Loaded | LoadFailed = Loaded(case, sources, data, timings)
             except Exception as exc:  # one bad case never stops the run: recorded as failed
-                item = {"case": case, "error": describe_error(exc)}
-        item["warnings"] = distinct_warnings([warning_text(w.message, w.category) for w in caught])
+                item = LoadFailed(case, describe_error(exc))
+        item.warnings = distinct_warnings([warning_text(w.message, w.category) for w in caught])
         return item
-
-
-def describe_error(exc: BaseException) -> str:
-    """The reason a record gives: the error's own text (through MONAI's "applying transform ..."
-    wrappers, to the error the transform raised), its type named unless it is a ValueError or
-    OSError, whose texts name the file and the problem."""
-    while isinstance(exc, RuntimeError) and str(exc).startswith("applying transform") and exc.__cause__ is not None:
-        exc = exc.__cause__
-    text = str(exc).strip() or type(exc).__name__
-    return text if isinstance(exc, ValueError | OSError) else f"{type(exc).__name__}: {text}"
 
 
 def _first(batch):
@@ -125,7 +144,7 @@ class Loading:
                  cores: CoreShare | None) -> None:
         self.cases, self.model, self.cache_dir, self.workers, self.cores = cases, model, cache_dir, workers, cores
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[Loaded | LoadFailed]:
         remaining = deque(self.cases)
         alone = False
         while remaining:
@@ -142,13 +161,13 @@ class Loading:
                 if alone:
                     remaining.popleft()
                     alone = False
-                    yield {"case": case, "error": f"the loader process died ({death.how}) while reading this study"}
+                    yield LoadFailed(case, f"the loader process died ({death.how}) while reading this study")
                 else:
                     logger.warning("%s: a loader process died (%s) with this case next; loading it again, alone",
                                    case.case_id, death.how)
                     alone = True
 
-    def _receive(self, cases: list[Case]) -> Iterator[dict]:
+    def _receive(self, cases: list[Case]) -> Iterator[Loaded | LoadFailed]:
         dataset = _CaseLoader(cases, self.model, self.cache_dir, self.cores if self.workers else None)
         workers = min(self.workers, len(cases))
         loader = torch.utils.data.DataLoader(

@@ -4,11 +4,15 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
+from scipy import ndimage
+from scipy.spatial import ConvexHull, QhullError
+from scipy.spatial.distance import pdist
 
-__all__ = ["dice_scores", "lesion_map", "lesion_measurements", "max_diameter_mm", "region_volumes", "section_measurements",
-           "voxel_ml"]
+__all__ = ["Lesion", "SectionMeasures", "VolumeMeasures", "dice_scores", "lesion_map", "lesion_measurements",
+           "max_diameter_mm", "measure_section", "measure_volume", "region_volumes", "section_measurements", "voxel_ml"]
 
 
 def voxel_ml(affine) -> float:
@@ -19,10 +23,6 @@ def voxel_ml(affine) -> float:
 def max_diameter_mm(mask: np.ndarray, affine) -> float:
     """Largest distance in mm between the centres of two voxels of ``mask`` ``(X, Y, Z)`` (its
     maximum Feret diameter, measured between voxel centres: 0 for a single voxel)."""
-    from scipy import ndimage
-    from scipy.spatial import ConvexHull, QhullError
-    from scipy.spatial.distance import pdist
-
     surface = mask & ~ndimage.binary_erosion(mask)  # the farthest pair lies on the surface
     voxels = np.argwhere(surface)
     if len(voxels) < 2:
@@ -44,8 +44,6 @@ def lesion_map(labels: np.ndarray, lesion_labels: Sequence[int] | None = None) -
     """The lesions of a label map ``(X, Y, Z)``: connected components (26-connectivity) of the
     ``lesion_labels`` together (default: every foreground label), numbered by volume: 1 is the
     largest (ties in scan order). Returns the map (``uint16``, 0 outside lesions) and the count."""
-    from scipy import ndimage
-
     labels = np.asarray(labels)
     lesions = labels > 0 if lesion_labels is None else np.isin(labels, list(lesion_labels))
     components, count = ndimage.label(lesions, structure=np.ones((3, 3, 3), bool))
@@ -76,8 +74,6 @@ def lesion_measurements(labels: np.ndarray, affine, names: Mapping[int, str],
         ``volumes_ml`` of each label within it, and ``largest_lesion``, the first of them (``None``
         without lesions).
     """
-    from scipy import ndimage
-
     labels = np.asarray(labels)
     per_voxel = voxel_ml(affine)
     counts = np.bincount(labels.ravel().astype(np.int64), minlength=max(names, default=0) + 1)
@@ -112,8 +108,6 @@ def region_volumes(labels: np.ndarray, affine, regions: Mapping[str, list[int]])
 def section_measurements(labels: np.ndarray, names: Mapping[int, str]) -> dict:
     """Per label of a 2D label map ``(X, Y)``: ``areas_px`` (pixel count), ``area_fractions`` (of the
     section) and ``objects`` (connected components, 8-connectivity: cells in a membrane map)."""
-    from scipy import ndimage
-
     labels = np.asarray(labels)
     counts = np.bincount(labels.ravel().astype(np.int64), minlength=max(names, default=0) + 1)
     result = {"areas_px": {}, "area_fractions": {}, "objects": {}}
@@ -132,3 +126,76 @@ def dice_scores(prediction: np.ndarray, reference: np.ndarray, names: Mapping[in
         total = int(p.sum()) + int(r.sum())
         scores[name] = None if total == 0 else round(2.0 * float((p & r).sum()) / total, 4)
     return scores
+
+
+@dataclass(frozen=True)
+class Lesion:
+    """One listed lesion: its volume, largest diameter (mm), centre voxel and volume per label."""
+
+    volume_ml: float
+    diameter_mm: float
+    centre_voxel: list[int]
+    volumes_ml: dict[str, float]
+
+    def as_record(self) -> dict:
+        return {"volume_ml": self.volume_ml, "diameter_mm": self.diameter_mm, "centre_voxel": self.centre_voxel,
+                "volumes_ml": self.volumes_ml}
+
+
+@dataclass(frozen=True)
+class VolumeMeasures:
+    """What a 3D label map measures (:func:`measure_volume`).
+
+    Attributes:
+        volumes_ml: per label name.
+        lesion_count: all lesions.
+        lesions: the listed ones, largest first (lesion ``i`` of ``lesion_map`` is the ``i``-th).
+        lesion_map: the lesions numbered by volume (:func:`lesion_map`), on the label map's grid.
+        regions_ml: per region the bundle declares; None when it declares none.
+    """
+
+    volumes_ml: dict[str, float]
+    lesion_count: int
+    lesions: list[Lesion]
+    lesion_map: np.ndarray = field(repr=False)
+    regions_ml: dict[str, float] | None = None
+
+    @property
+    def largest(self) -> Lesion | None:
+        return self.lesions[0] if self.lesions else None
+
+    def as_record(self) -> dict:
+        """The record's ``volumes_ml``, ``lesion_count``, ``lesions``, ``largest_lesion`` (and ``regions_ml``)."""
+        listed = [lesion.as_record() for lesion in self.lesions]
+        out = {"volumes_ml": self.volumes_ml, "lesion_count": self.lesion_count, "lesions": listed,
+               "largest_lesion": listed[0] if listed else None}
+        return {**out, "regions_ml": self.regions_ml} if self.regions_ml is not None else out
+
+
+@dataclass(frozen=True)
+class SectionMeasures:
+    """What a 2D label map measures (:func:`section_measurements`), per label name."""
+
+    areas_px: dict[str, int]
+    area_fractions: dict[str, float]
+    objects: dict[str, int]
+
+    def as_record(self) -> dict:
+        return {"areas_px": self.areas_px, "area_fractions": self.area_fractions, "objects": self.objects}
+
+
+def measure_volume(labels: np.ndarray, affine, names: Mapping[int, str], lesion_labels: Sequence[int] | None = None,
+                   regions: Mapping[str, Sequence[int]] | None = None) -> VolumeMeasures:
+    """:func:`lesion_measurements` (and :func:`region_volumes` when ``regions``) of a 3D label map, typed."""
+    lesions = lesion_map(labels, lesion_labels)
+    found = lesion_measurements(labels, affine, names, lesion_labels, lesions)
+    return VolumeMeasures(
+        volumes_ml=found["volumes_ml"], lesion_count=found["lesion_count"],
+        lesions=[Lesion(**lesion) for lesion in found["lesions"]], lesion_map=lesions[0],
+        regions_ml=region_volumes(labels, affine, {k: list(v) for k, v in regions.items()}) if regions else None,
+    )
+
+
+def measure_section(labels: np.ndarray, names: Mapping[int, str]) -> SectionMeasures:
+    """:func:`section_measurements` of a 2D label map, typed."""
+    return SectionMeasures(**section_measurements(labels, names))

@@ -1,4 +1,5 @@
-"""The change since the prior study of the same patient.
+"""The prior study of the same patient: who a study is, kept as keyed hashes, and where its prior
+lies among finished cases (comparing them: :mod:`pipelines.batch.comparison`).
 
 A case from DICOM input is identified by its patient and study date, kept in the outputs only as
 keyed hashes (HMAC-SHA-256 with the site's secret salt, :func:`site_salt`): ``record["study"]`` is
@@ -10,15 +11,7 @@ read back, yet two studies of one patient give their interval in days. Each such
 registered to.
 
 The prior of a case is the latest earlier study of the same patient among the run's own finished
-cases and those of the ``--prior`` output folders (:class:`PriorIndex`). Comparing
-(:func:`compare_with_prior`): the prior's anatomy is registered rigidly to the case's
-(:func:`pipelines.transforms.registration.register_rigid`: the patient lies differently in the
-scanner on another day), the prior's lesions (:func:`pipelines.batch.measures.lesion_map` of its
-mask) are carried onto the case's grid through that registration (nearest voxel), and each lesion
-of the case that overlaps lesions of the prior is matched to them; the others are "new", and the
-prior's lesions that no lesion of the case overlaps are "gone". Volumes (per label, per region,
-per lesion) are each measured on its own study's grid; the change is in mL and in percent of the
-prior volume.
+cases and those of the ``--prior`` output folders (:class:`PriorIndex`).
 """
 
 from __future__ import annotations
@@ -35,11 +28,12 @@ from datetime import date
 from pathlib import Path
 
 import numpy as np
+import torch
 
-__all__ = [
-    "ANATOMY_FILE", "SALT_ENV", "PriorIndex", "compare_with_prior", "prior_folders", "site_salt", "study_identity",
-    "write_anatomy",
-]
+from pipelines.batch.errors import BatchInputError
+from pipelines.io.writers import save_nifti
+
+__all__ = ["ANATOMY_FILE", "SALT_ENV", "PriorIndex", "prior_folders", "site_salt", "study_identity", "write_anatomy"]
 
 logger = logging.getLogger(__name__)
 
@@ -89,10 +83,12 @@ def study_identity(identifiers: Mapping, study_uid: str, salt: bytes) -> dict | 
             "day": day + shift}
 
 
-def write_anatomy(path: Path, image: np.ndarray, affine: np.ndarray) -> None:
+def write_anatomy(path: Path, image: np.ndarray, affine: np.ndarray):
     """``image`` ``(X, Y, Z)`` at about :data:`ANATOMY_MM` (every n-th voxel along each axis), int16
-    when its values are whole numbers in range, else float32."""
-    from pipelines.io.writers import save_nifti
+    when its values are whole numbers in range, else float32. Returns it as a later run reads it back
+    (``(1, X, Y, Z)``, the affine at the file's float32 precision), so that a study is compared with
+    its prior on equal terms without reading its own file again (a MONAI ``MetaTensor``)."""
+    from monai.data import MetaTensor  # MONAI imports Ignite: see pipelines.batch.bundle
 
     affine = np.asarray(affine, dtype=np.float64)
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
@@ -102,7 +98,10 @@ def write_anatomy(path: Path, image: np.ndarray, affine: np.ndarray) -> None:
     strided[:3, :3] = affine[:3, :3] * step
     whole = np.all(np.isfinite(image)) and np.array_equal(image, np.round(image)) and image.min(initial=0) >= -32768 \
         and image.max(initial=0) <= 32767
-    save_nifti(image, strided, path, dtype=np.int16 if whole else np.float32)
+    dtype = np.int16 if whole else np.float32
+    save_nifti(image, strided, path, dtype=dtype)
+    stored = strided.astype(np.float32).astype(np.float64)  # NIfTI keeps the affine in float32
+    return MetaTensor(torch.as_tensor(np.ascontiguousarray(image.astype(dtype))[None]), affine=torch.as_tensor(stored))
 
 
 @dataclass
@@ -197,121 +196,8 @@ class PriorIndex:
         return latest.case_dir, latest.record
 
 
-def _lesion_uid(record: Mapping, number: int) -> str | None:
-    """The tracking UID of lesion ``number`` of a study's record: the one it kept from its own prior
-    study, else its own (:func:`pipelines.io.dicom_seg.tracking_uid` of its input hash); None for a
-    record without an input hash."""
-    from pipelines.io.dicom_seg import tracking_uid
-
-    kept = (record.get("lesion_uids") or {}).get(number)
-    if kept:
-        return kept
-    return tracking_uid(record["input_hash"], "lesion", number) if record.get("input_hash") else None
-
-
-def _change(prior: float, now: float) -> dict:
-    return {"prior_ml": round(prior, 3), "now_ml": round(now, 3), "change_ml": round(now - prior, 3),
-            "change_pct": round(100.0 * (now - prior) / prior, 1) if prior > 0 else None}
-
-
-def _carry(prior_map: np.ndarray, prior_affine: np.ndarray, shape: tuple[int, ...], affine: np.ndarray,
-           matrix: np.ndarray) -> np.ndarray:
-    """``prior_map`` on the grid ``(shape, affine)``, nearest voxel, through ``matrix`` (RAS: a point
-    of this grid's study to the prior's point); 0 outside the prior's grid."""
-    index = np.indices(shape, dtype=np.float64).reshape(3, -1)
-    to_prior = np.linalg.inv(prior_affine) @ np.asarray(matrix, np.float64) @ np.asarray(affine, np.float64)
-    voxels = np.rint(to_prior[:3, :3] @ index + to_prior[:3, 3:4]).astype(np.int64)
-    inside = np.all((voxels >= 0) & (voxels < np.asarray(prior_map.shape)[:, None]), axis=0)
-    out = np.zeros(index.shape[1], prior_map.dtype)
-    out[inside] = prior_map[tuple(voxels[:, inside])]
-    return out.reshape(shape)
-
-
-def compare_with_prior(
-    labels: np.ndarray,
-    affine: np.ndarray,
-    lesions: tuple[np.ndarray, int],
-    record: Mapping,
-    anatomy: Path,
-    prior_dir: Path,
-    prior_record: Mapping,
-    lesion_labels: Sequence[int] | None,
-    regions: Mapping[str, Sequence[int]] | None = None,
-) -> dict:
-    """The ``comparison`` of a case's record with its prior (see the module docstring).
-
-    Args:
-        labels: the case's label map ``(X, Y, Z)``; ``affine`` its RAS affine.
-        lesions: its :func:`~pipelines.batch.measures.lesion_map`.
-        record: its record so far (``volumes_ml``, ``regions_ml``, ``lesions``, ``study``).
-        anatomy: its ``anatomy.nii.gz``.
-        prior_dir, prior_record: the prior's output folder and record.
-        lesion_labels, regions: the bundle's.
-
-    Returns:
-        ``prior_case``, ``prior_output`` (the prior's folder), ``interval_days``, ``registration``
-        (translation, rotation, mutual information, kept), ``volumes_ml`` and ``regions_ml`` (each
-        ``{name: {prior_ml, now_ml, change_ml, change_pct}}``), ``lesion_count`` ``{prior, now, new,
-        gone}``, ``lesions`` (per listed lesion of the case: ``status`` "new" or "matched",
-        ``prior_lesions`` (numbers in the prior), volumes and change: a lesion that merged several
-        of the prior's is compared with their sum, and a prior lesion that split counts for each
-        part; a lesion matched one to one also ``tracking_uid``, the prior lesion's, which its SEG
-        segment and SR group keep) and ``gone`` (the prior's lesions that no lesion of the case overlaps, with their
-        volumes).
-    """
-    from pipelines.batch.measures import lesion_map, voxel_ml
-    from pipelines.io import load_volume
-    from pipelines.transforms.registration import register_rigid
-
-    now_anatomy = load_volume(anatomy)
-    prior_anatomy = load_volume(prior_dir / ANATOMY_FILE)
-    registration = register_rigid(now_anatomy, prior_anatomy)
-    prior_mask = load_volume(prior_dir / "mask.nii.gz")
-    prior_labels = np.asarray(prior_mask[0]).astype(np.int64)
-    prior_affine = np.asarray(prior_mask.affine, np.float64)
-    prior_map, prior_count = lesion_map(prior_labels, lesion_labels)
-    prior_sizes = np.bincount(prior_map.ravel(), minlength=prior_count + 1) * voxel_ml(prior_affine)
-    carried = _carry(prior_map, prior_affine, labels.shape, affine, registration.matrix)
-    now_map, now_count = lesions
-    pairs = np.unique(np.stack([now_map.ravel(), carried.ravel()]), axis=1)
-    pairs = pairs[:, (pairs[0] > 0) & (pairs[1] > 0)]
-    matched_prior = {int(j) for j in pairs[1]}
-    now_sizes = np.bincount(now_map.ravel(), minlength=now_count + 1) * voxel_ml(affine)
-    listed = []
-    for number in range(1, len(record.get("lesions") or ()) + 1):
-        before = sorted(int(j) for j in pairs[1][pairs[0] == number])
-        entry = {"lesion": number, "status": "matched" if before else "new", "prior_lesions": before,
-                 **_change(float(prior_sizes[before].sum()), float(now_sizes[number]))}
-        heirs = np.unique(pairs[0][pairs[1] == before[0]]) if len(before) == 1 else ()
-        if len(heirs) == 1:  # one prior lesion, become this one alone: the same finding, its tracking UID
-            uid = _lesion_uid(prior_record, before[0])
-            if uid:
-                entry["tracking_uid"] = uid
-        listed.append(entry)
-    new = now_count - len(np.unique(pairs[0]))  # lesions of the case that overlap none of the prior's
-    gone = [{"prior_lesion": j, "prior_ml": round(float(prior_sizes[j]), 3)}
-            for j in range(1, prior_count + 1) if j not in matched_prior]
-    prior_volumes = prior_record.get("volumes_ml") or {}
-    prior_regions = prior_record.get("regions_ml") or {}
-    return {
-        "prior_case": prior_record.get("case_id"),
-        "prior_output": str(prior_dir),
-        "interval_days": int(record["study"]["day"]) - int(prior_record["study"]["day"]),
-        "registration": {k: v for k, v in registration.as_meta("anatomy").items() if k not in ("reference", "registered")},
-        "volumes_ml": {name: _change(float(prior_volumes.get(name, 0.0)), float(value))
-                       for name, value in (record.get("volumes_ml") or {}).items()},
-        "regions_ml": {name: _change(float(prior_regions.get(name, 0.0)), float(value))
-                       for name, value in (record.get("regions_ml") or {}).items() if name in (regions or {})},
-        "lesion_count": {"prior": int(prior_count), "now": int(now_count), "new": int(new), "gone": len(gone)},
-        "lesions": listed,
-        "gone": gone,
-    }
-
-
 def prior_folders(paths: Iterable) -> list[Path]:
     """``--prior`` folders, checked: each an output folder of an earlier run."""
-    from pipelines.batch.errors import BatchInputError
-
     folders = []
     for path in paths:
         folder = Path(path)

@@ -7,6 +7,7 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
@@ -24,8 +25,6 @@ OUTLINE_RGB = (0, 200, 255)  # the brain's border (the labels' colours: pipeline
 
 def _canonical(image: np.ndarray, labels: np.ndarray, affine, point: Sequence[int], outline: np.ndarray | None = None):
     """The volumes flipped/permuted to the closest RAS axes, with the point and spacing moved along."""
-    import nibabel as nib
-
     affine = np.asarray(affine, float)
     orientation = nib.orientations.io_orientation(affine)
     image = nib.orientations.apply_orientation(image, orientation)

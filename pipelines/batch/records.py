@@ -1,5 +1,5 @@
-"""Each segmented or failed case's outputs and ``record.json``, written last (the list of outputs:
-:mod:`pipelines.batch.outputs`)."""
+"""Each segmented or failed case's outputs and ``record.json``, written last from what the outputs
+made (the list of outputs: :mod:`pipelines.batch.outputs`)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,9 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-import numpy as np
-
-from pipelines.batch.brain import BrainExtraction
 from pipelines.batch.cases import Case
 from pipelines.batch.notices import case_warnings
-from pipelines.batch.outputs import OUTPUT_FILES, CaseOutput, Output
+from pipelines.batch.outputs import OUTPUT_FILES, CaseOutput, Output, Segmented, check_order
 from pipelines.io import geometry_corrections
 from pipelines.io.writers import atomic_path
 
@@ -35,6 +32,7 @@ class Records:
     """
 
     def __init__(self, output: Path, outputs: Sequence[Output], base: Mapping, reference_key: str) -> None:
+        check_order(outputs)
         self.output, self.outputs, self.base, self.reference_key = output, list(outputs), dict(base), reference_key
 
     def _start(self, case: Case) -> Path:
@@ -49,7 +47,7 @@ class Records:
 
     def _retries(self, case: Case) -> dict:
         """``{"retries": {step: count}}``, the retries a server's transient failures took
-        (:mod:`pipelines.batch.retry`) for each step of the case that talks to one: ``fetch`` from a
+        (:mod:`pipelines.batch.remote.retry`) for each step of the case that talks to one: ``fetch`` from a
         server input, ``push`` with a push destination; {} for neither."""
         steps = ["fetch"] if case.kind in ("dicomweb", "dimse") else []
         if self.base.get("settings", {}).get("push"):
@@ -66,54 +64,41 @@ class Records:
         logger.warning("%s: failed; the reason is in %s/record.json", case.case_id, case.case_id)
         return record
 
-    def ok(self, case: Case, sources: Mapping, labels, probabilities, timings: dict, warnings: Sequence[str],
-           views: Mapping | None = None, brain: BrainExtraction | None = None) -> dict:
-        """Writes the outputs of a segmented case (``labels`` ``(1, *spatial)`` on the reference input's
-        grid) and its record. ``warnings``: the case's so far, a list that warnings raised while the
-        outputs are written join (:class:`~pipelines.batch.notices.CaseWarnings`). Raises what an
-        output raises (the caller records the failure)."""
+    def ok(self, segmented: Segmented) -> dict:
+        """Writes the outputs of a segmented case, then its record from what they made.
+        ``segmented.warnings`` is the case's list so far, which warnings raised while the outputs are
+        written join (:class:`~pipelines.batch.notices.CaseWarnings`). Raises what an output raises
+        (the caller records the failure)."""
         start = time.perf_counter()
-        reference = sources[self.reference_key]
-        label_map = np.asarray(labels)[0]
-        if label_map.shape != tuple(reference.shape[1:]):
-            raise RuntimeError(f"the prediction's grid {label_map.shape} differs from input "
-                               f"{self.reference_key!r}'s {tuple(reference.shape[1:])}: the bundle's postprocessing "
-                               f"must return the label map on the reference input's grid")
-        out = CaseOutput(case, self._start(case), sources, self.reference_key, label_map,
-                         None if probabilities is None else np.asarray(probabilities, dtype=np.float32),
-                         views=dict(views or {}), brain=brain, record=self._record(case))
+        case = segmented.case
+        out = CaseOutput(segmented, self._start(case), str(self.base.get("run_key")))
         for output in self.outputs:
             output.write(out)
-        timings = dict(timings, write_s=time.perf_counter() - start)
+        timings = dict(segmented.timings, write_s=time.perf_counter() - start)
         timings["total_s"] = sum(v for k, v in timings.items() if k != "total_s")
-        out.record.update({
+        record = self._record(case)
+        for output in self.outputs:
+            record.update(output.fields(out))
+        record.update({
             "status": "ok",
             "error": None,
             "outputs": out.files,
-            "geometry_corrections": geometry_corrections(reference.meta),
-            **_registration(sources),
+            "geometry_corrections": geometry_corrections(segmented.reference.meta),
+            **({"registration": dict(segmented.registration)} if segmented.registration else {}),
             "timings": {k: round(v, 3) for k, v in timings.items()},
             **self._retries(case),  # read now: the push may have retried
-            "warnings": case_warnings(case, warnings),  # read now: the outputs may have added some
+            "warnings": case_warnings(case, segmented.warnings),  # read now: the outputs may have added some
             "finished": _now(),
         })
-        _write_record(out.case_dir, out.record)
+        _write_record(out.case_dir, record)
         for output in self.outputs:
-            output.finished(out.case_dir, out.record)
-        if "volumes_ml" in out.record:
-            volumes = ", ".join(f"{k} {v} mL" for k, v in out.record["volumes_ml"].items())
+            output.finished(out.case_dir, record)
+        if "volumes_ml" in record:
+            volumes = ", ".join(f"{k} {v} mL" for k, v in record["volumes_ml"].items())
             logger.info("%s: ok (%s)", case.case_id, volumes)
         else:
             logger.info("%s: ok", case.case_id)
-        return out.record
-
-
-def _registration(sources: Mapping) -> dict:
-    """``{"registration": {input: how it was aligned with the reference}}`` when the bundle's
-    preprocessing registered inputs (:class:`pipelines.transforms.RegisterToReferenced`), else {}."""
-    found = {key: source.meta["registration"] for key, source in sources.items()
-             if "registration" in getattr(source, "meta", {})}
-    return {"registration": found} if found else {}
+        return record
 
 
 def _write_record(case_dir: Path, record: dict) -> None:

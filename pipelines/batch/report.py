@@ -21,6 +21,8 @@ from urllib.parse import quote
 from PIL import Image
 
 from pipelines.batch.qc import THUMBNAIL_WIDTH, qc_thumbnail
+from pipelines.batch.timelines import plot as volume_plot
+from pipelines.batch.timelines import timelines as patient_timelines
 from pipelines.io.writers import atomic_path
 
 __all__ = ["INLINE_THUMBNAIL_BYTES", "read_records", "write_reports"]
@@ -162,78 +164,8 @@ def _image(case: str, picture: Path, inline: bool) -> str | None:
 # of the view (``loading="lazy"`` alone is not enough: headless browsers fetch every such picture
 # before the page counts as loaded), and a check that every picture shown loads (``data-loaded`` on
 # each; a picture that does not load is named above the table). Inline: the page stays one file.
-_SCRIPT = """
-(function () {
-  var table = document.getElementById("cases"), body = table.tBodies[0];
-  var heads = Array.prototype.slice.call(table.tHead.rows[0].cells).filter(function (h) {
-    return h.hasAttribute("data-column");
-  });
-  function key(row, index) {
-    var text = row.cells[index].getAttribute("data-value");
-    if (text === null) { text = row.cells[index].textContent; }
-    text = text.trim();
-    return text === "" ? null : (/^-?\\d+(\\.\\d+)?(e[-+]?\\d+)?$/i.test(text) ? parseFloat(text) : text);
-  }
-  function sortBy(name, order) {
-    var head = heads.find(function (h) { return h.getAttribute("data-column") === name; });
-    if (!head) { return; }
-    var index = head.cellIndex;
-    var rows = Array.prototype.slice.call(body.rows), sign = order === "desc" ? -1 : 1;
-    rows.sort(function (a, b) {
-      var x = key(a, index), y = key(b, index);
-      if (x === y) { return 0; }
-      if (x === null) { return 1; }
-      if (y === null) { return -1; }
-      if (typeof x !== typeof y) { return typeof x === "number" ? -1 : 1; }
-      return (x < y ? -1 : 1) * sign;
-    });
-    rows.forEach(function (row) { body.appendChild(row); });
-    heads.forEach(function (h) { h.removeAttribute("aria-sort"); });
-    head.setAttribute("aria-sort", order === "desc" ? "descending" : "ascending");
-  }
-  heads.forEach(function (h) {
-    h.addEventListener("click", function () {
-      var order = h.getAttribute("aria-sort") === "ascending" ? "desc" : "asc";
-      sortBy(h.getAttribute("data-column"), order);
-      history.replaceState(null, "", "#sort=" + h.getAttribute("data-column") + ":" + order);
-    });
-  });
-  var wanted = /^#sort=([^:]+):(asc|desc)$/.exec(decodeURIComponent(location.hash));
-  if (wanted) { sortBy(wanted[1], wanted[2]); }
-  function checked(image) {
-    image.setAttribute("data-loaded", image.complete && image.naturalWidth > 0 ? "yes" : "no");
-    var broken = document.querySelectorAll("img[data-loaded=no]").length;
-    var note = document.getElementById("pictures");
-    note.textContent = broken ? broken + " QC picture(s) did not load" : "";
-  }
-  function watch(image) {
-    if (image.complete) { checked(image); }
-    else {
-      image.addEventListener("load", function () { checked(image); });
-      image.addEventListener("error", function () { checked(image); });
-    }
-  }
-  function show(image) {
-    image.src = image.getAttribute("data-src");
-    image.removeAttribute("data-src");
-    watch(image);
-  }
-  var linked = Array.prototype.slice.call(document.querySelectorAll("img[data-src]"));
-  Array.prototype.forEach.call(document.images, function (image) {
-    if (!image.hasAttribute("data-src")) { watch(image); }
-  });
-  if (!("IntersectionObserver" in window)) { linked.forEach(show); return; }
-  var reach = window.innerHeight + 1000;  // px below the view fetched ahead
-  var near = linked.filter(function (image) { return image.getBoundingClientRect().top < reach; });
-  near.forEach(show);
-  var ahead = new IntersectionObserver(function (entries) {
-    entries.forEach(function (entry) {
-      if (entry.isIntersecting) { ahead.unobserve(entry.target); show(entry.target); }
-    });
-  }, {rootMargin: "1000px 0px"});
-  linked.forEach(function (image) { if (image.hasAttribute("data-src")) { ahead.observe(image); } });
-})();
-"""
+_SCRIPT = (Path(__file__).parent / "report.js").read_text()
+
 
 
 _LINKED = "; the thumbnails are read from the case folders beside this page, as they are scrolled to"
@@ -244,7 +176,7 @@ def _html(output_dir: Path, records: list[dict], rows: list[dict], columns: list
     shown = [c for c in columns if c not in ("case_id", "status", "error", "study_instance_uid", "series_instance_uid")]
     head = "".join(f'<th data-column="{html.escape(c)}" title="sort">{html.escape(label)}</th>'
                    for c, label in [("case_id", "case"), ("status", "status"), *((c, c) for c in shown)])
-    timelines = _timelines(records)
+    timelines = patient_timelines(records)
     plots = any(len(points) > 1 for points in timelines.values())
     head += "<th>QC</th>" + ("<th>volumes over time</th>" if plots else "")
     pictures = {str(r.get("case_id", "")): _picture(output_dir / str(r.get("case_id", "")))
@@ -267,7 +199,7 @@ def _html(output_dir: Path, records: list[dict], rows: list[dict], columns: list
             points = timelines.get((record.get("study") or {}).get("patient"), [])
             day = (record.get("study") or {}).get("day")
             upto = [p for p in points if day is not None and p[0] <= day]
-            plot = f"<td>{_plot(upto, case) if len(upto) > 1 else ''}</td>"
+            plot = f"<td>{volume_plot(upto, case) if len(upto) > 1 else ''}</td>"
         body.append(f'<tr class="{html.escape(status)}" id="{html.escape(case)}"><td>{html.escape(case)}</td>'
                     f"<td>{html.escape(status)}</td>{cells}<td>{qc}</td>{plot}</tr>")
     style = (
@@ -287,61 +219,5 @@ def _html(output_dir: Path, records: list[dict], rows: list[dict], columns: list
         f"volumes up to each study. Click a column heading to sort.</p>"
         f'<p id="pictures"></p>'
         f'<table id="cases"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
-        f"<script>{_SCRIPT}</script></body></html>\n"
+        f"<script>\n{_SCRIPT}</script></body></html>\n"
     )
-
-
-def _timelines(records: list[dict]) -> dict[str, list[tuple[int, str, dict]]]:
-    """Per patient (its hash), ``(day, case, volumes_ml)`` of its studies in the report, and of the
-    prior studies their comparisons name (an earlier run's), in time order."""
-    found: dict[str, dict[int, tuple[int, str, dict]]] = {}
-    for record in records:
-        study = record.get("study")
-        if record.get("status") != "ok" or not study:
-            continue
-        points = found.setdefault(study["patient"], {})
-        points[int(study["day"])] = (int(study["day"]), str(record.get("case_id")), dict(record.get("volumes_ml") or {}))
-        comparison = record.get("comparison")
-        if comparison and "interval_days" in comparison:
-            day = int(study["day"]) - int(comparison["interval_days"])
-            volumes = {name: change["prior_ml"] for name, change in (comparison.get("volumes_ml") or {}).items()}
-            points.setdefault(day, (day, str(comparison.get("prior_case")), volumes))
-    return {patient: [points[day] for day in sorted(points)] for patient, points in found.items()}
-
-
-_COLOURS = ("#d62728", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b")
-
-
-def _plot(points: list[tuple[int, str, dict]], case: str, width: int = 220, height: int = 110) -> str:
-    """A small inline SVG: each label's volume (mL) against days since the first study, a line per
-    label, each point titled with its case, day and volume."""
-    names = [name for name in points[-1][2] if any(name in p[2] for p in points)]
-    first = points[0][0]
-    span = max(1, points[-1][0] - first)
-    top = max([p[2].get(name, 0.0) for p in points for name in names] + [1e-9])
-    left, right, up, down = 34, 8, 8, 22
-
-    def x(day: int) -> float:
-        return left + (day - first) / span * (width - left - right)
-
-    def y(volume: float) -> float:
-        return up + (1 - volume / top) * (height - up - down)
-
-    parts = [f'<line x1="{left}" y1="{height - down}" x2="{width - right}" y2="{height - down}" stroke="#888"/>',
-             f'<line x1="{left}" y1="{up}" x2="{left}" y2="{height - down}" stroke="#888"/>',
-             f'<text x="{left - 3}" y="{up + 8}" text-anchor="end" font-size="9">{top:.0f}</text>',
-             f'<text x="{left - 3}" y="{height - down}" text-anchor="end" font-size="9">0</text>',
-             f'<text x="{width - right}" y="{height - 8}" text-anchor="end" font-size="9">day {span}</text>',
-             f'<text x="{left}" y="{height - 8}" font-size="9">day 0 (mL)</text>']
-    for index, name in enumerate(names):
-        colour = _COLOURS[index % len(_COLOURS)]
-        line = [(x(day), y(volumes[name]), day, who, volumes[name]) for day, who, volumes in points if name in volumes]
-        parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="1.5" points="'
-                     + " ".join(f"{px:.1f},{py:.1f}" for px, py, *_ in line) + '"/>')
-        for px, py, day, who, volume in line:
-            label = html.escape(f"{name}: {volume:.1f} mL, day {day - first} ({who})")
-            parts.append(f'<circle cx="{px:.1f}" cy="{py:.1f}" r="2.5" fill="{colour}"><title>{label}</title></circle>')
-        parts.append(f'<text x="{width - right}" y="{up + 9 + 10 * index}" text-anchor="end" font-size="9" '
-                     f'fill="{colour}">{html.escape(name)}</text>')
-    return (f'<svg class="timeline" role="img" aria-label="volumes over time up to {html.escape(case)}" '
-            f'width="{width}" height="{height}" viewBox="0 0 {width} {height}">{"".join(parts)}</svg>')

@@ -10,6 +10,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipelines.batch.remote.dicomweb import download_study
+from pipelines.batch.remote.dimse_get import retrieve_study
+from pipelines.batch.remote.endpoint import Endpoint
 from pipelines.io.rules import SeriesRules
 
 __all__ = ["DicomSeriesSource", "DicomWebSeriesSource", "DicomWebStudy", "DimseStudy", "ImageFileSource", "Source",
@@ -49,7 +52,7 @@ class DicomSeriesSource(Source):
     kind = "dicom"
 
     def load(self, rules: SeriesRules, options: Mapping, cache_dir: Path):
-        from pipelines.io import load_series
+        from pipelines.io import load_series  # the loaders import MONAI: see pipelines.batch.bundle
 
         return load_series(self.series, self.folder, **options)
 
@@ -70,7 +73,7 @@ class ImageFileSource(Source):
     kind = "file"
 
     def load(self, rules: SeriesRules, options: Mapping, cache_dir: Path):
-        from pipelines.io import load_volume
+        from pipelines.io import load_volume  # the loaders import MONAI: see pipelines.batch.bundle
 
         return load_volume(self.path, **options)
 
@@ -85,7 +88,7 @@ class ImageFileSource(Source):
 class DicomWebStudy:
     """A study on a DICOMweb server, fetched (WADO-RS) once per case into the run's cache."""
 
-    url: str
+    server: Endpoint
     study_uid: str
     listing_hash: str  # of its series and instance counts: changes when the server's study does
     modalities: tuple[str, ...] | None = None
@@ -93,24 +96,22 @@ class DicomWebStudy:
     kind = "dicomweb"
 
     def fetch(self, cache_dir: Path) -> Path:
-        from pipelines.batch.dicomweb import download_study
-
         if self.folder is None:
             target = cache_dir / hashlib.sha256(self.study_uid.encode()).hexdigest()[:16]
-            self.folder = download_study(self.url, self.study_uid, target, self.modalities)
+            self.folder = download_study(self.server.url, self.study_uid, target, self.modalities)
         return self.folder
 
     @property
     def path(self) -> str:
-        return f"{self.url.rstrip('/')}/studies/{self.study_uid}"
+        return f"{self.server.url.rstrip('/')}/studies/{self.study_uid}"
 
 
 @dataclass
 class DimseStudy:
-    """A study on a DICOM peer (``url``: ``dicom://AET@host:port``), fetched (C-GET) once per case
-    into the run's cache: its image series, found when the run started."""
+    """A study on a DICOM peer, fetched (C-GET) once per case into the run's cache: its image series,
+    found when the run started."""
 
-    url: str
+    server: Endpoint
     calling_aet: str
     study_uid: str
     listing_hash: str  # of its series and instance counts: changes when the peer's study does
@@ -119,17 +120,14 @@ class DimseStudy:
     kind = "dimse"
 
     def fetch(self, cache_dir: Path) -> Path:
-        from pipelines.batch.dimse import DimsePeer, retrieve_study
-
         if self.folder is None:
             target = cache_dir / hashlib.sha256(self.study_uid.encode()).hexdigest()[:16]
-            self.folder = retrieve_study(DimsePeer.parse(self.url), self.calling_aet, self.study_uid,
-                                         self.series_uids, target)
+            self.folder = retrieve_study(self.server.peer, self.calling_aet, self.study_uid, self.series_uids, target)
         return self.folder
 
     @property
     def path(self) -> str:
-        return f"{self.url.rstrip('/')}/studies/{self.study_uid}"
+        return f"{self.server.url.rstrip('/')}/studies/{self.study_uid}"
 
 
 @dataclass
@@ -144,7 +142,7 @@ class DicomWebSeriesSource(Source):
         return self.study.kind
 
     def load(self, rules: SeriesRules, options: Mapping, cache_dir: Path):
-        from pipelines.io import load_volume
+        from pipelines.io import load_volume  # the loaders import MONAI: see pipelines.batch.bundle
 
         return load_volume(self.study.fetch(cache_dir), rules, **options)
 
@@ -153,4 +151,4 @@ class DicomWebSeriesSource(Source):
 
     def describe(self) -> dict:
         return {"kind": self.kind, "path": self.study.path, "study_instance_uid": self.study.study_uid,
-                "url": self.study.url}
+                "url": self.study.server.url}

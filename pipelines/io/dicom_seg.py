@@ -110,7 +110,7 @@ def write_dicom_seg(
     tracking_key: str | None = None,
     uids: tuple[str, str] | None = None,
     tracking_uids: Mapping[tuple[str, object], str] | None = None,
-) -> Path:
+):
     """Write ``labels`` as a BINARY DICOM SEG referencing the source series described by ``meta``.
 
     Args:
@@ -135,7 +135,8 @@ def write_dicom_seg(
             that storing it again does not make a second copy in an archive); None: new ones.
 
     Returns:
-        ``path``.
+        The SEG written (a ``highdicom.seg.Segmentation``), for what refers to it (the SR) without
+        reading the file back.
     """
     import highdicom as hd
     from pydicom.sr.codedict import codes
@@ -204,10 +205,9 @@ def write_dicom_seg(
     )
     if regions:
         identify_private_scheme(seg)
-    path = Path(path)
-    with atomic_path(path) as tmp:
+    with atomic_path(Path(path)) as tmp:
         seg.save_as(tmp, enforce_file_format=True)
-    return path
+    return seg
 
 
 def _source_images(references: Mapping) -> list:

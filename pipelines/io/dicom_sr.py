@@ -13,7 +13,7 @@ from the input's hash (:func:`pipelines.io.dicom_seg.tracking_uid`): a rerun on 
 gives the same UIDs, so a reporting system that follows a finding by its UID sees one finding; a
 lesion matched to one of the prior study's keeps that lesion's UID, so it is one finding across studies.
 
-With a comparison to the patient's prior study (:mod:`pipelines.batch.priors`), each label, region
+With a comparison to the patient's prior study (:mod:`pipelines.batch.comparison`), each label, region
 and lesion group also holds its volume change since the prior in mL and in percent, each lesion
 group its status (new, or present in the prior study), and the lesion count group the interval in
 days and the numbers of new and gone lesions. DICOM has no codes for these; they are coded in the
@@ -27,6 +27,8 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from pydicom.dataset import Dataset
 
 from pipelines.io.dicom_seg import PRIVATE_SCHEME, identify_private_scheme, tracking_uid
 from pipelines.io.writers import atomic_path
@@ -96,7 +98,7 @@ class Measures:
 
 def write_measurement_report(
     path: str | os.PathLike,
-    seg_path: str | os.PathLike,
+    seg: str | os.PathLike | Dataset,
     measures: Measures,
     algorithm_name: str,
     algorithm_version: str,
@@ -107,12 +109,13 @@ def write_measurement_report(
     uids: tuple[str, str] | None = None,
     tracking_uids: Mapping[tuple[str, object], str] | None = None,
 ) -> Path:
-    """Write the TID 1500 measurement report of a case whose DICOM SEG is ``seg_path``.
+    """Write the TID 1500 measurement report of a case whose DICOM SEG is ``seg``.
 
     Args:
         path: the SR file, written atomically.
-        seg_path: the case's SEG, written with the same ``tracking_key``: its segments are found by
-            their tracking UIDs; its patient, study and source series are the report's.
+        seg: the case's SEG (the dataset :func:`~pipelines.io.dicom_seg.write_dicom_seg` returned, or its
+            file), written with the same ``tracking_key``: its segments are found by their tracking
+            UIDs; its patient, study and source series are the report's.
         measures: the numbers.
         algorithm_name, algorithm_version, weights_sha256: what computed them.
         tracking_key: the input's hash (the SEG's ``tracking_key``).
@@ -125,7 +128,7 @@ def write_measurement_report(
         ``path``.
 
     Raises:
-        ValueError: a measured label, region or lesion has no segment in ``seg_path``.
+        ValueError: a measured label, region or lesion has no segment in ``seg``.
     """
     import highdicom as hd
     import pydicom
@@ -133,7 +136,9 @@ def write_measurement_report(
 
     from pipelines import __version__
 
-    seg = pydicom.dcmread(seg_path)
+    named = seg if not isinstance(seg, Dataset) else f"SEG {seg.SOPInstanceUID}"
+    if not isinstance(seg, Dataset):
+        seg = pydicom.dcmread(seg)
     by_uid = {str(s.TrackingUID): s for s in seg.SegmentSequence if "TrackingUID" in s}
     source_series = hd.sr.SourceSeriesForSegmentation(seg.ReferencedSeriesSequence[0].SeriesInstanceUID)
     algorithm = hd.sr.AlgorithmIdentification(
@@ -161,7 +166,7 @@ def write_measurement_report(
         of one label: that label's segment, a finding of its own)."""
         uid = (tracking_uids or {}).get((kind, ident)) or tracking_uid(tracking_key, kind, ident)
         if uid not in by_uid:
-            raise ValueError(f"{seg_path}: no segment for {kind} {ident!r} (tracking UID {uid}); "
+            raise ValueError(f"{named}: no segment for {kind} {ident!r} (tracking UID {uid}); "
                              f"the SEG must be written with the same tracking key")
         segment = by_uid[uid]
         tracking = (uid, segment.SegmentLabel) if region is None else (tracking_uid(tracking_key, "region", region), region)

@@ -59,7 +59,7 @@ def test_folder_tree_gives_one_case_per_study_and_file(tree):
 def test_headers_are_read_by_a_process_pool_with_the_serial_result(tree, tmp_path, monkeypatch):
     import contextlib
 
-    import pipelines.batch.cases as cases_module
+    import pipelines.batch.discovery as cases_module
     from pipelines.io.dicom import scan as scan_module
 
     readers = tmp_path / "readers"
@@ -176,7 +176,7 @@ def test_an_unreadable_folder_fails_the_study_beside_it(tree, tmp_path):
     errors = [scan_module._folder_error(folder, PermissionError(13, "Permission denied", str(folder)))
               for folder in (hidden, elsewhere)]
     assert all(isinstance(e, InputPermissionError) for e in errors)
-    from pipelines.batch.cases import _study_cases
+    from pipelines.batch.studies import _study_cases
     from pipelines.io.dicom import scan_dicom
 
     cases = {c.case_id: c for c in _study_cases(tree, scan_dicom(tree).records, errors, ONE)}

@@ -9,7 +9,7 @@ import highdicom as hd
 import pytest
 
 from pipelines.batch import BatchInputError, discover_cases, pseudonym, run_batch
-from pipelines.batch.retry import RetryPolicy
+from pipelines.batch.remote.retry import RetryPolicy
 from pipelines.io import SeriesRules
 from tests import servers
 from tests.batch.conftest import BUNDLE, DEMO, demo_case

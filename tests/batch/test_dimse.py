@@ -14,8 +14,8 @@ import pydicom
 import pytest
 
 from pipelines.batch import BatchInputError, RemoteQuery, pseudonym, run_batch
-from pipelines.batch.dimse import DimsePeer, find_studies
-from pipelines.batch.retry import RetryPolicy
+from pipelines.batch.remote.dimse import DimsePeer, find_studies
+from pipelines.batch.remote.retry import RetryPolicy
 from tests import servers
 from tests.batch.conftest import BUNDLE, DEMO, copy_study, demo_case
 
@@ -226,7 +226,8 @@ def test_a_peer_refusing_the_association_fails_each_case_and_the_run_goes_on(tmp
 # one study's series fetched by retrieve_study, run in Orthanc's namespace
 _RETRIEVE = """
 import sys
-from pipelines.batch.dimse import DimsePeer, retrieve_study
+from pipelines.batch.remote.dimse import DimsePeer
+from pipelines.batch.remote.dimse_get import retrieve_study
 retrieve_study(DimsePeer.parse(sys.argv[1]), "CHECKER", sys.argv[2], [sys.argv[3]], sys.argv[4])
 """
 

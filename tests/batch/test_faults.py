@@ -313,7 +313,7 @@ def test_warnings_while_writing_go_to_the_record(tmp_path, monkeypatch, caplog):
     image = tmp_path / "in" / "scan.nii.gz"
     image.parent.mkdir()
     shutil.copy(DEMO / demo_case("test", 0)["image"], image)
-    from pipelines.batch import qc as qc_module
+    from pipelines.batch.outputs import qc as qc_module
 
     save = qc_module.save_qc_picture
 

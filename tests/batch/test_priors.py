@@ -10,16 +10,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from pipelines.batch.measures import lesion_map, lesion_measurements
-from pipelines.batch.priors import (
-    ANATOMY_FILE,
-    SALT_ENV,
-    PriorIndex,
-    compare_with_prior,
-    site_salt,
-    study_identity,
-    write_anatomy,
-)
+from pipelines.batch.comparison import compare_with_prior
+from pipelines.batch.measures import lesion_map, lesion_measurements, measure_volume
+from pipelines.batch.priors import ANATOMY_FILE, SALT_ENV, PriorIndex, site_salt, study_identity, write_anatomy
 from pipelines.demo.synthetic import load_template, make_follow_up
 from pipelines.io import load_volume
 from pipelines.io.writers import save_nifti
@@ -64,8 +57,12 @@ def test_anatomy_is_the_image_at_about_2_mm(tmp_path, spacing, values, dtype):
         image += 0.25
     affine = np.diag([*spacing, 1.0])
     affine[:3, 3] = (-20, 10, 5)
-    write_anatomy(tmp_path / "a.nii.gz", image, affine)
+    returned = write_anatomy(tmp_path / "a.nii.gz", image, affine)
     written = nib.load(tmp_path / "a.nii.gz")
+    read_back = load_volume(tmp_path / "a.nii.gz")  # what a later study compares with: the same as returned
+    np.testing.assert_array_equal(returned.numpy(), read_back.numpy())
+    np.testing.assert_array_equal(np.asarray(returned.affine), np.asarray(read_back.affine))
+    assert returned.dtype == read_back.dtype
     assert written.get_data_dtype() == dtype
     step = [max(1, int(np.floor(2.0 / s + 0.25))) for s in spacing]
     assert np.allclose(written.header.get_zooms(), np.asarray(spacing) * step)
@@ -89,12 +86,13 @@ def _study(folder, case, day: int, case_id: str) -> dict:
     return record
 
 
-def _compare(tmp_path, now, before, now_day=100, before_day=9):
+def _compare(tmp_path, now, before, now_day=100, before_day=9, prior_extra=None):
     record = _study(tmp_path / "now", now, now_day, "now")
     prior = _study(tmp_path / "before", before, before_day, "before")
-    lesions = lesion_map(now.label, [1])
-    return compare_with_prior(now.label, now.affine, lesions, record, tmp_path / "now" / ANATOMY_FILE,
-                              tmp_path / "before", prior, [1]), record, prior
+    comparison = compare_with_prior(now.label, now.affine, measure_volume(now.label, now.affine, NAMES, [1]),
+                                    record["study"], load_volume(tmp_path / "now" / ANATOMY_FILE), tmp_path / "before",
+                                    {**prior, **(prior_extra or {})}, [1])
+    return comparison.as_record(), record, prior
 
 
 def _truth(case, numbered) -> list[float]:
@@ -142,7 +140,7 @@ def test_without_registration_the_lesions_would_be_misplaced(tmp_path, patient):
     """The comparison depends on the registration: the baseline's lesion carried by patient
     coordinates alone (the identity) lands several mm off the follow-up's (grown about its centre),
     the registered one on it."""
-    from pipelines.batch.priors import _carry
+    from pipelines.batch.comparison import _carry
 
     now, before = patient.follow_up, patient.baseline
     numbered = patient.lesion_labels[0]
@@ -196,16 +194,13 @@ def test_the_index_finds_the_latest_earlier_study_of_the_patient(tmp_path, patie
 def test_a_matched_lesion_takes_the_tracking_uid_its_prior_carried(tmp_path, patient):
     """Tracking UIDs chain over studies: a lesion takes its prior's own UID (from the prior's input
     hash), or the one the prior kept from its own prior; a record without input hash gives none."""
-    from pipelines.batch.priors import _lesion_uid
+    from pipelines.batch.comparison import _lesion_uid
     from pipelines.io.dicom_seg import tracking_uid
 
     assert _lesion_uid({"input_hash": "h1"}, 2) == tracking_uid("h1", "lesion", 2)
     assert _lesion_uid({"input_hash": "h1", "lesion_uids": {2: "1.2.3"}}, 2) == "1.2.3"
     assert _lesion_uid({}, 1) is None
-    now = _study(tmp_path / "now", patient.follow_up, 100, "now")
-    before = _study(tmp_path / "before", patient.baseline, 9, "before")
-    comparison = compare_with_prior(patient.follow_up.label, patient.follow_up.affine,
-                                    lesion_map(patient.follow_up.label, [1]), now, tmp_path / "now" / ANATOMY_FILE,
-                                    tmp_path / "before", {**before, "input_hash": "b", "lesion_uids": {1: "9.8.7"}}, [1])
+    comparison, _, _ = _compare(tmp_path, patient.follow_up, patient.baseline,
+                                prior_extra={"input_hash": "b", "lesion_uids": {1: "9.8.7"}})
     uids = {lesion["status"]: lesion.get("tracking_uid") for lesion in comparison["lesions"]}
     assert uids == {"matched": "9.8.7", "new": None}

@@ -1,4 +1,4 @@
-"""Retries of a server's transient failures (pipelines.batch.retry): the backoff, Retry-After, and the
+"""Retries of a server's transient failures (pipelines.batch.remote.retry): the backoff, Retry-After, and the
 classification of real errors, from ``requests`` against real sockets and HTTP servers on 127.0.0.1
 and from the DIMSE functions against real pynetdicom peers (busy, refusing, out of resources, one
 that sends a series short of an instance)."""
@@ -22,9 +22,10 @@ import pydicom
 import pytest
 import requests
 
-from pipelines.batch.dicomweb import discover_studies
-from pipelines.batch.dimse import DimsePeer, find_studies, retrieve_study, store_files
-from pipelines.batch.retry import (
+from pipelines.batch.remote.dicomweb import discover_studies
+from pipelines.batch.remote.dimse import DimsePeer, find_studies, store_files
+from pipelines.batch.remote.dimse_get import retrieve_study
+from pipelines.batch.remote.retry import (
     RetriesExhaustedError,
     RetryPolicy,
     TransientError,
@@ -204,7 +205,7 @@ def test_retry_after_is_honoured_up_to_the_longest_wait(http_server):
 def test_a_retry_is_logged_with_the_case_id_only_and_counted(http_server, caplog):
     server = http_server([(503, {}), (502, {})])
     counts: dict[str, int] = {}
-    with caplog.at_level(logging.INFO, logger="pipelines.batch.retry"):
+    with caplog.at_level(logging.INFO, logger="pipelines.batch.remote.retry"):
         assert FAST.call(partial(discover_studies, server.url, study_uids=["1.2.3.4"]), "fetch", "case-0123456789ab",
                          counts) == []
     assert counts == {"fetch": 2}
@@ -222,7 +223,7 @@ def test_permanent_failures_are_not_retried_and_transient_ones_give_up(http_serv
         FAST.call(partial(discover_studies, server.url), "fetch", "case-0123456789ab", counts)
     assert not isinstance(raised.value, RetriesExhaustedError) and counts == {} and len(server.times) == 1
     server = http_server([(503, {})] * 3)
-    with caplog.at_level(logging.INFO, logger="pipelines.batch.retry"), pytest.raises(RetriesExhaustedError) as raised:
+    with caplog.at_level(logging.INFO, logger="pipelines.batch.remote.retry"), pytest.raises(RetriesExhaustedError) as raised:
         FAST.call(partial(discover_studies, server.url), "fetch", "case-0123456789ab", counts)
     assert str(raised.value).endswith("failed: HTTPError: 503 Server Error: Service Unavailable for url: "
                                       f"{server.url}/series?includefield=NumberOfSeriesRelatedInstances "
@@ -381,7 +382,7 @@ def test_a_busy_archive_is_retried_and_the_series_arrives_whole(archive, study, 
     _, study_uid, series_uid = study
     archive.busy["C-GET"] = [0xA702]
     counts: dict[str, int] = {}
-    with caplog.at_level(logging.INFO, logger="pipelines.batch.retry"):
+    with caplog.at_level(logging.INFO, logger="pipelines.batch.remote.retry"):
         got = FAST.call(partial(retrieve_study, DimsePeer.parse(archive.url), "ME", study_uid, [series_uid],
                                 tmp_path / "got"), "fetch", "case-0123456789ab", counts)
     received = sorted(str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in got.glob("*.dcm"))

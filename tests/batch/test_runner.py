@@ -270,7 +270,7 @@ def test_an_error_inside_a_bundles_transforms_is_described_by_its_cause():
     record gives the transform's own error."""
     from monai.transforms import Compose, Lambda
 
-    from pipelines.batch.loading import describe_error
+    from pipelines.batch.errors import describe_error
     from pipelines.io.errors import InputDataError
 
     def broken(_):
@@ -289,7 +289,7 @@ def test_a_patients_studies_go_to_one_rank_in_date_order():
     from types import SimpleNamespace
 
     from pipelines.batch.cases import Case
-    from pipelines.batch.runner import _chronological, _share
+    from pipelines.batch.plan import _chronological, _share
     from pipelines.batch.sources import DicomSeriesSource, ImageFileSource
 
     def study(case_id: str, patient: str, date: str) -> Case:

@@ -78,7 +78,9 @@ def test_dicom_seg_references_the_source_and_validates(tmp_path, spec):
     paths = write_series(tmp_path / "ct", spec, shuffle=True)
     volume = load_volume(tmp_path / "ct")
     labels = sphere_labels(volume)
-    out = write_dicom_seg(labels, volume.meta, [TUMOR, EDEMA], tmp_path / "seg.dcm", "unet3d_tumor", "0.1.0")
+    written = write_dicom_seg(labels, volume.meta, [TUMOR, EDEMA], tmp_path / "seg.dcm", "unet3d_tumor", "0.1.0")
+    out = tmp_path / "seg.dcm"
+    assert written.SOPInstanceUID == hd.seg.segread(out).SOPInstanceUID  # the dataset written is returned
     seg = hd.seg.segread(out)
     assert seg.SegmentationType == "BINARY" and seg.SeriesInstanceUID != volume.meta["series_instance_uid"]
     assert [s.SegmentLabel for s in seg.SegmentSequence] == ["tumor", "edema"]
@@ -104,20 +106,22 @@ def test_dicom_seg_without_empty_frames(tmp_path):
     write_series(tmp_path / "ct", spec)
     volume = load_volume(tmp_path / "ct")
     labels = sphere_labels(volume)
-    out = write_dicom_seg(labels, volume.meta, [TUMOR, EDEMA], tmp_path / "seg.dcm", "u", "1", omit_empty_frames=True)
+    write_dicom_seg(labels, volume.meta, [TUMOR, EDEMA], tmp_path / "seg.dcm", "u", "1", omit_empty_frames=True)
+    out = tmp_path / "seg.dcm"
     frames = labels_on_source_slices(labels, volume.affine.numpy(), dicom_references(volume.meta)["source_geometry"])
     present = sum(int((frames == s.label).any(axis=(1, 2)).sum()) for s in (TUMOR, EDEMA))
     assert 0 < hd.seg.segread(out).NumberOfFrames == present < 2 * len(frames)
     # nothing segmented: still a valid SEG (empty frames kept, as one frame at least is required)
     empty = write_dicom_seg(np.zeros_like(labels), volume.meta, [TUMOR], tmp_path / "e.dcm", "u", "1", omit_empty_frames=True)
-    assert hd.seg.segread(empty).NumberOfFrames == len(frames)
+    assert empty.NumberOfFrames == hd.seg.segread(tmp_path / "e.dcm").NumberOfFrames == len(frames)
 
 
 def test_a_long_bundle_name_is_cut_to_what_dicom_keeps(tmp_path):
     write_series(tmp_path / "ct", SeriesSpec(rows=12, columns=10))
     volume = load_volume(tmp_path / "ct")
     name = "U-Net 3D brain tumor segmentation (multi-parametric MR, BraTS regions)"  # 71 characters
-    seg = hd.seg.segread(write_dicom_seg(sphere_labels(volume), volume.meta, [TUMOR], tmp_path / "s.dcm", name, "1"))
+    write_dicom_seg(sphere_labels(volume), volume.meta, [TUMOR], tmp_path / "s.dcm", name, "1")
+    seg = hd.seg.segread(tmp_path / "s.dcm")
     assert seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0].AlgorithmName == name[:64]
     assert seg.ManufacturerModelName == name[:64]
 
@@ -181,7 +185,8 @@ def test_segment_colours_reach_the_seg(tmp_path):
     write_series(tmp_path / "ct", SeriesSpec(rows=24, columns=20))
     volume = load_volume(tmp_path / "ct")
     red = dataclasses.replace(TUMOR, color=(255, 0, 0))
-    seg = hd.seg.segread(write_dicom_seg(sphere_labels(volume), volume.meta, [red, EDEMA], tmp_path / "s.dcm", "u", "1"))
+    write_dicom_seg(sphere_labels(volume), volume.meta, [red, EDEMA], tmp_path / "s.dcm", "u", "1")
+    seg = hd.seg.segread(tmp_path / "s.dcm")
     assert hd.color.CIELabColor.from_dicom_value(seg.SegmentSequence[0].RecommendedDisplayCIELabValue).to_rgb() == (255, 0, 0)
     assert "RecommendedDisplayCIELabValue" not in seg.SegmentSequence[1]
 

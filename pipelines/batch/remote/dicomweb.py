@@ -1,9 +1,9 @@
 """DICOMweb input and output for the batch job: QIDO-RS to find studies, WADO-RS to fetch their
 image series, STOW-RS to store DICOM SEGs back (``dicomweb-client``). Plain data in and out: the
-cases are made from it by :mod:`pipelines.batch.cases`.
+cases are made from it by :mod:`pipelines.batch.discovery`.
 
 Each call makes one attempt: its errors name the server and are raised from the ``requests`` error,
-so that :func:`pipelines.batch.retry.is_transient` tells whether the caller should try again
+so that :func:`pipelines.batch.remote.retry.is_transient` tells whether the caller should try again
 (dicomweb-client's own retries are off: they neither jitter nor read ``Retry-After``).
 """
 
@@ -16,10 +16,12 @@ from collections import defaultdict
 from collections.abc import Mapping
 from pathlib import Path
 
+import pydicom
 import requests
+from dicomweb_client.api import DICOMwebClient
 
-from pipelines.batch.dimse import NON_IMAGE_MODALITIES as _NON_IMAGE_MODALITIES
-from pipelines.batch.retry import TransientError
+from pipelines.batch.remote.dimse import NON_IMAGE_MODALITIES as _NON_IMAGE_MODALITIES
+from pipelines.batch.remote.retry import TransientError
 
 __all__ = ["discover_studies", "download_study", "push_instance"]
 
@@ -27,10 +29,8 @@ _STUDY, _SERIES, _MODALITY, _COUNT = "0020000D", "0020000E", "00080060", "002012
 
 
 def _client(url: str):
-    from dicomweb_client.api import DICOMwebClient
-
     client = DICOMwebClient(url=url.rstrip("/"))
-    client.set_http_retry_params(retry=False)  # the caller retries (pipelines.batch.retry): one policy, not two
+    client.set_http_retry_params(retry=False)  # the caller retries (pipelines.batch.remote.retry): one policy, not two
     return client
 
 
@@ -127,8 +127,6 @@ def _download(url: str, study_uid: str, folder: Path, modalities: set[str] | Non
 
 def push_instance(url: str, path: str | os.PathLike) -> dict:
     """Store one DICOM file on the server (STOW-RS); returns where and what was stored."""
-    import pydicom
-
     dataset = pydicom.dcmread(path)
     try:
         _client(url).store_instances([dataset])
