@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from pipelines.batch.errors import BundleContractError
+from pipelines.batch.metadata import label_names, label_values, lesion_scoring
 from pipelines.io.hashing import content_hash
 from pipelines.io.rules import SeriesRules
 from pipelines.io.weights import mismatched_tensors
@@ -184,10 +185,11 @@ class BundleModel:
         self._load_weights(state, parser)
         self.weights_sha256 = content_hash(self.weights_path)
         self.bundle_sha256 = _bundle_digest(self.root, self.weights_sha256, self.overrides)  # weights read once
-        self.labels = self._labels(meta_file)
+        self.labels = label_names(self.metadata, meta_file)
         self.regions = {str(k): [int(v) for v in values] for k, values in (self.metadata.get("regions") or {}).items()}
-        self.lesion_scoring = self._lesion_scoring(meta_file)
-        self.lesion_labels = self._lesion_labels(meta_file)
+        self.lesion_scoring = lesion_scoring(self.metadata, meta_file)
+        self.lesion_labels = label_values(self.metadata, "lesion_labels", self.labels, meta_file)
+        self.enhancing_labels = label_values(self.metadata, "rano", self.labels, meta_file, within="enhancing")
         self.segments = self._segments()
         self.qc_inputs = self._qc_inputs(meta_file)
 
@@ -245,43 +247,6 @@ class BundleModel:
                 )
             return self.input_keys[0]
         return str(key)
-
-    def _labels(self, meta_file: Path) -> dict[int, str]:
-        """Label value -> name: metadata ``labels``, else the output's ``channel_def`` without channel 0."""
-        given = self.metadata.get("labels")
-        if given is None:
-            outputs = self.metadata.get("network_data_format", {}).get("outputs", {})
-            channel_def = next(iter(outputs.values()), {}).get("channel_def", {}) if outputs else {}
-            given = {k: v for k, v in channel_def.items() if int(k) != 0}
-        labels = {int(k): str(v) for k, v in given.items() if int(k) != 0}
-        if not labels:
-            raise BundleContractError(f"{meta_file}: names no labels (`labels`, or an output `channel_def`)")
-        return labels
-
-    def _lesion_scoring(self, meta_file: Path) -> dict:
-        """``lesion_scoring`` of the metadata: the lesion-wise scores' ``dilation`` (a whole number >= 0)
-        and ``min_lesion_mm3`` (>= 0); absent ones keep the BraTS glioma values (3 and 50)."""
-        given = self.metadata.get("lesion_scoring") or {}
-        allowed = {"dilation": int, "min_lesion_mm3": (int, float)}
-        if not isinstance(given, Mapping) or set(given) - set(allowed) or any(
-                isinstance(v, bool) or not isinstance(v, allowed[k]) or v < 0 for k, v in given.items()):
-            raise BundleContractError(
-                f"{meta_file}: `lesion_scoring` must map dilation (a whole number >= 0) and min_lesion_mm3 "
-                f"(a number >= 0), got {given!r}"
-            )
-        return dict(given)
-
-    def _lesion_labels(self, meta_file: Path) -> list[int] | None:
-        """``lesion_labels`` of the metadata: the label values whose connected components are the lesions
-        counted and measured (a tumor's core without its edema); None for every foreground label."""
-        given = self.metadata.get("lesion_labels")
-        if given is None:
-            return None
-        if not isinstance(given, list) or not given or any(
-                isinstance(v, bool) or not isinstance(v, int) or v not in self.labels for v in given):
-            raise BundleContractError(
-                f"{meta_file}: `lesion_labels` must list label values among {sorted(self.labels)}, got {given!r}")
-        return list(given)
 
     def _segments(self):
         return segments_from_metadata(self.metadata) if self.metadata.get("dicom_seg_segments") else None

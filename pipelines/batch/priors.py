@@ -140,6 +140,7 @@ class PriorIndex:
         same_bundle = self.bundle is None or (record.get("model") or {}).get("name") == self.bundle
         if record.get("status") == "ok" and study and same_bundle and ANATOMY_FILE in record.get("outputs", ()):
             kept = {key: record.get(key) for key in ("case_id", "study", "volumes_ml", "regions_ml", "finished", "input_hash")}
+            kept["rano_sum_mm2"] = (record.get("rano") or {}).get("sum_mm2")
             kept["lesion_uids"] = {int(lesion["lesion"]): lesion["tracking_uid"]
                                    for lesion in (record.get("comparison") or {}).get("lesions") or ()
                                    if lesion.get("tracking_uid")}
@@ -179,17 +180,25 @@ class PriorIndex:
             for case_dir in list(self._pending):
                 self._read(case_dir)
 
-    def prior(self, study: Mapping, case_dir: Path) -> tuple[Path, dict] | None:
-        """The latest study of ``study``'s patient before its day, other than ``case_dir``'s."""
+    def _earlier(self, study: Mapping, case_dir: Path) -> list[_Study]:
+        """The finished studies of ``study``'s patient before its day, other than ``case_dir``'s."""
         if not self._read_folders:
             for folder in self.folders:
                 self._scan(Path(folder))
             self._read_folders = True
         self._scan_output()
         here = Path(case_dir)
-        earlier = [s for s in self._studies.get(study["patient"], ())
-                   if s.day < int(study["day"]) and s.case_dir != here
-                   and all((s.case_dir / name).is_file() for name in (ANATOMY_FILE, "mask.nii.gz"))]
+        return [s for s in self._studies.get(study["patient"], ()) if s.day < int(study["day"]) and s.case_dir != here]
+
+    def history(self, study: Mapping, case_dir: Path) -> list[dict]:
+        """What was kept of the records of ``study``'s patient's earlier studies, in time order."""
+        return [s.record for s in sorted(self._earlier(study, case_dir), key=lambda s: (s.day, s.record.get("finished", "")))]
+
+    def prior(self, study: Mapping, case_dir: Path) -> tuple[Path, dict] | None:
+        """The latest study of ``study``'s patient before its day, other than ``case_dir``'s, whose
+        mask and anatomy are there to compare with."""
+        earlier = [s for s in self._earlier(study, case_dir)
+                   if all((s.case_dir / name).is_file() for name in (ANATOMY_FILE, "mask.nii.gz"))]
         if not earlier:
             return None
         latest = max(earlier, key=lambda s: (s.day, s.record.get("finished", "")))

@@ -71,7 +71,8 @@ def test_several_inputs_need_the_network_input_key(tmp_path):
 
 
 LESION_SCORING = r"`lesion_scoring` must map dilation"
-LESION_LABELS = r"`lesion_labels` must list label values among \[1, 2\]"
+LESION_LABELS = r"`lesion_labels` must be a list of label values among \[1, 2\]"
+RANO = r'`rano` must be \{"enhancing": \[\.\.\.\]\} of label values among \[1, 2\]'
 QC_INPUTS = r"`qc_inputs` must list input keys among \['image'\]"
 
 
@@ -80,6 +81,7 @@ QC_INPUTS = r"`qc_inputs` must list input keys among \['image'\]"
       for v in ({"dilation": -1}, {"dilation": 1.5}, {"min_lesion_mm3": "50"}, {"radius": 3}, [3])],
     *[("lesion_labels", v, LESION_LABELS) for v in ([3], [], "1", [True], [1.0])],
     *[("qc_inputs", v, QC_INPUTS) for v in (["flair"], "image")],
+    *[("rano", v, RANO) for v in ({"enhancing": [3]}, {"enhancing": []}, {"enhanced": [1]}, [1])],
 ])
 def test_malformed_optional_metadata_is_refused_by_name(tmp_path, key, value, message):
     bundle = tumor_copy(tmp_path, lambda config: None)

@@ -79,6 +79,27 @@ def test_the_changes_are_the_true_ones_and_the_new_lesion_is_new(one_run):
     assert tumor["prior_ml"] == baseline["volumes_ml"]["tumor"] and tumor["now_ml"] == follow_up["volumes_ml"]["tumor"]
 
 
+def test_rano_reads_progression_with_its_reasons(one_run):
+    """RANO on the demo patient: the baseline has one measurable enhancing lesion; at follow-up it has
+    grown and a new measurable one appeared: progression, with both reasons, against the baseline
+    (also the nadir). The sums are those of the true label maps within 15 %."""
+    from pipelines.metrics.rano import measure_lesions, target_sum
+
+    _, entries, records = one_run
+    baseline, follow_up = records["fu_baseline"], records["fu_follow_up"]
+    assert baseline["rano"]["targets"] == [1] and "response" not in baseline["rano"]
+    response = follow_up["rano"]["response"]
+    assert response["category"] == "PD" and response["new_measurable_lesions"] == 1
+    assert response["rule"].startswith("1 new measurable enhancing lesion(s); sum of products")
+    assert response["baseline_case"] == baseline["case_id"]
+    assert response["baseline_sum_mm2"] == response["nadir_sum_mm2"] == baseline["rano"]["sum_mm2"]
+    assert "not confirmed" in response["note"]
+    for name, record in (("fu_baseline", baseline), ("fu_follow_up", follow_up)):
+        truth = nib.load(DEMO / entries[name]["label"])
+        _, true_sum = target_sum(measure_lesions(np.asarray(truth.dataobj) == 1, truth.affine))
+        assert record["rano"]["sum_mm2"] == pytest.approx(true_sum, rel=0.15), name
+
+
 def test_the_outputs_keep_the_patient_and_dates_only_as_hashes(one_run):
     out, _, records = one_run
     texts = [p.read_text() for p in (*out.glob("*/record.json"), out / "report.csv", out / "report.html")]

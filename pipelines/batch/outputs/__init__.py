@@ -30,6 +30,7 @@ from pipelines.batch.outputs.measurements import MeasuresOutput
 from pipelines.batch.outputs.probabilities import ProbabilityOutput
 from pipelines.batch.outputs.push import PushOutput
 from pipelines.batch.outputs.qc import QcOutput
+from pipelines.batch.outputs.rano import RanoOutput
 from pipelines.batch.outputs.rtstruct import RtstructOutput
 from pipelines.batch.outputs.scores import DiceOutput
 from pipelines.batch.outputs.seg import DicomSegOutput
@@ -40,7 +41,7 @@ from pipelines.batch.remote.retry import RetryPolicy
 __all__ = [
     "DICOM_OUTPUTS", "OUTPUT_FILES", "BrainMaskOutput", "CaseOutput", "ComparisonOutput", "DiceOutput", "DicomSegOutput",
     "DicomSrOutput", "Grid", "MaskOutput", "MeasuresOutput", "Output", "ProbabilityOutput", "PushOutput", "QcOutput",
-    "RtstructOutput", "Scores", "Segmented", "check_order", "default_outputs",
+    "RanoOutput", "RtstructOutput", "Scores", "Segmented", "check_order", "default_outputs",
 ]
 
 
@@ -56,6 +57,7 @@ def default_outputs(model, probabilities: bool = False, push: Endpoint | None = 
     outputs += [
         MeasuresOutput(model.labels, model.regions, model.lesion_labels),
         *([ComparisonOutput(output, prior, model.lesion_labels, model.regions, model.name)] if output is not None else []),
+        *([RanoOutput(model.enhancing_labels)] if getattr(model, "enhancing_labels", None) else []),
         DicomSegOutput(model.segments, model.name, model.version, model.regions),
         DicomSrOutput(model.segments, model.labels, model.regions, model.name, model.version, model.weights_sha256),
         *([RtstructOutput(model.segments, model.name, model.version)] if rtstruct else []),

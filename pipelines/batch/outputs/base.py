@@ -112,6 +112,8 @@ class CaseOutput:
             or None when the case has none.
         anatomy: the reference image at about 2 mm, as written for later studies.
         comparison: with the prior study, when one was found.
+        history: what was kept of the records of the patient's earlier studies, in time order.
+        rano: the RANO measurements (and, with earlier studies, the response).
         seg: the DICOM SEG written.
         pushed: where the DICOM outputs were stored (``--push``).
         scores: against the case's reference label.
@@ -126,6 +128,8 @@ class CaseOutput:
     study: dict | None = None
     anatomy: object | None = None
     comparison: PriorComparison | ComparisonFailure | None = None
+    history: list[dict] = field(default_factory=list)
+    rano: dict | None = None
     seg: Dataset | None = None
     pushed: dict | None = None
     scores: Scores | None = None

@@ -37,7 +37,7 @@ class ComparisonOutput(Output):
         bundle: the bundle's name: priors segmented by another bundle are not compared.
     """
 
-    provides = ("study", "anatomy", "comparison")
+    provides = ("study", "anatomy", "comparison", "history")
     reads = ("measures",)
 
     def __init__(self, output: Path, prior: Sequence[Path] = (), lesion_labels: Sequence[int] | None = None,
@@ -60,6 +60,7 @@ class ComparisonOutput(Output):
         out.study = study_identity(identifiers, study_uid, self._salt)
         if out.study is None:
             return
+        out.history = self.index.history(out.study, out.case_dir)
         out.anatomy = write_anatomy(out.case_dir / ANATOMY_FILE, np.asarray(case.reference[0]), case.affine)
         out.files.append(ANATOMY_FILE)
         found = self.index.prior(out.study, out.case_dir)
