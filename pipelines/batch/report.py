@@ -85,6 +85,12 @@ def _row(record: dict, names: dict[str, list[str]]) -> dict:
                 row[f"{name}_change_pct"] = "" if change.get("change_pct") is None else change["change_pct"]
         row["new_lesions"] = (comparison.get("lesion_count") or {}).get("new", "")
         row["gone_lesions"] = (comparison.get("lesion_count") or {}).get("gone", "")
+    rano = record.get("rano")
+    if rano:  # RANO's sum of products and, against earlier studies, the category (pipelines.metrics.rano)
+        response = rano.get("response") or {}
+        row["rano_sum_mm2"] = rano.get("sum_mm2", "")
+        row["rano_category"] = response.get("category", "")
+        row["rano_rule"] = response.get("rule", "")
     for name, value in (record.get("dice") or {}).items():
         row[f"dice_{name}"] = "" if value is None else value
     for name, scores in (record.get("region_scores") or {}).items():

@@ -133,6 +133,9 @@ def test_the_report_has_the_change_columns_and_the_patients_plot(one_run):
     assert float(row["tumor_change_ml"]) == follow_up["comparison"]["volumes_ml"]["tumor"]["change_ml"]
     assert row["new_lesions"] == "1" and row["interval_days"] == "91"
     assert rows[records["fu_baseline"]["case_id"]]["tumor_change_ml"] == ""
+    assert (row["rano_category"], row["rano_rule"]) == ("PD", follow_up["rano"]["response"]["rule"])
+    assert float(row["rano_sum_mm2"]) == follow_up["rano"]["sum_mm2"]
+    assert rows[records["fu_baseline"]["case_id"]]["rano_category"] == ""  # nothing earlier to compare with
     page = (out / "report.html").read_text()
     assert page.count('<svg class="timeline"') == 1  # the follow-up's row: two studies
     plot = page[page.index('<svg class="timeline"'):page.index("</svg>")]
