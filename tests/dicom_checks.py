@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 
@@ -54,6 +55,12 @@ def highdicom_groups(path) -> dict:
     for group in report.get_image_measurement_groups():
         read[group.tracking_identifier] = {"segment": None, "seg_uid": None, "tracking_uid": group.tracking_uid,
                                            **{m.name.meaning: m.value for m in group.get_measurements()}}
+        read[group.tracking_identifier] |= {e.name.meaning: e.value.meaning for e in group.get_qualitative_evaluations()}
+    for group in report.get_planar_roi_measurement_groups():  # RANO's diameters, on a polyline in patient space
+        read[group.tracking_identifier] = {"segment": None, "seg_uid": None, "tracking_uid": group.tracking_uid,
+                                           **{m.name.meaning: m.value for m in group.get_measurements()},
+                                           **{e.name.meaning: e.value.meaning for e in group.get_qualitative_evaluations()},
+                                           "region": group.roi.value if group.roi is not None else None}
     return read
 
 
@@ -88,15 +95,25 @@ def assert_report_matches_record(case_dir, record: dict, regions: dict | None = 
         expected["lesions"] |= {"Interval since prior study": comparison["interval_days"],
                                 "Number of new lesions since prior study": comparison["lesion_count"]["new"],
                                 "Number of lesions gone since prior study": comparison["lesion_count"]["gone"]}
+    rano = record.get("rano")
+    if rano:  # RANO's lesions (two diameters each) and its sum, the category against earlier studies
+        for lesion in rano["lesions"]:
+            expected[f"RANO lesion {lesion['lesion']}"] = {"Long Axis": (lesion["longest_mm"], 0.005),
+                                                           "Short Axis": (lesion["perpendicular_mm"], 0.005)}
+        expected["RANO"] = {"Sum of products of perpendicular diameters (RANO)": (rano["sum_mm2"], 0.05)}
     read = highdicom_groups(case_dir / "sr.dcm")
     assert set(read) == set(expected)
     by_dcmqi = tid1500reader(case_dir / "sr.dcm", tmp_path or case_dir.parent)
     assert set(by_dcmqi) == set(expected)
     for name, values in expected.items():
         for quantity, value in values.items():
-            assert read[name][quantity] == pytest.approx(value, abs=1e-6), (name, quantity)
-            assert by_dcmqi[name][quantity][0] == pytest.approx(value, abs=1e-6), (name, quantity)
+            value, within = value if isinstance(value, tuple) else (value, 1e-6)  # the record rounds RANO's figures
+            assert read[name][quantity] == pytest.approx(value, abs=within), (name, quantity)
+            assert by_dcmqi[name][quantity][0] == pytest.approx(value, abs=within), (name, quantity)
         assert by_dcmqi[name]["tracking_uid"] == read[name]["tracking_uid"]
+        if name.startswith("RANO"):
+            _assert_rano_group(name, read[name], rano)
+            continue
         if name == "lesions":
             continue
         segment = segments[read[name]["segment"]]
@@ -109,6 +126,20 @@ def assert_report_matches_record(case_dir, record: dict, regions: dict | None = 
     for path in (case_dir / "seg.dcm", case_dir / "sr.dcm"):
         errors = dciodvfy_errors(path)
         assert not errors, f"{path}: {errors}"
+
+
+def _assert_rano_group(name: str, group: dict, rano: dict) -> None:
+    """A RANO lesion's role and the diameter it draws (its two ends, as long as stated); the sum's
+    group and the category against earlier studies."""
+    if name == "RANO":
+        category = (rano.get("response") or {}).get("category")
+        meanings = {"CR": "Complete response", "PR": "Partial response", "SD": "Stable disease", "PD": "Progressive disease"}
+        assert group.get("Response assessment (RANO), automated and unconfirmed") == meanings.get(category)
+        return
+    lesion = next(x for x in rano["lesions"] if f"RANO lesion {x['lesion']}" == name)
+    assert group["RANO lesion role"] == ("Target lesion" if lesion["lesion"] in rano["targets"] else "Non-target lesion")
+    ends = np.asarray(group["region"], dtype=float)
+    assert ends.shape == (2, 3) and np.linalg.norm(ends[1] - ends[0]) == pytest.approx(lesion["longest_mm"], abs=0.01)
 
 
 def assert_seg_reads_back_as_mask(case_dir, regions: dict | None = None, tmp_path=None) -> None:

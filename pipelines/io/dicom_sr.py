@@ -28,12 +28,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from pydicom.dataset import Dataset
 
 from pipelines.io.dicom_seg import PRIVATE_SCHEME, identify_private_scheme, tracking_uid
 from pipelines.io.writers import atomic_path
 
-__all__ = ["CHANGE_CODES", "Change", "Comparison", "Lesion", "Measures", "write_measurement_report"]
+__all__ = ["CHANGE_CODES", "Bidimensional", "Change", "Comparison", "Lesion", "Measures", "Rano", "write_measurement_report"]
 
 _LONG_STRING = 64  # characters of a DICOM LO value
 
@@ -56,6 +57,15 @@ CHANGE_CODES = {
     "LESSTATUS": "Lesion status since prior study",
     "NEW": "New since prior study",
     "PRESENT": "Present in prior study",
+    "RANOROLE": "RANO lesion role",
+    "TARGET": "Target lesion",
+    "NONTARGET": "Non-target lesion",
+    "RANOSPD": "Sum of products of perpendicular diameters (RANO)",
+    "RANORESP": "Response assessment (RANO), automated and unconfirmed",
+    "RANOCR": "Complete response",
+    "RANOPR": "Partial response",
+    "RANOSD": "Stable disease",
+    "RANOPD": "Progressive disease",
 }
 
 
@@ -82,6 +92,28 @@ class Comparison:
 
 
 @dataclass
+class Bidimensional:
+    """One enhancing lesion's RANO diameters (mm), where the longest runs (its two ends, RAS patient
+    coordinates in mm) and whether it is a target lesion."""
+
+    lesion: int
+    longest_mm: float
+    perpendicular_mm: float
+    longest_ends: Sequence[Sequence[float]]
+    target: bool
+
+
+@dataclass
+class Rano:
+    """RANO's lesions, the sum of the targets' products (mm²) and, against earlier studies, the
+    category (``"CR"``, ``"PR"``, ``"SD"``, ``"PD"``) or None."""
+
+    lesions: Sequence[Bidimensional]
+    sum_mm2: float
+    category: str | None = None
+
+
+@dataclass
 class Measures:
     """What the report states, as the batch record has it: ``volumes_ml`` per label value,
     ``regions_ml`` per region name (regions of one label reference that label's segment, as
@@ -94,6 +126,7 @@ class Measures:
     lesions: Sequence[Lesion] = ()
     lesion_count: int = 0
     comparison: Comparison | None = None
+    rano: Rano | None = None
 
 
 def write_measurement_report(
@@ -217,6 +250,8 @@ def write_measurement_report(
         tracking_identifier=hd.sr.TrackingIdentifier(tracking_uid(tracking_key, "lesions", "count"), "lesions"),
         finding_type=codes.SCT.Lesion, algorithm_id=algorithm, measurements=counts,
     ))
+    if measures.rano is not None:
+        groups += _rano_groups(measures.rano, private, algorithm, tracking_key, seg.FrameOfReferenceUID)
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -233,12 +268,47 @@ def write_measurement_report(
         sop_instance_uid=uids[1] if uids else hd.UID(), instance_number=1, manufacturer=manufacturer, is_complete=True,
         series_description=f"{algorithm_name} measurements"[:_LONG_STRING], software_versions=__version__,
     )
-    if comparison or any(len(measures.region_labels.get(name, ())) != 1 for name in measures.regions_ml):
+    if comparison or measures.rano is not None or any(
+            len(measures.region_labels.get(name, ())) != 1 for name in measures.regions_ml):
         identify_private_scheme(sr)  # region findings and changes coded in it
     path = Path(path)
     with atomic_path(path) as tmp:
         sr.save_as(tmp, enforce_file_format=True)
     return path
+
+
+def _rano_groups(rano: Rano, private, algorithm, tracking_key: str, frame_of_reference_uid: str) -> list:
+    """TID 1410 groups of RANO's lesions (the two diameters as linear measurements, the longest drawn
+    as a polyline in patient coordinates) and a TID 1501 group of the sum and the category."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    millimetre = codes.UCUM.Millimeter
+    long_axis = hd.sr.CodedConcept("103339001", "SCT", "Long Axis")
+    short_axis = hd.sr.CodedConcept("103340004", "SCT", "Short Axis")
+    groups = []
+    for lesion in rano.lesions:
+        ends = np.asarray(lesion.longest_ends, dtype=float) * np.array([-1.0, -1.0, 1.0])  # RAS to DICOM's LPS
+        groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(tracking_uid(tracking_key, "rano", lesion.lesion),
+                                                         f"RANO lesion {lesion.lesion}"),
+            referenced_region=hd.sr.ImageRegion3D(graphic_type=hd.sr.GraphicTypeValues3D.POLYLINE, graphic_data=ends,
+                                                  frame_of_reference_uid=frame_of_reference_uid),
+            finding_type=codes.SCT.Lesion, algorithm_id=algorithm,
+            measurements=[hd.sr.Measurement(name=long_axis, value=float(lesion.longest_mm), unit=millimetre),
+                          hd.sr.Measurement(name=short_axis, value=float(lesion.perpendicular_mm), unit=millimetre)],
+            qualitative_evaluations=[hd.sr.QualitativeEvaluation(
+                private("RANOROLE"), private("TARGET" if lesion.target else "NONTARGET"))],
+        ))
+    evaluations = None if rano.category is None else [
+        hd.sr.QualitativeEvaluation(private("RANORESP"), private(f"RANO{rano.category}"))]
+    groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(tracking_uid(tracking_key, "rano", "sum"), "RANO"),
+        finding_type=codes.SCT.Lesion, algorithm_id=algorithm, qualitative_evaluations=evaluations,
+        measurements=[hd.sr.Measurement(name=private("RANOSPD"), value=float(rano.sum_mm2),
+                                        unit=hd.sr.CodedConcept("mm2", "UCUM", "square millimeter"))],
+    ))
+    return groups
 
 
 def _coded(item):

@@ -27,7 +27,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 REFERENCES = Path(__file__).parent / "reference_masks"
 RECORD_FIELDS = {"case_id", "comparison", "dice", "error", "finished", "geometry_corrections", "grid", "input_hash",
                  "largest_lesion", "lesion_count", "lesions", "model", "outputs", "pushed", "run_key", "settings", "software",
-                 "source", "status", "study", "timings", "volumes_ml", "warnings"}
+                 "rano", "source", "status", "study", "timings", "volumes_ml", "warnings"}
 
 
 @pytest.fixture(scope="module")

@@ -129,7 +129,7 @@ class CaseOutput:
     anatomy: object | None = None
     comparison: PriorComparison | ComparisonFailure | None = None
     history: list[dict] = field(default_factory=list)
-    rano: dict | None = None
+    rano: object | None = None  # pipelines.batch.outputs.rano.RanoResult
     seg: Dataset | None = None
     pushed: dict | None = None
     scores: Scores | None = None

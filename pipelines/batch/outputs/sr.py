@@ -15,10 +15,11 @@ __all__ = ["DicomSrOutput"]
 class DicomSrOutput(Output):
     """``sr.dcm``: the TID 1500 measurement report (:func:`~pipelines.io.dicom_sr.write_measurement_report`)
     of the case's volumes per label and region, its lesions and their count, and the change since the
-    prior study, each group referencing its segment in the SEG written before it (none without one)."""
+    prior study, each group referencing its segment in the SEG written before it (none without one),
+    and RANO's diameters, sum and category when the bundle measures them."""
 
     provides = ("sr",)
-    reads = ("seg", "measures", "comparison")
+    reads = ("seg", "measures", "comparison", "rano")
 
     def __init__(self, segments, labels: Mapping[int, str], regions: Mapping[str, Sequence[int]] | None,
                  algorithm: str, version: str, weights_sha256: str) -> None:
@@ -37,6 +38,7 @@ class DicomSrOutput(Output):
             lesions=[Lesion(lesion.volume_ml, lesion.diameter_mm) for lesion in measures.lesions],
             lesion_count=measures.lesion_count,
             comparison=comparison.for_report(self.labels) if comparison is not None else None,
+            rano=out.rano.for_report(out.segmented.affine) if out.rano is not None else None,
         )
         write_measurement_report(out.case_dir / "sr.dcm", out.seg, report, self.algorithm, self.version,
                                  self.weights_sha256, tracking_key=out.case.input_hash, uids=out.uids("sr"),
