@@ -196,6 +196,16 @@ class Orthanc:
         if self.process is not None:
             stop_server(self.process)
 
+    @contextlib.contextmanager
+    def running(self, studies: Iterable[Path] = ()) -> Iterator[Orthanc]:
+        """Started, ``studies`` uploaded (:meth:`upload`), stopped at the end however the block ends."""
+        try:
+            self.start()
+            self.upload(studies)
+            yield self
+        finally:
+            self.stop()
+
     def upload(self, studies: Iterable[Path]) -> None:
         """Stores every ``*.dcm`` file of each folder in ``studies``."""
         folders = [str(Path(study)) for study in studies]
@@ -215,13 +225,8 @@ def orthanc_server(root: Path, studies: Iterable[Path] = (), **settings) -> Iter
     ``orthanc-dicomweb`` are missing (``make system-deps``)."""
     port = free_port()
     _orthanc_config(root, "unet-pipelines-test", port, DicomServerEnabled=False, **settings)
-    server = Orthanc(root, port)
-    try:
-        server.start()
-        server.upload(studies)
+    with Orthanc(root, port).running(studies) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @contextlib.contextmanager
@@ -242,14 +247,9 @@ def orthanc_dimse_server(root: Path, studies: Iterable[Path] = (), aet: str = "O
     _orthanc_config(root, "unet-pipelines-test-dimse", http_port, DicomServerEnabled=True, DicomAet=aet,
                     DicomPort=dicom_port, DicomCheckCalledAet=True, DicomAlwaysAllowEcho=True, DicomAlwaysAllowFind=True,
                     DicomAlwaysAllowGet=True, DicomAlwaysAllowStore=True)
-    with network_namespace() as namespace:
-        server = Orthanc(root, http_port, f"dicom://{aet}@127.0.0.1:{dicom_port}", namespace)
-        try:
-            server.start()
-            server.upload(studies)
-            yield server
-        finally:
-            server.stop()
+    with network_namespace() as namespace, \
+            Orthanc(root, http_port, f"dicom://{aet}@127.0.0.1:{dicom_port}", namespace).running(studies) as server:
+        yield server
 
 
 @contextlib.contextmanager
