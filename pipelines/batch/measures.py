@@ -44,15 +44,11 @@ def lesion_map(labels: np.ndarray, lesion_labels: Sequence[int] | None = None) -
     """The lesions of a label map ``(X, Y, Z)``: connected components (26-connectivity) of the
     ``lesion_labels`` together (default: every foreground label), numbered by volume: 1 is the
     largest (ties in scan order). Returns the map (``uint16``, 0 outside lesions) and the count."""
+    # pipelines.metrics imports MONAI (its BraTS metrics), and with it Ignite: see pipelines.batch.bundle
+    from pipelines.metrics.components import number_components
+
     labels = np.asarray(labels)
-    lesions = labels > 0 if lesion_labels is None else np.isin(labels, list(lesion_labels))
-    components, count = ndimage.label(lesions, structure=np.ones((3, 3, 3), bool))
-    if count == 0:
-        return np.zeros(labels.shape, np.uint16), 0
-    order = np.argsort(-np.bincount(components.ravel())[1:], kind="stable")
-    rank = np.zeros(count + 1, np.uint16)
-    rank[order + 1] = np.arange(1, count + 1, dtype=np.uint16)
-    return rank[components], int(count)
+    return number_components(labels > 0 if lesion_labels is None else np.isin(labels, list(lesion_labels)))
 
 
 def lesion_measurements(labels: np.ndarray, affine, names: Mapping[int, str],

@@ -30,8 +30,10 @@ from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 from skimage.measure import find_contours
 
+from pipelines.metrics.components import number_components
+
 __all__ = ["MIN_DIAMETER_MM", "TARGETS", "Assessment", "LesionDiameters", "assess", "axial_axis", "measure_lesions",
-           "number_lesions", "target_sum"]
+           "target_sum"]
 
 MIN_DIAMETER_MM = 10.0  # both diameters, for a measurable lesion
 MIN_SLICES = 2  # axial slices a measurable lesion is seen on
@@ -149,27 +151,16 @@ def _longest_chord(u: np.ndarray, v: np.ndarray, samples: int = 512):
     return best, where
 
 
-def number_lesions(enhancing: np.ndarray) -> tuple[np.ndarray, int]:
-    """The enhancing lesions of a mask ``(X, Y, Z)``: connected components (26-connectivity) numbered by
-    volume, 1 the largest (ties in scan order), and their count."""
-    components, count = ndimage.label(np.asarray(enhancing, bool), structure=np.ones((3, 3, 3), bool))
-    if count == 0:
-        return np.zeros(components.shape, np.int32), 0
-    rank = np.zeros(count + 1, np.int32)
-    rank[np.argsort(-np.bincount(components.ravel())[1:], kind="stable") + 1] = np.arange(1, count + 1)
-    return rank[components], int(count)
-
-
 def measure_lesions(enhancing: np.ndarray, affine: np.ndarray,
                     lesions: tuple[np.ndarray, int] | None = None) -> list[LesionDiameters]:
     """The bidimensional measurement of each enhancing lesion of a mask ``(X, Y, Z)`` with RAS ``affine``
-    (mm), in the order of :func:`number_lesions` (see the module docstring); ``lesions``: its result
-    when the caller has it."""
+    (mm), numbered by :func:`~pipelines.metrics.components.number_components` (see the module
+    docstring); ``lesions``: that numbering when the caller has it."""
     affine = np.asarray(affine, float)
     axis = axial_axis(affine)
     plane = [a for a in range(3) if a != axis]
     to_mm = affine[:3, plane]
-    components, count = number_lesions(enhancing) if lesions is None else lesions
+    components, count = number_components(enhancing) if lesions is None else lesions
     found = []
     for number in range(1, count + 1):
         lesion = np.moveaxis(components == number, axis, 0)

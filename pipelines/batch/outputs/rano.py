@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipelines.batch.comparison import PriorComparison
-from pipelines.batch.measures import VolumeMeasures
+from pipelines.batch.measures import VolumeMeasures, lesion_map
 from pipelines.batch.outputs.base import CaseOutput, Output
 from pipelines.io.dicom_sr import Bidimensional, Rano
 
@@ -65,13 +65,13 @@ class RanoOutput(Output):
 
     def write(self, out: CaseOutput) -> None:
         # pipelines.metrics imports MONAI (its BraTS metrics), and with it Ignite: see pipelines.batch.bundle
-        from pipelines.metrics.rano import MEASURABLE_RULE, assess, measure_lesions, number_lesions, target_sum
+        from pipelines.metrics.rano import MEASURABLE_RULE, assess, measure_lesions, target_sum
 
         case = out.segmented
         if case.labels.ndim != 3 or case.is_picture or not isinstance(out.measures, VolumeMeasures):
             return
-        numbered = number_lesions(np.isin(case.labels, self.enhancing))
-        lesions = measure_lesions(None, case.affine, numbered)
+        numbered = lesion_map(case.labels, self.enhancing)
+        lesions = measure_lesions(numbered[0] > 0, case.affine, numbered)
         targets, total = target_sum(lesions)
         measured = [r for r in out.history if r.get("rano_sum_mm2") is not None]
         response = None
