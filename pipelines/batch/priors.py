@@ -33,7 +33,8 @@ import torch
 from pipelines.batch.errors import BatchInputError
 from pipelines.io.writers import save_nifti
 
-__all__ = ["ANATOMY_FILE", "SALT_ENV", "PriorIndex", "prior_folders", "site_salt", "study_identity", "write_anatomy"]
+__all__ = ["ANATOMY_FILE", "SALT_ENV", "PriorIndex", "PriorStudy", "latest_comparable", "prior_folders", "site_salt",
+           "study_identity", "write_anatomy"]
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +106,9 @@ def write_anatomy(path: Path, image: np.ndarray, affine: np.ndarray):
 
 
 @dataclass
-class _Study:
+class PriorStudy:
+    """A finished study of a patient: its (shifted) day, output folder and what was kept of its record."""
+
     day: int
     case_dir: Path
     record: dict
@@ -122,7 +125,7 @@ class PriorIndex:
     output: Path
     folders: Sequence[Path] = ()
     bundle: str | None = None
-    _studies: dict[str, list[_Study]] = field(default_factory=dict)
+    _studies: dict[str, list[PriorStudy]] = field(default_factory=dict)
     _seen: set[str] = field(default_factory=set)  # case folders as os.scandir names them: no Path per entry
     _patient_of: dict[Path, str] = field(default_factory=dict)
     _pending: set[Path] = field(default_factory=set)
@@ -144,7 +147,7 @@ class PriorIndex:
             kept["lesion_uids"] = {int(lesion["lesion"]): lesion["tracking_uid"]
                                    for lesion in (record.get("comparison") or {}).get("lesions") or ()
                                    if lesion.get("tracking_uid")}
-            self._studies.setdefault(study["patient"], []).append(_Study(int(study["day"]), case_dir, kept))
+            self._studies.setdefault(study["patient"], []).append(PriorStudy(int(study["day"]), case_dir, kept))
             self._patient_of[here] = study["patient"]
 
     def _scan(self, folder: Path) -> None:
@@ -180,29 +183,35 @@ class PriorIndex:
             for case_dir in list(self._pending):
                 self._read(case_dir)
 
-    def _earlier(self, study: Mapping, case_dir: Path) -> list[_Study]:
-        """The finished studies of ``study``'s patient before its day, other than ``case_dir``'s."""
+    def earlier(self, study: Mapping, case_dir: Path) -> list[PriorStudy]:
+        """The finished studies of ``study``'s patient before its day, other than ``case_dir``'s, in time
+        order (the run's folder looked at again first: see :meth:`_scan_output`)."""
         if not self._read_folders:
             for folder in self.folders:
                 self._scan(Path(folder))
             self._read_folders = True
         self._scan_output()
         here = Path(case_dir)
-        return [s for s in self._studies.get(study["patient"], ()) if s.day < int(study["day"]) and s.case_dir != here]
-
-    def history(self, study: Mapping, case_dir: Path) -> list[dict]:
-        """What was kept of the records of ``study``'s patient's earlier studies, in time order."""
-        return [s.record for s in sorted(self._earlier(study, case_dir), key=lambda s: (s.day, s.record.get("finished", "")))]
+        found = [s for s in self._studies.get(study["patient"], ()) if s.day < int(study["day"]) and s.case_dir != here]
+        return sorted(found, key=_when)
 
     def prior(self, study: Mapping, case_dir: Path) -> tuple[Path, dict] | None:
-        """The latest study of ``study``'s patient before its day, other than ``case_dir``'s, whose
-        mask and anatomy are there to compare with."""
-        earlier = [s for s in self._earlier(study, case_dir)
-                   if all((s.case_dir / name).is_file() for name in (ANATOMY_FILE, "mask.nii.gz"))]
-        if not earlier:
-            return None
-        latest = max(earlier, key=lambda s: (s.day, s.record.get("finished", "")))
-        return latest.case_dir, latest.record
+        """:func:`latest_comparable` of :meth:`earlier`."""
+        return latest_comparable(self.earlier(study, case_dir))
+
+
+def _when(study: PriorStudy) -> tuple:
+    return study.day, study.record.get("finished", "")
+
+
+def latest_comparable(studies: Sequence[PriorStudy]) -> tuple[Path, dict] | None:
+    """The latest of ``studies`` whose mask and anatomy are there to compare with, as ``(case folder,
+    what was kept of its record)``; None without one."""
+    comparable = [s for s in studies if all((s.case_dir / name).is_file() for name in (ANATOMY_FILE, "mask.nii.gz"))]
+    if not comparable:
+        return None
+    latest = max(comparable, key=_when)
+    return latest.case_dir, latest.record
 
 
 def prior_folders(paths: Iterable) -> list[Path]:

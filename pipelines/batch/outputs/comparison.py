@@ -12,7 +12,7 @@ from pipelines.batch.comparison import ComparisonFailure, compare_with_prior
 from pipelines.batch.errors import describe_error
 from pipelines.batch.measures import VolumeMeasures
 from pipelines.batch.outputs.base import CaseOutput, Output
-from pipelines.batch.priors import ANATOMY_FILE, PriorIndex, site_salt, study_identity, write_anatomy
+from pipelines.batch.priors import ANATOMY_FILE, PriorIndex, latest_comparable, site_salt, study_identity, write_anatomy
 
 __all__ = ["ComparisonOutput"]
 
@@ -60,10 +60,11 @@ class ComparisonOutput(Output):
         out.study = study_identity(identifiers, study_uid, self._salt)
         if out.study is None:
             return
-        out.history = self.index.history(out.study, out.case_dir)
+        earlier = self.index.earlier(out.study, out.case_dir)
+        out.history = [study.record for study in earlier]
         out.anatomy = write_anatomy(out.case_dir / ANATOMY_FILE, np.asarray(case.reference[0]), case.affine)
         out.files.append(ANATOMY_FILE)
-        found = self.index.prior(out.study, out.case_dir)
+        found = latest_comparable(earlier)
         if found is None:
             return
         prior_dir, prior_record = found
