@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import functools
 import html
 import io
 import json
@@ -170,7 +171,13 @@ def _image(case: str, picture: Path, inline: bool) -> str | None:
 # of the view (``loading="lazy"`` alone is not enough: headless browsers fetch every such picture
 # before the page counts as loaded), and a check that every picture shown loads (``data-loaded`` on
 # each; a picture that does not load is named above the table). Inline: the page stays one file.
-_SCRIPT = (Path(__file__).parent / "report.js").read_text()
+_SCRIPT = Path(__file__).parent / "report.js"
+
+
+@functools.cache
+def _script() -> str:
+    """The page's script, read once, when a report is first written (not when the module is imported)."""
+    return _SCRIPT.read_text()
 
 
 
@@ -225,5 +232,5 @@ def _html(output_dir: Path, records: list[dict], rows: list[dict], columns: list
         f"volumes up to each study. Click a column heading to sort.</p>"
         f'<p id="pictures"></p>'
         f'<table id="cases"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
-        f"<script>\n{_SCRIPT}</script></body></html>\n"
+        f"<script>\n{_script()}</script></body></html>\n"
     )

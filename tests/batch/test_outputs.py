@@ -19,7 +19,7 @@ from pipelines.batch.records import Records
 from pipelines.batch.remote.endpoint import Endpoint
 
 MODEL = SimpleNamespace(labels={1: "tumor", 2: "edema"}, regions={}, lesion_labels=[1], name="unet3d_tumor", version="1",
-                        segments=None, weights_sha256="0" * 64, lesion_scoring={})
+                        segments=None, weights_sha256="0" * 64, lesion_scoring={}, enhancing_labels=[1])
 
 
 @pytest.mark.parametrize("options", [{}, {"probabilities": True, "rtstruct": True},
@@ -28,8 +28,8 @@ def test_the_default_outputs_come_in_an_order_that_reads_nothing_too_early(tmp_p
     outputs = default_outputs(MODEL, output=tmp_path, **options)
     check_order(outputs)
     names = [type(o).__name__ for o in outputs]
-    assert names.index("MeasuresOutput") < names.index("ComparisonOutput") < names.index("DicomSegOutput") \
-        < names.index("DicomSrOutput") < names.index("PushOutput")
+    assert names.index("MeasuresOutput") < names.index("ComparisonOutput") < names.index("RanoOutput") \
+        < names.index("DicomSegOutput") < names.index("DicomSrOutput") < names.index("PushOutput")
 
 
 def test_an_output_before_what_it_reads_is_refused_by_name(tmp_path):
