@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 export UNET_SHARED_DATA ?= $(abspath $(CURDIR)/../shared/data)
 # Debian packages the tests need; `system-deps` installs those missing (needs root and apt).
 # Orthanc (the DICOMweb tests start their own on 127.0.0.1) is installed without starting its service.
-DEBIAN_PACKAGES := dcm2niix dicom3tools orthanc orthanc-dicomweb plastimatch chromium
+DEBIAN_PACKAGES := dcm2niix dicom3tools orthanc orthanc-dicomweb plastimatch chromium nodejs
 DEMO := $(CURDIR)/demo_output
 ISBI_BUNDLE := bundles/unet2d_isbi2012
 TUMOR_BUNDLE := bundles/unet3d_tumor
@@ -32,7 +32,7 @@ PORT ?= 8000
 LABEL_ARGS ?=
 export UNET_LABEL_PYTHON := $(LABEL_PY)
 
-.PHONY: help venv label-venv label-server system-deps test docs demo demo-data demo-brain demo-isbi bench clean
+.PHONY: help venv web-deps label-venv label-server system-deps test docs demo demo-data demo-brain demo-isbi bench clean
 
 help:
 	@echo "make demo   - create .venv, install, generate the demo data, train the 3D tumor bundle, run the batch jobs (tumor, brain)"
@@ -53,6 +53,16 @@ $(STAMP): pyproject.toml
 	touch $@
 
 venv: $(STAMP)
+
+# NiiVue for the case pages (package.json pins it; `npm ci` installs exactly the lock file). The batch
+# job copies its browser build into each run's output, so the pages need nothing from the internet.
+WEB_STAMP := node_modules/.installed
+$(WEB_STAMP): package.json package-lock.json
+	@command -v npm >/dev/null || { echo "npm not found: install Node.js with npm (Debian: apt-get install nodejs npm)"; exit 1; }
+	npm ci --ignore-scripts --no-audit --no-fund --loglevel=error
+	touch $@
+
+web-deps: $(WEB_STAMP)
 
 # the order and the reasons are in pipelines/label/requirements.txt
 $(LABEL_STAMP): pyproject.toml pipelines/label/requirements.txt
@@ -84,7 +94,7 @@ system-deps:
 		exit $$status; \
 	fi
 
-test: $(STAMP) $(LABEL_STAMP) system-deps demo-data demo-brain docs
+test: $(STAMP) $(LABEL_STAMP) system-deps web-deps demo-data demo-brain docs
 	$(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
 
 # --strict: a broken link, a missing anchor or a docstring naming a parameter the code lacks fails the
@@ -92,7 +102,7 @@ test: $(STAMP) $(LABEL_STAMP) system-deps demo-data demo-brain docs
 docs: $(STAMP)
 	DISABLE_MKDOCS_2_WARNING=true NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
 
-demo: $(STAMP) demo-data demo-brain
+demo: $(STAMP) web-deps demo-data demo-brain
 	@echo "== demo 1/5: train the 3D tumor bundle for $(DEMO_EPOCHS) epochs (from scratch, tracked in MLflow) =="
 	rm -rf $(DEMO)/tumor/models
 	cd $(TUMOR_BUNDLE) && $(PY) -m monai.bundle run training --meta_file configs/metadata.json \
@@ -115,7 +125,7 @@ demo: $(STAMP) demo-data demo-brain
 	@echo "Validation Dice of the shipped weights ($(DEMO)/tumor/evaluation/metrics.csv):"
 	@cat $(DEMO)/tumor/evaluation/metrics.csv
 	@echo "Batch job report (volumes, Dice against the demo labels, QC pictures): $(DEMO)/tumor/batch/report.html"
-	@echo "Per study: $(DEMO)/tumor/batch/<case>/{mask.nii.gz,seg.dcm,qc.png,record.json}"
+	@echo "Per study: $(DEMO)/tumor/batch/<case>/{index.html,mask.nii.gz,seg.dcm,sr.dcm,qc.png,record.json}; index.html scrolls the study with its segmentation"
 	@echo "Validation overlays (reference | prediction): $(DEMO)/tumor/evaluation/overlays/"
 	@echo "Demo training: weights $(DEMO)/tumor/models/model.pt, resumable state $(DEMO)/tumor/models/last_checkpoint_*.pt"
 	@echo "MLflow UI: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(DEMO)/tumor/mlflow/mlruns.db --host 127.0.0.1"

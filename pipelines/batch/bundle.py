@@ -192,6 +192,11 @@ class BundleModel:
         self.enhancing_labels = label_values(self.metadata, "rano", self.labels, meta_file, within="enhancing")
         self.segments = self._segments()
         self.qc_inputs = self._qc_inputs(meta_file)
+        self.report_columns = self.metadata.get("report_columns")
+        if self.report_columns is not None and (not isinstance(self.report_columns, list)
+                                                or not all(isinstance(c, str) for c in self.report_columns)):
+            raise BundleContractError(f"{meta_file}: `report_columns` must list column names of report.csv, "
+                                      f"got {self.report_columns!r}")
 
     def _load_weights(self, state: Mapping, parser) -> None:
         """The weights into the network; weights of another shape (trained with other ``channels``,

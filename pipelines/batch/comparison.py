@@ -23,7 +23,7 @@ from pipelines.batch.priors import ANATOMY_FILE
 from pipelines.io.dicom_seg import tracking_uid
 from pipelines.io.dicom_sr import Change, Comparison
 
-__all__ = ["ComparisonFailure", "LesionChange", "PriorComparison", "VolumeChange", "compare_with_prior"]
+__all__ = ["ComparisonFailure", "LesionChange", "PriorComparison", "VolumeChange", "carry", "compare_with_prior"]
 
 
 @dataclass(frozen=True)
@@ -147,9 +147,9 @@ def _lesion_uid(record: Mapping, number: int) -> str | None:
     return tracking_uid(record["input_hash"], "lesion", number) if record.get("input_hash") else None
 
 
-def _carry(prior_map: np.ndarray, prior_affine: np.ndarray, shape: tuple[int, ...], affine: np.ndarray,
+def carry(prior_map: np.ndarray, prior_affine: np.ndarray, shape: tuple[int, ...], affine: np.ndarray,
            matrix: np.ndarray) -> np.ndarray:
-    """``prior_map`` on the grid ``(shape, affine)``, nearest voxel, through ``matrix`` (RAS: a point
+    """``prior_map`` (any image) on the grid ``(shape, affine)``, nearest voxel, through ``matrix`` (RAS: a point
     of this grid's study to the prior's point); 0 outside the prior's grid."""
     index = np.indices(shape, dtype=np.float64).reshape(3, -1)
     to_prior = np.linalg.inv(prior_affine) @ np.asarray(matrix, np.float64) @ np.asarray(affine, np.float64)
@@ -196,7 +196,7 @@ def compare_with_prior(
     prior_affine = np.asarray(prior_mask.affine, np.float64)
     prior_map, prior_count = lesion_map(prior_labels, lesion_labels)
     prior_sizes = np.bincount(prior_map.ravel(), minlength=prior_count + 1) * voxel_ml(prior_affine)
-    carried = _carry(prior_map, prior_affine, labels.shape, affine, registration.matrix)
+    carried = carry(prior_map, prior_affine, labels.shape, affine, registration.matrix)
     now_map, now_count = measures.lesion_map, measures.lesion_count
     pairs = np.unique(np.stack([now_map.ravel(), carried.ravel()]), axis=1)
     pairs = pairs[:, (pairs[0] > 0) & (pairs[1] > 0)]

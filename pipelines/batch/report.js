@@ -9,9 +9,20 @@
     text = text.trim();
     return text === "" ? null : (/^-?\d+(\.\d+)?(e[-+]?\d+)?$/i.test(text) ? parseFloat(text) : text);
   }
+  function show(name, shown) {  // a column of the chooser (#columns), shown or hidden
+    document.querySelectorAll('[data-column="' + CSS.escape(name) + '"]').forEach(function (cell) {
+      cell.hidden = !shown;
+    });
+    var box = document.querySelector('input[data-show="' + CSS.escape(name) + '"]');
+    if (box) { box.checked = shown; }
+  }
+  document.querySelectorAll("input[data-show]").forEach(function (box) {
+    box.addEventListener("change", function () { show(box.getAttribute("data-show"), box.checked); });
+  });
   function sortBy(name, order) {
     var head = heads.find(function (h) { return h.getAttribute("data-column") === name; });
     if (!head) { return; }
+    if (head.hidden) { show(name, true); }  // the column sorted on is shown
     var index = head.cellIndex;
     var rows = Array.prototype.slice.call(body.rows), sign = order === "desc" ? -1 : 1;
     rows.sort(function (a, b) {
@@ -48,7 +59,7 @@
       image.addEventListener("error", function () { checked(image); });
     }
   }
-  function show(image) {
+  function fetchPicture(image) {
     image.src = image.getAttribute("data-src");
     image.removeAttribute("data-src");
     watch(image);
@@ -57,13 +68,13 @@
   Array.prototype.forEach.call(document.images, function (image) {
     if (!image.hasAttribute("data-src")) { watch(image); }
   });
-  if (!("IntersectionObserver" in window)) { linked.forEach(show); return; }
+  if (!("IntersectionObserver" in window)) { linked.forEach(fetchPicture); return; }
   var reach = window.innerHeight + 1000;  // px below the view fetched ahead
   var near = linked.filter(function (image) { return image.getBoundingClientRect().top < reach; });
-  near.forEach(show);
+  near.forEach(fetchPicture);
   var ahead = new IntersectionObserver(function (entries) {
     entries.forEach(function (entry) {
-      if (entry.isIntersecting) { ahead.unobserve(entry.target); show(entry.target); }
+      if (entry.isIntersecting) { ahead.unobserve(entry.target); fetchPicture(entry.target); }
     });
   }, {rootMargin: "1000px 0px"});
   linked.forEach(function (image) { if (image.hasAttribute("data-src")) { ahead.observe(image); } });

@@ -21,12 +21,14 @@ from urllib.parse import quote
 
 from PIL import Image
 
+from pipelines.batch.errors import headline
+from pipelines.batch.outputs.page import PAGE_FILE
 from pipelines.batch.qc import THUMBNAIL_WIDTH, qc_thumbnail
 from pipelines.batch.timelines import plot as volume_plot
 from pipelines.batch.timelines import timelines as patient_timelines
 from pipelines.io.writers import atomic_path
 
-__all__ = ["INLINE_THUMBNAIL_BYTES", "read_records", "write_reports"]
+__all__ = ["INLINE_THUMBNAIL_BYTES", "key_columns", "read_records", "write_reports"]
 
 INLINE_THUMBNAIL_BYTES = 32 * 2**20  # the most QC picture bytes report.html holds; beyond, it links them
 
@@ -101,14 +103,16 @@ def _row(record: dict, names: dict[str, list[str]]) -> dict:
     return row
 
 
-def write_reports(output_dir: str | os.PathLike, title: str = "Segmentation batch report") -> tuple[Path, Path]:
+def write_reports(output_dir: str | os.PathLike, title: str = "Segmentation batch report",
+                  columns: list[str] | None = None) -> tuple[Path, Path]:
     """Write ``report.csv`` and a self-contained ``report.html`` (QC thumbnails inlined) for every
-    case recorded under ``output_dir``; both atomically. Returns their paths."""
+    case recorded under ``output_dir``; both atomically. ``columns``: those each row of the page shows
+    (:func:`key_columns`). Returns their paths."""
     output_dir = Path(output_dir)
     records = read_records(output_dir)
     names = {field: _names(records, field) for field, _ in _MEASURES}
     rows = [_row(r, names) for r in records]
-    columns: list[str] = []
+    wanted, columns = columns, []
     for row in rows:
         columns.extend(k for k in row if k not in columns)
     csv_path, html_path = output_dir / "report.csv", output_dir / "report.html"
@@ -117,7 +121,8 @@ def write_reports(output_dir: str | os.PathLike, title: str = "Segmentation batc
         writer.writeheader()
         writer.writerows(rows)
     with atomic_path(html_path) as tmp:
-        tmp.write_text(_html(output_dir, records, rows, columns, title), encoding="utf-8")
+        shown = key_columns(names, columns, wanted)
+        tmp.write_text(_html(output_dir, records, rows, columns, title, shown), encoding="utf-8")
     return csv_path, html_path
 
 
@@ -182,16 +187,44 @@ def _script() -> str:
 
 
 _LINKED = "; the thumbnails are read from the case folders beside this page, as they are scrolled to"
+_IDENTITY = ("case_id", "status", "error", "study_instance_uid", "series_instance_uid")
 
 
-def _html(output_dir: Path, records: list[dict], rows: list[dict], columns: list[str], title: str) -> str:
+def key_columns(names: dict[str, list[str]], columns: list[str], wanted: list[str] | None = None) -> list[str]:
+    """The columns each row shows (the others are one click away): ``wanted`` (the bundle's
+    ``report_columns``) where the records have them; by default the region volumes (else the label
+    volumes, or a section's area fractions; 4 at most), their change since the prior in percent, the
+    lesion count, new lesions and the RANO category. ``names``: per measure field the names met."""
+    if wanted is None:
+        volumes = [f"{n}_ml" for n in names["regions_ml"] or names["volumes_ml"]][:4]
+        wanted = [*volumes, *(f"{c[:-3]}_change_pct" for c in volumes),
+                  *(f"{n}_fraction" for n in names["area_fractions"][:4]), "lesion_count", "new_lesions", "rano_category"]
+    return [c for c in wanted if c in columns]
+
+
+def _cell(row: dict, column: str, hidden: bool) -> str:
+    value = html.escape(str(row.get(column, "")))
+    return f'<td data-column="{html.escape(column)}"{" hidden" if hidden else ""}>{value}</td>'
+
+
+def _failure(reason: str) -> str:
+    """A failed row's picture cell: the reason in one sentence, the full reason folded under it."""
+    return (f'<p class="headline">{html.escape(headline(reason))}</p>'
+            f"<details><summary>full reason</summary><pre>{html.escape(reason)}</pre></details>")
+
+
+def _html(output_dir: Path, records: list[dict], rows: list[dict], columns: list[str], title: str,
+          shown: list[str]) -> str:
     failed = sum(r.get("status") != "ok" for r in records)
-    shown = [c for c in columns if c not in ("case_id", "status", "error", "study_instance_uid", "series_instance_uid")]
-    head = "".join(f'<th data-column="{html.escape(c)}" title="sort">{html.escape(label)}</th>'
-                   for c, label in [("case_id", "case"), ("status", "status"), *((c, c) for c in shown)])
+    measured = [c for c in columns if c not in _IDENTITY]
+    more = [c for c in measured if c not in shown]
+    order = [*shown, *more]
+    head = '<th class="qc">QC</th>' + "".join(
+        f'<th data-column="{html.escape(c)}" title="sort"{" hidden" if c in more else ""}>{html.escape(label)}</th>'
+        for c, label in [("case_id", "case"), ("status", "status"), *((c, c.replace("_", " ")) for c in order)])
     timelines = patient_timelines(records)
     plots = any(len(points) > 1 for points in timelines.values())
-    head += "<th>QC</th>" + ("<th>volumes over time</th>" if plots else "")
+    head += "<th>volumes over time</th>" if plots else ""
     pictures = {str(r.get("case_id", "")): _picture(output_dir / str(r.get("case_id", "")))
                 for r in records if r.get("status") == "ok"}
     inline = sum(p.stat().st_size for p in pictures.values() if p is not None) <= INLINE_THUMBNAIL_BYTES
@@ -199,37 +232,48 @@ def _html(output_dir: Path, records: list[dict], rows: list[dict], columns: list
     for record, row in zip(records, rows):
         case = str(record.get("case_id", ""))
         status = str(record.get("status", ""))
+        page = f"{quote(case)}/{PAGE_FILE}" if PAGE_FILE in (record.get("outputs") or []) else None
         picture = pictures.get(case) if status == "ok" else None
         image = _image(case, picture, inline) if picture is not None else None
-        if image:
-            full = f"{quote(case)}/qc.png" if (output_dir / case / "qc.png").is_file() else None
-            qc = f'<a href="{html.escape(full)}" title="the full QC picture">{image}</a>' if full else image
+        if status != "ok":
+            qc = _failure(row["error"])
+        elif image:
+            full = page or (f"{quote(case)}/qc.png" if (output_dir / case / "qc.png").is_file() else None)
+            what = "the case page: scroll the study with the segmentation" if page else "the full QC picture"
+            qc = f'<a href="{html.escape(full)}" title="{what}">{image}</a>' if full else image
         else:
-            qc = html.escape(row["error"])
-        cells = "".join(f"<td>{html.escape(str(row.get(c, '')))}</td>" for c in shown)
+            qc = ""
+        name = f'<a href="{html.escape(page)}">{html.escape(case)}</a>' if page else html.escape(case)
+        cells = "".join(_cell(row, c, c in more) for c in order)
         plot = ""
         if plots:
             points = timelines.get((record.get("study") or {}).get("patient"), [])
             day = (record.get("study") or {}).get("day")
             upto = [p for p in points if day is not None and p[0] <= day]
             plot = f"<td>{volume_plot(upto, case) if len(upto) > 1 else ''}</td>"
-        body.append(f'<tr class="{html.escape(status)}" id="{html.escape(case)}"><td>{html.escape(case)}</td>'
-                    f"<td>{html.escape(status)}</td>{cells}<td>{qc}</td>{plot}</tr>")
+        body.append(f'<tr class="{html.escape(status)}" id="{html.escape(case)}"><td class="qc">{qc}</td>'
+                    f'<td data-column="case_id">{name}</td><td data-column="status">{html.escape(status)}</td>'
+                    f"{cells}{plot}</tr>")
+    chooser = "".join(f'<label><input type="checkbox" data-show="{html.escape(c)}">{html.escape(c)}</label>'
+                      for c in more)
     style = (
-        "body{font-family:sans-serif;margin:1em}table{border-collapse:collapse}"
-        "td,th{border:1px solid #bbb;padding:4px 6px;vertical-align:top;text-align:right}"
-        "th[data-column]{cursor:pointer}th[aria-sort=ascending]::after{content:' \\25B2'}"
-        "th[aria-sort=descending]::after{content:' \\25BC'}#pictures{color:#b00}"
-        "tr.failed{background:#fde2e2}tr.failed td:last-child{text-align:left;max-width:40em}img{display:block}"
+        "body{font-family:sans-serif;margin:0.6em}table{border-collapse:collapse}"
+        "td,th{border:1px solid #bbb;padding:3px 5px;vertical-align:top;text-align:right}"
+        "th{font-size:0.85em;max-width:7em}th[data-column]{cursor:pointer}"
+        "th[aria-sort=ascending]::after{content:' \\25B2'}th[aria-sort=descending]::after{content:' \\25BC'}"
+        "#pictures{color:#b00}td.qc{width:420px;text-align:left}td[data-column=case_id]{text-align:left;word-break:break-all}"
+        "tr.failed{background:#fde2e2}.headline{margin:0;max-width:420px}pre{white-space:pre-wrap;word-break:break-all;"
+        "max-width:420px;font-size:0.8em}img{display:block}#columns label{display:inline-block;margin-right:1em}"
     )
     return (
         f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
         f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>"
         f"<p>{len(records)} cases: {len(records) - failed} ok, {failed} failed. Volumes in mL, section areas in "
         f"pixels; QC pictures of volumes are axial | coronal | sagittal through the largest lesion "
-        f"(radiological view; a thumbnail opens the full picture{'' if inline else _LINKED}). Changes are since the "
-        f"patient's prior study (prior_case, interval_days; new and gone lesions); the plot shows the patient's "
-        f"volumes up to each study. Click a column heading to sort.</p>"
+        f"(radiological view; a picture or a case name opens the case page, where the study scrolls with the "
+        f"segmentation{'' if inline else _LINKED}). Changes are since the patient's prior study; the plot shows the "
+        f"patient's volumes up to each study. Click a column heading to sort.</p>"
+        f'<details id="columns"><summary>{len(more)} more columns</summary>{chooser}</details>'
         f'<p id="pictures"></p>'
         f'<table id="cases"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
         f"<script>\n{_script()}</script></body></html>\n"

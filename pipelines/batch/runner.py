@@ -149,7 +149,7 @@ def run_batch(
             _segment_cases(plan, summary, workers=workers, progress=progress)
         except BatchInterrupted as stop:
             stop.summary = summary
-            _wind_up(plan.output, plan.todo, summary, plan.rank)
+            _wind_up(plan, summary)
             raise
         _finalize(plan, summary, fail_on_error)
     return summary
@@ -162,7 +162,7 @@ def _finalize(plan: Plan, summary: BatchSummary, fail_on_error: bool) -> None:
     elif plan.world > 1:
         dist.barrier()
     if plan.rank == 0:
-        summary.reports = write_reports(plan.output)
+        summary.reports = write_reports(plan.output, columns=plan.model.report_columns)
         records = {r["case_id"]: r for r in read_records(plan.output)}
         statuses = [records.get(c.case_id, {}).get("status") for c in plan.cases]
     else:
@@ -275,14 +275,14 @@ def _inside(path, folder: Path) -> bool:
         return True
 
 
-def _wind_up(output: Path, todo: list[Case], summary: BatchSummary, rank: int) -> None:
+def _wind_up(plan: Plan, summary: BatchSummary) -> None:
     """After a signal stopped the run: no temporary file left (the main thread may have been stopped
     inside a write), and the reports list the cases finished so far."""
     try:
-        for case in todo:
-            remove_partials(output / case.case_id)
-        if rank == 0:
-            summary.reports = write_reports(output)
+        for case in plan.todo:
+            remove_partials(plan.output / case.case_id)
+        if plan.rank == 0:
+            summary.reports = write_reports(plan.output, columns=plan.model.report_columns)
     except OSError as exc:  # the signal's exit code stands; a rerun removes what is left
         logger.warning("stopped; temporary files or reports could not be written or removed: %s",
                        exc.strerror or exc)

@@ -219,7 +219,7 @@ def _entry_source(case: Case, key: str, where: Path, inputs: Mapping[str, Series
                 f"expected one study")
     study = found[0]
     if study.error is not None:
-        return study.error
+        return f"input {key!r}: {study.error}" if len(inputs) > 1 else study.error
     case.sources[key] = study.sources[key]
     case.study_uid = case.study_uid or study.study_uid
     case.warnings = list(dict.fromkeys(case.warnings + study.warnings))

@@ -8,11 +8,17 @@ from pathlib import Path
 
 import pytest
 
+from pipelines.batch.viewer import VIEWER_DIR
 from tests.conftest import REPO
 
 DEMO = REPO / "demo_data"
 MANIFEST = REPO / "data_manifests" / "demo_tumor.json"
 BUNDLE = REPO / "bundles" / "unet3d_tumor"
+
+
+def case_dirs(output: Path) -> list[Path]:
+    """The case folders of a run's output (not the viewer's copy, not hidden files)."""
+    return sorted(p for p in output.iterdir() if p.is_dir() and p.name != VIEWER_DIR and not p.name.startswith("."))
 
 
 def demo_case(section: str, index: int) -> dict:

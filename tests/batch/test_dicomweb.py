@@ -12,7 +12,7 @@ from pipelines.batch import BatchInputError, discover_cases, pseudonym, run_batc
 from pipelines.batch.remote.retry import RetryPolicy
 from pipelines.io import SeriesRules
 from tests import servers
-from tests.batch.conftest import BUNDLE, DEMO, demo_case
+from tests.batch.conftest import BUNDLE, DEMO, case_dirs, demo_case
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -65,7 +65,7 @@ def test_same_result_as_the_folder_input(orthanc, tmp_path):
     folder = run_batch(BUNDLE, DEMO / entries[0]["dicom"], tmp_path / "folder", workers=0)
     web = run_batch(BUNDLE, url, tmp_path / "web", workers=0)
     assert folder.done == 1 and web.done == 2
-    (case_dir,) = [p for p in (tmp_path / "folder").iterdir() if p.is_dir()]
+    (case_dir,) = case_dirs(tmp_path / "folder")
     a = json.loads((case_dir / "record.json").read_text())
     b = json.loads((tmp_path / "web" / case_dir.name / "record.json").read_text())
     assert a["volumes_ml"] == b["volumes_ml"] and a["largest_lesion"] == b["largest_lesion"]

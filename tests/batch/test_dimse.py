@@ -17,7 +17,7 @@ from pipelines.batch import BatchInputError, RemoteQuery, pseudonym, run_batch
 from pipelines.batch.remote.dimse import DimsePeer, find_studies
 from pipelines.batch.remote.retry import RetryPolicy
 from tests import servers
-from tests.batch.conftest import BUNDLE, DEMO, copy_study, demo_case
+from tests.batch.conftest import BUNDLE, DEMO, case_dirs, copy_study, demo_case
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -85,8 +85,7 @@ def test_studies_found_fetched_segmented_and_stored_back(pacs, tmp_path):
         assert pydicom.dcmread(case_dir / "seg.dcm").ReferencedSeriesSequence[0].SeriesInstanceUID == source
         folder = run_batch(BUNDLE, DEMO / entry["dicom"], tmp_path / "folder" / entry["case_id"], workers=0)
         assert folder.done == 1
-        (folder_case,) = [p for p in (tmp_path / "folder" / entry["case_id"]).iterdir() if p.is_dir()
-                          and not p.name.startswith(".")]
+        (folder_case,) = case_dirs(tmp_path / "folder" / entry["case_id"])
         assert np.array_equal(np.asarray(nib.load(folder_case / "mask.nii.gz").dataobj),
                               np.asarray(nib.load(case_dir / "mask.nii.gz").dataobj))
     assert not (out / ".cache").exists()  # fetched studies are not kept
@@ -101,7 +100,7 @@ def test_one_study_by_its_uid(pacs, tmp_path):
     uid = _study_uid(entries[1])
     result = ns.run(*CLI, "--input", dicom, "--study-uid", uid, "--output", str(tmp_path / "out"))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert [p.name for p in (tmp_path / "out").iterdir() if p.is_dir()] == [pseudonym(uid)]
+    assert [p.name for p in case_dirs(tmp_path / "out")] == [pseudonym(uid)]
 
 
 def test_a_wrong_called_ae_title_is_refused_by_the_peer(pacs, tmp_path):
@@ -182,7 +181,7 @@ def test_a_drop_mid_transfer_fails_the_case_and_a_rerun_stores_what_is_missing(f
     retry = RetryPolicy(retries=1, wait=0.01)
     first = run_batch(BUNDLE, tmp_path / "in", out, workers=0, push=flaky.url, rtstruct=True, retry=retry)
     assert first.failed and first.done == 0
-    (case_dir,) = [p for p in out.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    (case_dir,) = case_dirs(out)
     record = json.loads((case_dir / "record.json").read_text())
     assert record["status"] == "failed" and "pushed" not in record and record["retries"] == {"push": 1}
     assert record["error"] == (f"{flaky.url}: C-STORE of sr.dcm failed: the association was aborted (stored before "

@@ -31,7 +31,7 @@ from pipelines.batch import Case, run_batch
 from pipelines.batch import runner as runner_module
 from pipelines.io import load_volume
 from tests import servers
-from tests.batch.conftest import BUNDLE, DEMO, MANIFEST, copy_study, demo_case
+from tests.batch.conftest import BUNDLE, DEMO, MANIFEST, case_dirs, copy_study, demo_case
 from tests.conftest import REPO
 
 
@@ -258,7 +258,7 @@ def test_a_loader_process_that_dies_fails_its_study_only(what, name, fault_bundl
     record = json.loads((tmp_path / "out" / summary.failed[0] / "record.json").read_text())
     assert record["status"] == "failed"
     assert record["error"] == f"the loader process died (signal {name}) while reading this study"
-    for case_dir in sorted(p for p in (clean_run / "out").iterdir() if p.is_dir()):  # the two good studies
+    for case_dir in case_dirs(clean_run / "out"):  # the two good studies
         expected = json.loads((case_dir / "record.json").read_text())
         got = json.loads((tmp_path / "out" / case_dir.name / "record.json").read_text())
         assert got["status"] == "ok"
@@ -500,7 +500,7 @@ def test_a_series_that_arrives_incomplete_fails_its_case_naming_it(tmp_path):
                                          "--retry-wait", "0.01"), check=False, cwd=REPO, capture_output=True, text=True,
                                 timeout=300)
     assert result.returncode == 1, result.stderr[-3000:]  # its one case failed
-    (case_dir,) = [p for p in out.iterdir() if p.is_dir()]
+    (case_dir,) = case_dirs(out)
     record = json.loads((case_dir / "record.json").read_text())
     assert record["error"] == (  # each attempt fetches afresh: the second found one more missing
         f"{server.url}: WADO-RS of series {first.SeriesInstanceUID} of study {first.StudyInstanceUID}: the series "

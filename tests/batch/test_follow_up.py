@@ -189,6 +189,40 @@ def test_the_report_with_changes_renders_in_chromium(one_run):
     assert _order(dom)[0] == records["fu_follow_up"]["case_id"]  # the one with a change, empty cells last
 
 
+def test_the_follow_up_case_page_shows_the_prior_beside_it_scrolling_together(one_run):
+    """The follow-up's case page in Chromium, offline: the prior study registered onto it in a second
+    viewer whose slice follows the first's; the RANO category with its reason; a RANO lesion's link goes
+    to the slice its diameters were measured on, drawn there; no console error, nothing fetched."""
+    from tests.browser import browse, settled, viewer_ready
+
+    out, _, records = one_run
+    follow_up = records["fu_follow_up"]
+    assert "index.html" in follow_up["outputs"]
+    with browse(out / follow_up["case_id"] / "index.html") as browsed:
+        viewer_ready(browsed)
+        page = browsed.page
+        assert page.locator("#viewer-prior").is_visible()
+        assert f"Prior study {follow_up['comparison']['prior_case']}, 91 days earlier" in page.inner_text("#prior-note")
+        assert page.inner_text("#rano-response").startswith("PD: ")
+        assert follow_up["rano"]["response"]["rule"] in page.inner_text("#rano-response")
+        positions = "window.viewers.map(v => Array.from(v.nv.scene.crosshairPos))"
+        now, prior = page.evaluate(positions)
+        assert np.allclose(now, prior)  # the same point of both studies
+        box = page.locator("#viewer-now").bounding_box()
+        page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+        page.mouse.wheel(0, 300)
+        settled(browsed)
+        moved_now, moved_prior = page.evaluate(positions)
+        assert not np.allclose(moved_now, now) and np.allclose(moved_now, moved_prior, atol=1e-3)  # linked
+        page.locator("#rano a[data-goto]").first.click()
+        drawn = settled(browsed)
+        lesion = follow_up["rano"]["lesions"][0]
+        assert page.evaluate("document.body.getAttribute('data-voxel')") is not None
+        page.locator("#diameters").uncheck()
+        assert np.any(settled(browsed) != drawn)  # the diameters were drawn on the slice gone to
+        assert lesion["longest_mm"] >= 10 and browsed.errors == [] and browsed.remote == []
+
+
 def test_nifti_studies_compared_by_their_manifest_entries(one_run, tmp_path):
     """Image files carry no patient: a manifest entry's ``patient`` and ``study_date`` stand in, so
     a research data set of NIfTI files gets the same comparison as the DICOM studies (and the Dice)."""

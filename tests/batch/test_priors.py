@@ -140,14 +140,14 @@ def test_without_registration_the_lesions_would_be_misplaced(tmp_path, patient):
     """The comparison depends on the registration: the baseline's lesion carried by patient
     coordinates alone (the identity) lands several mm off the follow-up's (grown about its centre),
     the registered one on it."""
-    from pipelines.batch.comparison import _carry
+    from pipelines.batch.comparison import carry
 
     now, before = patient.follow_up, patient.baseline
     numbered = patient.lesion_labels[0]
     centre = np.argwhere(patient.lesion_labels[1] == 1).mean(0)
     off = {}
     for name, matrix in (("identity", np.eye(4)), ("registered", np.linalg.inv(patient.pose))):
-        carried = _carry(numbered, before.affine, now.label.shape, now.affine, matrix)
+        carried = carry(numbered, before.affine, now.label.shape, now.affine, matrix)
         off[name] = np.linalg.norm(now.affine[:3, :3] @ (np.argwhere(carried == 1).mean(0) - centre))
     assert off["registered"] < 1.0 and off["identity"] > 5.0
 

@@ -52,7 +52,8 @@ def test_records_keep_their_fields_and_segs_validate(test_run):
     for record_path in sorted(test_run.glob("*/record.json")):
         record = json.loads(record_path.read_text())
         assert set(record) == RECORD_FIELDS and record["status"] == "ok"
-        assert record["outputs"] == ["mask.nii.gz", "anatomy.nii.gz", "seg.dcm", "sr.dcm", "qc.png", "qc_thumbnail.png"]
+        assert record["outputs"] == ["mask.nii.gz", "anatomy.nii.gz", "seg.dcm", "sr.dcm", "qc.png", "qc_thumbnail.png",
+                                 "index.html"]
         assert record["comparison"] is None  # every demo patient has one study
         assert set(record["volumes_ml"]) == {"tumor", "edema"} and set(record["dice"]) == {"tumor", "edema"}
 

@@ -59,7 +59,7 @@ def test_html_is_self_contained_and_shows_every_case(tmp_path):
     links = [a["href"] for t, a in page.tags if t == "a"]
     assert links == ["case-aaa/qc.png"] and (tmp_path / links[0]).is_file()  # thumbnail -> full picture
     heads = [a.get("data-column") for t, a in page.tags if t == "th"]
-    assert heads[:2] == ["case_id", "status"] and "tumor_ml" in heads and heads[-1] is None  # QC: not sortable
+    assert heads[:3] == [None, "case_id", "status"] and "tumor_ml" in heads  # the QC picture first, not sortable
     rows = [a for t, a in page.tags if t == "tr" and "id" in a]
     assert [(r["id"], r["class"]) for r in rows] == [("case-aaa", "ok"), ("case-bbb", "failed")]
     images = [a["src"] for t, a in page.tags if t == "img"]
@@ -68,7 +68,8 @@ def test_html_is_self_contained_and_shows_every_case(tmp_path):
         assert thumbnail.size == (420, 140)
     text = "".join(page.text)
     assert "Night run" in text and "1 ok, 1 failed" in text
-    assert "2 DICOM series qualify <b>" in text  # escaped: shown as text, not markup
+    assert "Study x: 2 DICOM series qualify <b>." in text  # the failed row's sentence, escaped: text, not markup
+    assert [a for t, a in page.tags if t == "details"][1:] == [{}]  # the full reason under it, folded
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temporary files left
 
 
@@ -181,3 +182,96 @@ def test_a_large_run_links_its_thumbnails_to_load_as_scrolled_to(tmp_path, monke
     assert "read from the case folders beside this page" in "".join(page.text)
     dom, console = _chromium(html_path)
     assert console == [] and dom.count('data-loaded="yes"') == 2 and 'data-loaded="no"' not in dom
+
+
+def _wide_run(tmp_path):
+    """Three brain studies' records as the batch job writes them (about 30 columns), one failed with
+    the loader's reason for a missing series."""
+    labels, regions = ("necrotic core", "edema", "enhancing tumor"), ("WT", "TC", "ET")
+    for number, scale in ((1, 1.0), (2, 3.0)):
+        record = {"case_id": f"brain-{number}", "status": "ok", "volumes_ml": {k: 1.5 * scale for k in labels},
+                  "regions_ml": {k: 4.5 * scale for k in regions}, "lesion_count": number,
+                  "largest_lesion": {"volume_ml": 4.0, "diameter_mm": 21.0},
+                  "comparison": {"prior_case": "old", "interval_days": 90, "lesion_count": {"new": 1, "gone": 0},
+                                 "regions_ml": {k: {"change_ml": scale, "change_pct": 10.0 * scale} for k in regions}},
+                  "rano": {"sum_mm2": 429.0, "response": {"category": "PD", "rule": "a new measurable lesion"}},
+                  "region_scores": {k: {"dice": 0.9, "hd95": 2.0, "lesion_dice": 0.8, "lesion_hd95": 3.0} for k in regions},
+                  "timings": {"total_s": 20.0}, "source": {"study_instance_uid": "1.2." * 20}}
+        (tmp_path / record["case_id"]).mkdir()
+        (tmp_path / record["case_id"] / "record.json").write_text(json.dumps(record))
+        Image.fromarray(np.full((280, 420, 3), 120, np.uint8)).save(tmp_path / record["case_id"] / "qc_thumbnail.png")
+    series = "".join(f"\n  - series {n} 't2_{n}' (MR, 40 slices, axial, 231x280, ImageType ORIGINAL/PRIMARY/M/ND, "
+                     f"UID 1.2.826.0.1.3680043.8.498.{n * 7919}): description does not match '(?i)t1.*(\\\\+c|post)'"
+                     for n in range(1, 6))
+    failed = {"case_id": "brain-3", "status": "failed", "error": (
+        "input 't1c': study case-eb31 (/archive/2026/BraTS-DEMO-00021-000): no DICOM series matches the "
+        f"selection rules:{series}")}
+    (tmp_path / "brain-3").mkdir()
+    (tmp_path / "brain-3" / "record.json").write_text(json.dumps(failed))
+
+
+def test_each_row_shows_the_key_columns_and_the_others_are_one_click_away(tmp_path):
+    """The bundle's ``report_columns`` (else the region volumes, their change, lesions and RANO) in
+    each row; every other column of report.csv is in the page, hidden, listed in the column chooser."""
+    _wide_run(tmp_path)
+    csv_path, html_path = write_reports(tmp_path)
+    page = _Page()
+    page.feed(html_path.read_text())
+    heads = [a for t, a in page.tags if t == "th" and "data-column" in a]
+    shown = [a["data-column"] for a in heads if "hidden" not in a]
+    assert shown == ["case_id", "status", "WT_ml", "TC_ml", "ET_ml", "WT_change_pct", "TC_change_pct",
+                     "ET_change_pct", "lesion_count", "new_lesions", "rano_category"]
+    columns = next(csv.reader(csv_path.open()))
+    hidden = [a["data-column"] for a in heads if "hidden" in a]
+    assert set(hidden) == set(columns) - set(shown) - {"error", "study_instance_uid", "series_instance_uid"}
+    assert len(hidden) >= 15 and [a["data-show"] for t, a in page.tags if t == "input"] == hidden
+    _, html_path = write_reports(tmp_path, columns=["ET_ml", "rano_sum_mm2", "no_such_column"])
+    page = _Page()
+    page.feed(html_path.read_text())
+    assert [a["data-column"] for t, a in page.tags if t == "th" and "data-column" in a and "hidden" not in a] == \
+        ["case_id", "status", "ET_ml", "rano_sum_mm2"]
+
+
+def test_a_failed_study_reads_as_one_sentence_saying_what_to_do():
+    from pipelines.batch.errors import headline
+
+    missing = ("study case-1 (/a/b/c), input 't1c' (rules {'min_slices': 20}): no DICOM series matches the selection "
+               "rules:\n  - series 1 'x': no\n  - series 2 'y': no")
+    assert headline(missing) == ("No t1c series: none of the study's 2 series matches the t1c rule; check that the study "
+                                 "holds that series, or widen its rule (the bundle's series_rules, or the batch job's "
+                                 "series options).")
+    assert headline("/data/site/IM0001: empty file (0 bytes)") == "IM0001: empty file (0 bytes)."
+    assert headline("/d/x.dcm: unreadable DICOM file (bad)").endswith("export the study again, or remove the broken files.")
+    assert headline("study x: 2 DICOM series qualify; narrow the rules:\n - a") == "Study x: 2 DICOM series qualify; narrow the rules."
+    assert headline("") == "Failed, with no reason recorded."
+
+
+def test_the_report_fits_a_laptop_screen_in_chromium(tmp_path):
+    """At 1400 x 1000 pixels: no horizontal scrolling; the failed study's sentence visible and its
+    full reason folded until asked for; a column from the chooser appears; sorting on a hidden column
+    (``#sort=``) shows it; nothing is fetched from the network."""
+    from tests.browser import browse, no_horizontal_scrolling
+
+    _wide_run(tmp_path)
+    _, html_path = write_reports(tmp_path)
+    with browse(html_path) as browsed:
+        page = browsed.page
+        assert no_horizontal_scrolling(browsed)
+        sentence = page.locator("tr#brain-3 .headline")
+        assert sentence.is_visible() and sentence.inner_text().startswith("No t1c series: none of the study's 5 series")
+        reason = page.locator("tr#brain-3 pre")
+        assert not reason.is_visible()
+        page.locator("tr#brain-3 summary").click()
+        assert reason.is_visible() and "t2_5" in reason.inner_text()
+        assert no_horizontal_scrolling(browsed)  # the reason wraps within its cell
+        dice = page.locator('td[data-column="WT_dice"]').first
+        assert not dice.is_visible()
+        page.locator("#columns summary").click()
+        page.locator('input[data-show="WT_dice"]').check()
+        assert dice.is_visible() and dice.inner_text() == "0.9"
+        assert browsed.errors == [] and browsed.remote == []
+    with browse(html_path, "#sort=lesion_count:desc") as browsed:
+        assert _order(browsed.page.content()) == ["brain-2", "brain-1", "brain-3"]
+        assert browsed.page.locator('td[data-column="lesion_count"]').first.is_visible()
+    with browse(html_path, "#sort=seconds:desc") as browsed:  # a hidden column: shown when sorted on
+        assert browsed.page.locator('th[data-column="seconds"]').is_visible()

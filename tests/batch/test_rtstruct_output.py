@@ -12,7 +12,7 @@ import pytest
 
 from pipelines.batch import run_batch
 from pipelines.io.writers import resample_labels
-from tests.batch.conftest import BUNDLE, copy_study
+from tests.batch.conftest import BUNDLE, case_dirs, copy_study
 from tests.conftest import REPO
 from tests.dicom_checks import dciodvfy_errors
 from tests.io.test_rtstruct import dice, plastimatch_masks
@@ -43,7 +43,7 @@ def test_tumor_study(tmp_path):
     copy_study("test", 0, tmp_path / "in" / "study")
     summary = run_batch(BUNDLE, tmp_path / "in", tmp_path / "out", workers=0, rtstruct=True)
     assert summary.done == 1
-    (case_dir,) = [p for p in (tmp_path / "out").iterdir() if p.is_dir() and not p.name.startswith(".")]
+    (case_dir,) = case_dirs(tmp_path / "out")
     _check(case_dir, tmp_path / "in" / "study", {1: "tumor", 2: "edema"}, tmp_path)
 
 
@@ -54,5 +54,5 @@ def test_brain_study_on_its_t1(tmp_path):
     study = BRAIN_DEMO / entries[0]["study"]
     summary = run_batch(BRAIN, study, tmp_path / "out", workers=0, rtstruct=True)
     assert summary.done == 1
-    (case_dir,) = [p for p in (tmp_path / "out").iterdir() if p.is_dir() and not p.name.startswith(".")]
+    (case_dir,) = case_dirs(tmp_path / "out")
     _check(case_dir, study / "02_t1n", {1: "necrotic core", 2: "edema", 3: "enhancing tumor"}, tmp_path)

@@ -19,9 +19,10 @@ import pydicom
 import pytest
 
 from pipelines.batch import BatchAbortedError, BatchInputError, BundleModel, pseudonym, run_batch
+from pipelines.batch.viewer import VIEWER_DIR
 from pipelines.io import load_volume
 from pipelines.io.writers import resample_labels
-from tests.batch.conftest import BUNDLE, DEMO, broken_stranger, copy_study, demo_case
+from tests.batch.conftest import BUNDLE, DEMO, broken_stranger, case_dirs, copy_study, demo_case
 from tests.conftest import REPO
 from tests.documented import assert_record_documented
 
@@ -106,7 +107,8 @@ def test_every_case_gets_outputs_and_a_record(folder_run):
     assert referenced.SeriesInstanceUID == source.meta["series_instance_uid"]
     lesions = [f"lesion {n}" for n in range(1, len(record["lesions"]) + 1)]
     assert [s.SegmentLabel for s in seg.SegmentSequence] == ["tumor", "edema", *lesions]
-    assert record["outputs"] == ["mask.nii.gz", "anatomy.nii.gz", "seg.dcm", "sr.dcm", "qc.png", "qc_thumbnail.png"]
+    assert record["outputs"] == ["mask.nii.gz", "anatomy.nii.gz", "seg.dcm", "sr.dcm", "qc.png", "qc_thumbnail.png",
+                                 "index.html"]
     # the NIfTI case: no DICOM SEG, no patient to compare with later studies
     nifti = json.loads((out / pseudonym("scan.nii.gz") / "record.json").read_text())
     assert nifti["status"] == "ok" and "seg.dcm" not in nifti["outputs"]
@@ -222,8 +224,9 @@ def test_disk_full_stops_the_run_and_keeps_finished_cases(tmp_path):
     for index in range(3):
         copy_study("test", index, tmp_path / "in" / f"s{index}")
     run_batch(BUNDLE, tmp_path / "in", tmp_path / "probe", workers=0)  # how much one case writes
-    sizes = [_pages(p) for p in (tmp_path / "probe").iterdir() if p.is_dir()]
-    _mount_tmpfs(tmp_path / "small", f"size={max(sizes) + min(sizes) // 2}")  # one case fits, two do not
+    sizes = [_pages(p) for p in case_dirs(tmp_path / "probe")]
+    viewer = _pages(tmp_path / "probe" / VIEWER_DIR)  # copied once per run, with the first case page
+    _mount_tmpfs(tmp_path / "small", f"size={viewer + max(sizes) + min(sizes) // 2}")  # one case fits, two do not
     try:
         with pytest.raises(BatchAbortedError, match="No space left on device.*rerun to resume"):
             run_batch(BUNDLE, tmp_path / "in", tmp_path / "small" / "out", workers=0, min_free_mb=0)
@@ -255,7 +258,7 @@ def test_kill_9_mid_run_then_rerun_completes_every_case(tmp_path):
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert f"{4 - finished} segmented, {finished} already complete, 0 failed" in result.stdout
-    for case_dir in sorted(p for p in out.iterdir() if p.is_dir()):
+    for case_dir in case_dirs(out):
         record = json.loads((case_dir / "record.json").read_text())
         assert record["status"] == "ok"
         assert sorted(p.name for p in case_dir.iterdir()) == sorted(["record.json", *record["outputs"]])

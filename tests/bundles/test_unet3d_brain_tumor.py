@@ -386,22 +386,32 @@ def _pseudonym_dir(out: Path, study: Path) -> Path:
     return out / pseudonym(uid)
 
 
+@pytest.fixture(scope="module")
+def test_studies(demo, tmp_path_factory) -> tuple[Path, list[dict]]:
+    """The test studies as a radiologist's export, through the batch job once: its input and output
+    folders and the manifest's entries."""
+    from pipelines.batch import run_batch
+
+    entries = json.loads(MANIFEST.read_text())["test"]
+    root = tmp_path_factory.mktemp("brain_batch")
+    for entry in entries:
+        shutil.copytree(demo / entry["study"], root / "in" / entry["case_id"])
+    summary = run_batch(BUNDLE, root / "in", root / "out", workers=1)
+    assert (summary.cases, summary.exit_code) == (3, 0)
+    return root, entries
+
+
 @pytest.mark.integration
-def test_the_batch_job_segments_the_demo_studies(demo, tmp_path):
+def test_the_batch_job_segments_the_demo_studies(test_studies, demo, tmp_path):
     """The test studies as a radiologist's export: six series each, the patient moved in one, T1c
     missing in another. Each channel is found by the bundle's rules, aligned, and the outputs are on
     the T1's grid."""
-    from pipelines.batch import run_batch
     from pipelines.io import load_volume
 
-    entries = json.loads(MANIFEST.read_text())["test"]
-    inbox = tmp_path / "in"
+    root, entries = test_studies
+    inbox = root / "in"
     for entry in entries:
-        shutil.copytree(demo / entry["study"], inbox / entry["case_id"])
-    summary = run_batch(BUNDLE, inbox, tmp_path / "out", workers=1)
-    assert (summary.cases, summary.exit_code) == (3, 0)
-    for entry in entries:
-        case_dir = _pseudonym_dir(tmp_path / "out", inbox / entry["case_id"])
+        case_dir = _pseudonym_dir(root / "out", inbox / entry["case_id"])
         record = json.loads((case_dir / "record.json").read_text())
         if entry.get("dicom_missing"):
             assert record["status"] == "failed"
@@ -489,3 +499,52 @@ def test_the_validation_cases_from_the_manifest_of_nifti_channels(demo, tmp_path
         assert scores["WT"]["lesions"] == scores["WT"]["detected"] == entry["tumors"]
     header = (tmp_path / "out" / "report.csv").read_text().splitlines()[0].split(",")
     assert {"WT_dice", "TC_hd95", "ET_lesion_dice"} <= set(header)
+
+
+@pytest.mark.integration
+def test_a_case_page_scrolls_the_flair_with_the_regions_overlaid(test_studies):
+    """The report at 1400 x 1000: no horizontal scrolling, the study without T1c one sentence. Its
+    case page in Chromium, offline from ``file://``: the viewer draws the FLAIR (grey) with the labels
+    in colour where the mask is; scrolling changes the slice; each label toggles; T1c can be chosen;
+    no console error, nothing fetched; under 10 MB."""
+    from tests.browser import browse, no_horizontal_scrolling, settled, viewer_ready
+
+    root, entries = test_studies
+    out = root / "out"
+    with browse(out / "report.html") as browsed:
+        assert no_horizontal_scrolling(browsed)
+        failed = browsed.page.locator("tr.failed .headline")
+        assert failed.inner_text().startswith("No t1c series: none of the study's 5 series matches the t1c rule;")
+        assert not browsed.page.locator("tr.failed pre").is_visible()  # the full reason, folded
+        links = browsed.page.locator("td[data-column=case_id] a").evaluate_all("links => links.map(a => a.href)")
+        assert browsed.errors == [] and browsed.remote == []
+    cases = [_pseudonym_dir(out, root / "in" / e["case_id"]) for e in entries if not e.get("dicom_missing")]
+    page = max(cases, key=lambda c: json.loads((c / "record.json").read_text())["regions_ml"]["WT"]) / "index.html"
+    assert page.as_uri() in links and page.stat().st_size < 10 * 2**20
+    with browse(page) as browsed:
+        viewer_ready(browsed)
+        assert no_horizontal_scrolling(browsed)
+        assert browsed.page.locator("#sequence").input_value() == "t2f"  # FLAIR first (qc_inputs)
+        shown = settled(browsed)
+        for box in browsed.page.locator("input[data-label]").all():
+            box.uncheck()
+        bare = settled(browsed)
+        grey = (bare[..., 0] == bare[..., 1]) & (bare[..., 1] == bare[..., 2])
+        overlaid = np.any(shown != bare, axis=-1)
+        assert grey.mean() > 0.99 and bare.std() > 10  # the FLAIR drawn, in grey
+        tinted = overlaid & (np.ptp(shown.astype(int), axis=-1) > 20)  # edges blend toward grey
+        assert tinted.sum() > 500 and tinted.sum() > 0.8 * overlaid.sum()  # the mask in colour on it
+        edema = browsed.page.locator("input[data-label='2']")
+        edema.check()
+        assert np.any(settled(browsed) != bare)  # one label back
+        before = browsed.page.evaluate("document.body.getAttribute('data-voxel')")
+        box = browsed.page.locator("#viewer-now").bounding_box()
+        browsed.page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+        browsed.page.mouse.wheel(0, 400)
+        scrolled = settled(browsed)
+        after = browsed.page.evaluate("document.body.getAttribute('data-voxel')")
+        assert after != before and np.any(scrolled != bare)
+        browsed.page.locator("#sequence").select_option("t1c")
+        browsed.page.wait_for_function("document.body.getAttribute('data-sequence') === 't1c'")
+        assert np.any(settled(browsed) != scrolled)
+        assert browsed.errors == [] and browsed.remote == []

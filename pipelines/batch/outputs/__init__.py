@@ -10,6 +10,7 @@ complete case.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from pipelines.batch.outputs.brain_mask import BrainMaskOutput
 from pipelines.batch.outputs.comparison import ComparisonOutput
 from pipelines.batch.outputs.mask import MaskOutput
 from pipelines.batch.outputs.measurements import MeasuresOutput
+from pipelines.batch.outputs.page import CasePageOutput
 from pipelines.batch.outputs.probabilities import ProbabilityOutput
 from pipelines.batch.outputs.push import PushOutput
 from pipelines.batch.outputs.qc import QcOutput
@@ -37,12 +39,15 @@ from pipelines.batch.outputs.seg import DicomSegOutput
 from pipelines.batch.outputs.sr import DicomSrOutput
 from pipelines.batch.remote.endpoint import Endpoint
 from pipelines.batch.remote.retry import RetryPolicy
+from pipelines.batch.viewer import viewer_script
 
 __all__ = [
-    "DICOM_OUTPUTS", "OUTPUT_FILES", "BrainMaskOutput", "CaseOutput", "ComparisonOutput", "DiceOutput", "DicomSegOutput",
+    "DICOM_OUTPUTS", "OUTPUT_FILES", "BrainMaskOutput", "CaseOutput", "CasePageOutput", "ComparisonOutput", "DiceOutput", "DicomSegOutput",
     "DicomSrOutput", "Grid", "MaskOutput", "MeasuresOutput", "Output", "ProbabilityOutput", "PushOutput", "QcOutput",
     "RanoOutput", "RtstructOutput", "Scores", "Segmented", "check_order", "default_outputs",
 ]
+
+logger = logging.getLogger(__name__)
 
 
 def default_outputs(model, probabilities: bool = False, push: Endpoint | None = None, rtstruct: bool = False,
@@ -50,7 +55,12 @@ def default_outputs(model, probabilities: bool = False, push: Endpoint | None = 
                     prior: Sequence[Path] = (), retry: RetryPolicy | None = None) -> list[Output]:
     """The batch job's outputs for ``model`` (a :class:`~pipelines.batch.bundle.BundleModel`), in order;
     ``output`` (the run's folder) and ``prior`` (earlier runs' folders) for the comparison with prior
-    studies (none without ``output``); ``push`` where to store the DICOM outputs, ``retry`` how."""
+    studies and the case pages (none without ``output``; no pages without NiiVue, said once); ``push``
+    where to store the DICOM outputs, ``retry`` how."""
+    script = viewer_script() if output is not None else None
+    if output is not None and script is None:
+        logger.warning("no case pages: NiiVue is not installed (run `make web-deps`, or set UNET_NIIVUE_JS to its "
+                       "niivue.umd.js)")
     outputs: list[Output] = [MaskOutput(), BrainMaskOutput()]
     if probabilities:
         outputs.append(ProbabilityOutput())
@@ -63,6 +73,7 @@ def default_outputs(model, probabilities: bool = False, push: Endpoint | None = 
         *([RtstructOutput(model.segments, model.name, model.version)] if rtstruct else []),
         PushOutput(push, calling_aet, retry),
         QcOutput(),
+        *([CasePageOutput(output, script, model.labels, model.name)] if script is not None else []),
         DiceOutput(model.labels, model.regions, model.lesion_scoring),
     ]
     return outputs

@@ -19,7 +19,7 @@ from pipelines.batch.measures import SectionMeasures, VolumeMeasures
 __all__ = ["DICOM_OUTPUTS", "OUTPUT_FILES", "CaseOutput", "Grid", "Output", "Scores", "Segmented", "check_order"]
 
 OUTPUT_FILES = ("mask.nii.gz", "mask.png", "seg.dcm", "sr.dcm", "rtstruct.dcm", "prob.nii.gz", "qc.png", "qc_thumbnail.png",
-                "anatomy.nii.gz", "brain_mask.nii.gz")
+                "anatomy.nii.gz", "brain_mask.nii.gz", "index.html")
 DICOM_OUTPUTS = ("seg.dcm", "sr.dcm", "rtstruct.dcm")  # what --push stores, in this order
 
 
