@@ -60,8 +60,16 @@ def highdicom_groups(path) -> dict:
         read[group.tracking_identifier] = {"segment": None, "seg_uid": None, "tracking_uid": group.tracking_uid,
                                            **{m.name.meaning: m.value for m in group.get_measurements()},
                                            **{e.name.meaning: e.value.meaning for e in group.get_qualitative_evaluations()},
-                                           "region": group.roi.value if group.roi is not None else None}
+                                           "region": group.roi.value if group.roi is not None else None,
+                                           "source": _region_source(group.roi)}
     return read
+
+
+def _region_source(region) -> str | None:
+    """The SOP instance UID of the image a 2D region (SCOORD) is drawn on; None for a 3D one."""
+    if region is None or "ContentSequence" not in region:
+        return None
+    return str(region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
 
 
 def assert_report_matches_record(case_dir, record: dict, regions: dict | None = None, tmp_path=None) -> None:
@@ -112,7 +120,7 @@ def assert_report_matches_record(case_dir, record: dict, regions: dict | None = 
             assert by_dcmqi[name][quantity][0] == pytest.approx(value, abs=within), (name, quantity)
         assert by_dcmqi[name]["tracking_uid"] == read[name]["tracking_uid"]
         if name.startswith("RANO"):
-            _assert_rano_group(name, read[name], rano)
+            _assert_rano_group(name, read[name], rano, seg, case_dir / "mask.nii.gz")
             continue
         if name == "lesions":
             continue
@@ -128,9 +136,13 @@ def assert_report_matches_record(case_dir, record: dict, regions: dict | None = 
         assert not errors, f"{path}: {errors}"
 
 
-def _assert_rano_group(name: str, group: dict, rano: dict) -> None:
-    """A RANO lesion's role and the diameter it draws (its two ends, as long as stated); the sum's
-    group and the category against earlier studies."""
+def _assert_rano_group(name: str, group: dict, rano: dict, seg, mask) -> None:
+    """A RANO lesion's role and the diameter it draws: on a source image of the SEG (DICOM input), in
+    that image's pixel coordinates, its ends where the record's are in patient space (within half a
+    voxel) and as long as stated; else in patient coordinates, as long as stated. The sum's group and
+    the category against earlier studies."""
+    import nibabel as nib
+
     if name == "RANO":
         category = (rano.get("response") or {}).get("category")
         meanings = {"CR": "Complete response", "PR": "Partial response", "SD": "Stable disease", "PD": "Progressive disease"}
@@ -139,7 +151,26 @@ def _assert_rano_group(name: str, group: dict, rano: dict) -> None:
     lesion = next(x for x in rano["lesions"] if f"RANO lesion {x['lesion']}" == name)
     assert group["RANO lesion role"] == ("Target lesion" if lesion["lesion"] in rano["targets"] else "Non-target lesion")
     ends = np.asarray(group["region"], dtype=float)
-    assert ends.shape == (2, 3) and np.linalg.norm(ends[1] - ends[0]) == pytest.approx(lesion["longest_mm"], abs=0.01)
+    if group["source"] is None:
+        assert ends.shape == (2, 3) and np.linalg.norm(ends[1] - ends[0]) == pytest.approx(lesion["longest_mm"], abs=0.01)
+        return
+    frames = {str(f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID):
+              np.asarray(f.PlanePositionSequence[0].ImagePositionPatient, float) for f in seg.PerFrameFunctionalGroupsSequence}
+    assert ends.shape == (2, 2) and group["source"] in frames  # drawn on a source image of the SEG
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    along_row, along_column = np.split(np.asarray(shared.PlaneOrientationSequence[0].ImageOrientationPatient, float), 2)
+    row_spacing, column_spacing = (float(v) for v in shared.PixelMeasuresSequence[0].PixelSpacing)
+    lps = frames[group["source"]] + np.outer(ends[:, 0] - 0.5, along_row * column_spacing) \
+        + np.outer(ends[:, 1] - 0.5, along_column * row_spacing)
+    assert np.linalg.norm(lps[1] - lps[0]) == pytest.approx(lesion["longest_mm"], abs=0.01)
+    affine = nib.load(mask).affine
+    axis = lesion.get("axis", int(np.argmax(np.abs(affine[2, :3]) / np.linalg.norm(affine[:3, :3], axis=0))))
+    voxels = np.zeros((2, 3))
+    voxels[:, axis] = lesion["slice"]
+    voxels[:, [a for a in range(3) if a != axis]] = np.asarray(lesion["ends_voxel"][0], float)
+    ras = voxels @ affine[:3, :3].T + affine[:3, 3]
+    half_voxel = np.linalg.norm(affine[:3, :3], axis=0).max() / 2
+    assert np.abs(ras * [-1, -1, 1] - lps).max() <= half_voxel, (ras, lps)
 
 
 def assert_seg_reads_back_as_mask(case_dir, regions: dict | None = None, tmp_path=None) -> None:

@@ -190,6 +190,8 @@ class BundleModel:
         self.lesion_scoring = lesion_scoring(self.metadata, meta_file)
         self.lesion_labels = label_values(self.metadata, "lesion_labels", self.labels, meta_file)
         self.enhancing_labels = label_values(self.metadata, "rano", self.labels, meta_file, within="enhancing")
+        self.non_enhancing_labels = label_values(self.metadata, "rano", self.labels, meta_file, within="non_enhancing") \
+            if "non_enhancing" in (self.metadata.get("rano") or {}) else None
         self.segments = self._segments()
         self.qc_inputs = self._qc_inputs(meta_file)
         self.report_columns = self.metadata.get("report_columns")

@@ -119,21 +119,34 @@ def _rano(content: PageContent) -> str:
     rano = content.rano
     if rano is None:
         return ""
+    out = _rano_table(content, rano, "RANO", "rano")
+    if rano.volumetric is not None:
+        volumetric = rano.volumetric
+        out += (f'<p id="rano-volumetric">RANO 2.0 volumetric: <b>{_e(volumetric.category)}</b>: '
+                f"{_e(volumetric.rule)}.</p>")
+    if rano.non_enhancing is not None:
+        out += _rano_table(content, rano.non_enhancing, "Non-enhancing (FLAIR/T2, RANO-LGG style)", "rano-non-enhancing",
+                           draw=False)
+    return out + f'<p class="rule">{_e(rano.rule)}</p>'
+
+
+def _rano_table(content: PageContent, rano, title: str, table_id: str, draw: bool = True) -> str:
+    """One RANO measurement (enhancing, or non-enhancing) as a table and its response."""
     rows = []
     for lesion in rano.lesions:
         where = (content.goto or {}).get(lesion.lesion)
-        link = f'<a href="#" {_goto(where, content.affine)}>{lesion.lesion}</a>' if where else str(lesion.lesion)
+        link = f'<a href="#" {_goto(where, content.affine)}>{lesion.lesion}</a>' if where and draw else str(lesion.lesion)
         rows.append([link, _number(lesion.longest_mm, 1), _number(lesion.perpendicular_mm, 1),
                      _number(lesion.product_mm2, 0), "target" if lesion.lesion in rano.targets else
                      ("measurable" if lesion.measurable else _e(lesion.why or "not measurable"))])
-    table = _table(f"RANO: sum of products {rano.sum_mm2:.0f} mm² (drawn in cyan and white on their slices)",
-                   ["lesion", "longest mm", "perpendicular mm", "product mm²", ""], rows, "rano")
-    response = ""
-    if rano.response is not None:
-        response = (f'<p id="rano-response"><b>{_e(rano.response.category)}</b>: {_e(rano.response.rule)}. '
+    drawn = " (drawn in cyan and white on their slices)" if draw else ""
+    table = _table(f"{title}: sum of products {rano.sum_mm2:.0f} mm²{drawn}",
+                   ["lesion", "longest mm", "perpendicular mm", "product mm²", ""], rows, table_id)
+    if rano.response is None:
+        return table
+    return table + (f'<p id="{table_id}-response"><b>{_e(rano.response.category)}</b>: {_e(rano.response.rule)}. '
                     f"Baseline {_e(rano.baseline_case)}. <i>Automated, unconfirmed assessment: the clinical criteria "
                     f"and confirmation scans are the clinician's.</i></p>")
-    return table + response + f'<p class="rule">{_e(rano.rule)}</p>'
 
 
 def _prior(content: PageContent) -> str:

@@ -144,6 +144,7 @@ class PriorIndex:
         if record.get("status") == "ok" and study and same_bundle and ANATOMY_FILE in record.get("outputs", ()):
             kept = {key: record.get(key) for key in ("case_id", "study", "volumes_ml", "regions_ml", "finished", "input_hash")}
             kept["rano_sum_mm2"] = (record.get("rano") or {}).get("sum_mm2")
+            kept["rano_non_enhancing_sum_mm2"] = ((record.get("rano") or {}).get("non_enhancing") or {}).get("sum_mm2")
             kept["lesion_uids"] = {int(lesion["lesion"]): lesion["tracking_uid"]
                                    for lesion in (record.get("comparison") or {}).get("lesions") or ()
                                    if lesion.get("tracking_uid")}

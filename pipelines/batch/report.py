@@ -94,6 +94,10 @@ def _row(record: dict, names: dict[str, list[str]]) -> dict:
         row["rano_sum_mm2"] = rano.get("sum_mm2", "")
         row["rano_category"] = response.get("category", "")
         row["rano_rule"] = response.get("rule", "")
+        row["rano_volumetric_category"] = (response.get("volumetric") or {}).get("category", "")
+        if rano.get("non_enhancing"):  # RANO-LGG style, the FLAIR/T2 hyperintensity
+            row["rano_non_enhancing_sum_mm2"] = rano["non_enhancing"].get("sum_mm2", "")
+            row["rano_non_enhancing_category"] = (rano["non_enhancing"].get("response") or {}).get("category", "")
     for name, value in (record.get("dice") or {}).items():
         row[f"dice_{name}"] = "" if value is None else value
     for name, scores in (record.get("region_scores") or {}).items():

@@ -250,8 +250,11 @@ def write_measurement_report(
         tracking_identifier=hd.sr.TrackingIdentifier(tracking_uid(tracking_key, "lesions", "count"), "lesions"),
         finding_type=codes.SCT.Lesion, algorithm_id=algorithm, measurements=counts,
     ))
+    evidence = [seg]
     if measures.rano is not None:
-        groups += _rano_groups(measures.rano, private, algorithm, tracking_key, seg.FrameOfReferenceUID)
+        rano_groups, images = _rano_groups(measures.rano, private, algorithm, tracking_key, seg)
+        groups += rano_groups
+        evidence += [_evidence(seg, sop_class, sop_instance) for sop_class, sop_instance in images]
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -264,7 +267,7 @@ def write_measurement_report(
         imaging_measurements=groups,
     )
     sr = hd.sr.Comprehensive3DSR(
-        evidence=[seg], content=report, series_instance_uid=uids[0] if uids else hd.UID(), series_number=series_number,
+        evidence=evidence, content=report, series_instance_uid=uids[0] if uids else hd.UID(), series_number=series_number,
         sop_instance_uid=uids[1] if uids else hd.UID(), instance_number=1, manufacturer=manufacturer, is_complete=True,
         series_description=f"{algorithm_name} measurements"[:_LONG_STRING], software_versions=__version__,
     )
@@ -277,23 +280,81 @@ def write_measurement_report(
     return path
 
 
-def _rano_groups(rano: Rano, private, algorithm, tracking_key: str, frame_of_reference_uid: str) -> list:
+def _source_slices(seg: Dataset) -> list[tuple[np.ndarray, str, str]]:
+    """The source images the SEG's frames were derived from: each one's ImagePositionPatient (LPS, mm),
+    SOP class and SOP instance UIDs (every frame of a SEG on the source grid names its image)."""
+    found = {}
+    for frame in seg.get("PerFrameFunctionalGroupsSequence", []):
+        try:
+            source = frame.DerivationImageSequence[0].SourceImageSequence[0]
+            position = np.asarray(frame.PlanePositionSequence[0].ImagePositionPatient, dtype=float)
+        except (AttributeError, IndexError):
+            continue
+        found[str(source.ReferencedSOPInstanceUID)] = (position, str(source.ReferencedSOPClassUID))
+    return [(position, klass, uid) for uid, (position, klass) in found.items()]
+
+
+def _on_source_slice(ends_lps: np.ndarray, seg: Dataset, sources: list) -> tuple[np.ndarray, str, str] | None:
+    """A diameter's two ends as (column, row) image coordinates of the source image whose plane holds
+    them (within a quarter of the slice spacing: RANO measures on the grid's slices), with that image's SOP class and instance UIDs; None when no source
+    image does (an input without DICOM images, or ends off the image planes)."""
+    try:
+        shared = seg.SharedFunctionalGroupsSequence[0]
+        orientation = np.asarray(shared.PlaneOrientationSequence[0].ImageOrientationPatient, dtype=float)
+        row_spacing, column_spacing = (float(v) for v in shared.PixelMeasuresSequence[0].PixelSpacing)
+        thickness = float(shared.PixelMeasuresSequence[0].get("SpacingBetweenSlices")
+                          or shared.PixelMeasuresSequence[0].SliceThickness)
+    except (AttributeError, IndexError, TypeError, ValueError):
+        return None
+    along_row, along_column = orientation[:3], orientation[3:]
+    normal = np.cross(along_row, along_column)
+    middle = ends_lps.mean(axis=0)
+    best = min(sources, key=lambda item: abs(float(np.dot(middle - item[0], normal))), default=None)
+    if best is None or np.abs((ends_lps - best[0]) @ normal).max() > thickness / 4:
+        return None
+    offsets = ends_lps - best[0]
+    # SCOORD: (column, row), the top left corner of the first pixel at (0, 0), its centre at (0.5, 0.5)
+    image = np.stack([offsets @ along_row / column_spacing, offsets @ along_column / row_spacing], axis=1) + 0.5
+    return image, best[1], best[2]
+
+
+def _evidence(seg: Dataset, sop_class: str, sop_instance: str) -> Dataset:
+    """A source image as the SR's evidence lists it: its study and series are the SEG's source series'."""
+    image = Dataset()
+    image.StudyInstanceUID = seg.StudyInstanceUID
+    image.SeriesInstanceUID = seg.ReferencedSeriesSequence[0].SeriesInstanceUID
+    image.SOPClassUID, image.SOPInstanceUID = sop_class, sop_instance
+    return image
+
+
+def _rano_groups(rano: Rano, private, algorithm, tracking_key: str, seg: Dataset) -> tuple[list, list]:
     """TID 1410 groups of RANO's lesions (the two diameters as linear measurements, the longest drawn
-    as a polyline in patient coordinates) and a TID 1501 group of the sum and the category."""
+    as a polyline on the source image it was measured on, in that image's coordinates; in patient
+    coordinates on the frame of reference where no source image holds it) and a TID 1501 group of the
+    sum and the category; and the source images referenced (SOP class, SOP instance UIDs)."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
     millimetre = codes.UCUM.Millimeter
     long_axis = hd.sr.CodedConcept("103339001", "SCT", "Long Axis")
     short_axis = hd.sr.CodedConcept("103340004", "SCT", "Short Axis")
-    groups = []
+    sources = _source_slices(seg)
+    groups, images = [], []
     for lesion in rano.lesions:
         ends = np.asarray(lesion.longest_ends, dtype=float) * np.array([-1.0, -1.0, 1.0])  # RAS to DICOM's LPS
+        on_slice = _on_source_slice(ends, seg, sources)
+        if on_slice is not None:
+            image, sop_class, sop_instance = on_slice
+            images.append((sop_class, sop_instance))
+            region = hd.sr.ImageRegion(graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=image,
+                                       source_image=hd.sr.SourceImageForRegion(sop_class, sop_instance))
+        else:
+            region = hd.sr.ImageRegion3D(graphic_type=hd.sr.GraphicTypeValues3D.POLYLINE, graphic_data=ends,
+                                         frame_of_reference_uid=seg.FrameOfReferenceUID)
         groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(tracking_uid(tracking_key, "rano", lesion.lesion),
                                                          f"RANO lesion {lesion.lesion}"),
-            referenced_region=hd.sr.ImageRegion3D(graphic_type=hd.sr.GraphicTypeValues3D.POLYLINE, graphic_data=ends,
-                                                  frame_of_reference_uid=frame_of_reference_uid),
+            referenced_region=region,
             finding_type=codes.SCT.Lesion, algorithm_id=algorithm,
             measurements=[hd.sr.Measurement(name=long_axis, value=float(lesion.longest_mm), unit=millimetre),
                           hd.sr.Measurement(name=short_axis, value=float(lesion.perpendicular_mm), unit=millimetre)],
@@ -308,7 +369,7 @@ def _rano_groups(rano: Rano, private, algorithm, tracking_key: str, frame_of_ref
         measurements=[hd.sr.Measurement(name=private("RANOSPD"), value=float(rano.sum_mm2),
                                         unit=hd.sr.CodedConcept("mm2", "UCUM", "square millimeter"))],
     ))
-    return groups
+    return groups, list(dict.fromkeys(images))
 
 
 def _coded(item):

@@ -18,6 +18,12 @@ Brain tumor response is read by RANO (Wen et al. 2010; RANO 2.0, Wen et al. 2023
   (PR) at a 50 % decrease from the baseline; stable disease (SD) otherwise. An automated,
   unconfirmed assessment: RANO's clinical criteria (steroid dose, clinical status, non-enhancing
   disease on FLAIR, confirmation scans) are the clinician's.
+- **Volumetric** (RANO 2.0's alternative to the diameters): the enhancing volume, PD at a 40 %
+  increase over the smallest earlier volume, PR at a 65 % decrease from the baseline, CR at none left
+  (:func:`assess_volume`).
+- **Non-enhancing disease** (RANO-LGG style, for the FLAIR/T2 hyperintensity): the same diameters and
+  sum on the non-enhancing labels, with a minor response (MR) at a 25 % decrease between PR and SD
+  (``assess(..., minor=True)``).
 """
 
 from __future__ import annotations
@@ -32,14 +38,17 @@ from skimage.measure import find_contours
 
 from pipelines.metrics.components import number_components
 
-__all__ = ["MIN_DIAMETER_MM", "TARGETS", "Assessment", "LesionDiameters", "assess", "axial_axis", "measure_lesions",
-           "target_sum"]
+__all__ = ["MIN_DIAMETER_MM", "TARGETS", "Assessment", "LesionDiameters", "VolumeAssessment", "assess", "assess_volume",
+           "axial_axis", "measure_lesions", "target_sum"]
 
 MIN_DIAMETER_MM = 10.0  # both diameters, for a measurable lesion
 MIN_SLICES = 2  # axial slices a measurable lesion is seen on
 TARGETS = 3  # RANO 2.0's most target lesions (RANO 2010: 5)
 PR_DECREASE = 0.50  # of the baseline sum
 PD_INCREASE = 0.25  # over the nadir
+MR_DECREASE = 0.25  # of the baseline sum: RANO-LGG's minor response (non-enhancing disease)
+VOLUME_PR_DECREASE = 0.65  # RANO 2.0 volumetric: of the baseline volume
+VOLUME_PD_INCREASE = 0.40  # RANO 2.0 volumetric: over the smallest earlier volume
 MEASURABLE_RULE = (f"RANO: both perpendicular diameters at least {MIN_DIAMETER_MM:g} mm on an axial slice, the lesion "
                    f"seen on at least {MIN_SLICES} axial slices; at most {TARGETS} target lesions (RANO 2.0), the "
                    f"largest products")
@@ -213,10 +222,11 @@ class Assessment:
                 "note": AUTOMATED}
 
 
-def assess(now_mm2: float, earlier_mm2: Sequence[float], new_measurable: int = 0) -> Assessment:
+def assess(now_mm2: float, earlier_mm2: Sequence[float], new_measurable: int = 0, minor: bool = False) -> Assessment:
     """The category of a study whose target sum is ``now_mm2`` against the sums of the patient's earlier
     studies in time order (the first is the baseline; the nadir is the smallest of them), with
-    ``new_measurable`` new measurable lesions.
+    ``new_measurable`` new measurable lesions; ``minor``: RANO-LGG's minor response (MR) at a
+    :data:`MR_DECREASE` decrease, for non-enhancing disease.
 
     Raises:
         ValueError: no earlier study.
@@ -243,7 +253,59 @@ def assess(now_mm2: float, earlier_mm2: Sequence[float], new_measurable: int = 0
     if baseline > 0 and now_mm2 <= baseline * (1 - PR_DECREASE):
         return decided("PR", f"sum of products {100 * (1 - now_mm2 / baseline):.1f} % under the baseline "
                              f"({baseline:.1f} mm2), at least {100 * PR_DECREASE:g} %")
+    if minor and baseline > 0 and now_mm2 <= baseline * (1 - MR_DECREASE):
+        return decided("MR", f"sum of products {100 * (1 - now_mm2 / baseline):.1f} % under the baseline "
+                             f"({baseline:.1f} mm2), at least {100 * MR_DECREASE:g} % and under {100 * PR_DECREASE:g} %")
     if baseline == 0 and now_mm2 == 0:
         return decided("SD", "no measurable enhancing disease at baseline or now")
     return decided("SD", f"sum of products neither {100 * PR_DECREASE:g} % under the baseline nor "
                          f"{100 * PD_INCREASE:g} % over the nadir")
+
+
+@dataclass(frozen=True)
+class VolumeAssessment:
+    """RANO 2.0's volumetric category of a study: its enhancing volume against earlier ones (mL)."""
+
+    category: str
+    rule: str
+    baseline_ml: float
+    nadir_ml: float
+    now_ml: float
+
+    def as_record(self) -> dict:
+        def change(reference: float) -> float | None:
+            return round(100.0 * (self.now_ml - reference) / reference, 1) if reference > 0 else None
+
+        return {"category": self.category, "rule": self.rule, "baseline_ml": round(self.baseline_ml, 3),
+                "nadir_ml": round(self.nadir_ml, 3), "now_ml": round(self.now_ml, 3),
+                "change_from_baseline_pct": change(self.baseline_ml), "change_from_nadir_pct": change(self.nadir_ml)}
+
+
+def assess_volume(now_ml: float, earlier_ml: Sequence[float]) -> VolumeAssessment:
+    """RANO 2.0's volumetric category of a study whose enhancing volume is ``now_ml`` against the
+    volumes of the patient's earlier studies in time order (the first the baseline): PD at a
+    :data:`VOLUME_PD_INCREASE` increase over the smallest, or enhancing disease back after none; CR at
+    none left; PR at a :data:`VOLUME_PR_DECREASE` decrease from the baseline; SD otherwise.
+
+    Raises:
+        ValueError: no earlier study.
+    """
+    if not earlier_ml:
+        raise ValueError("`earlier_ml` must hold the volumes of the earlier studies, got none")
+    baseline, nadir, now = float(earlier_ml[0]), float(min(earlier_ml)), float(now_ml)
+
+    def decided(category: str, rule: str) -> VolumeAssessment:
+        return VolumeAssessment(category, rule, baseline, nadir, now)
+
+    if nadir > 0 and now >= nadir * (1 + VOLUME_PD_INCREASE):
+        return decided("PD", f"enhancing volume {100 * (now / nadir - 1):.1f} % over the smallest earlier volume "
+                             f"({nadir:.2f} mL), at least {100 * VOLUME_PD_INCREASE:g} %")
+    if nadir == 0 and now > 0:
+        return decided("PD", "enhancing disease after the volume had reached 0")
+    if now == 0 and baseline > 0:
+        return decided("CR", "no enhancing disease left (volume 0)")
+    if baseline > 0 and now <= baseline * (1 - VOLUME_PR_DECREASE):
+        return decided("PR", f"enhancing volume {100 * (1 - now / baseline):.1f} % under the baseline "
+                             f"({baseline:.2f} mL), at least {100 * VOLUME_PR_DECREASE:g} %")
+    return decided("SD", f"enhancing volume neither {100 * VOLUME_PR_DECREASE:g} % under the baseline nor "
+                         f"{100 * VOLUME_PD_INCREASE:g} % over the smallest earlier volume")

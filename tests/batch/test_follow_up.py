@@ -98,6 +98,29 @@ def test_rano_reads_progression_with_its_reasons(one_run):
         truth = nib.load(DEMO / entries[name]["label"])
         _, true_sum = target_sum(measure_lesions(np.asarray(truth.dataobj) == 1, truth.affine))
         assert record["rano"]["sum_mm2"] == pytest.approx(true_sum, rel=0.15), name
+    volumetric = response["volumetric"]  # RANO 2.0's volumes: the enhancing label, tumor
+    assert volumetric["category"] == "PD" and "over the smallest earlier volume" in volumetric["rule"]
+    assert (volumetric["baseline_ml"], volumetric["now_ml"]) == (baseline["volumes_ml"]["tumor"],
+                                                                  follow_up["volumes_ml"]["tumor"])
+    assert volumetric["change_from_baseline_pct"] == follow_up["comparison"]["volumes_ml"]["tumor"]["change_pct"]
+
+
+def test_the_non_enhancing_disease_is_measured_as_rano_lgg_reads_it(one_run):
+    """The edema (the FLAIR hyperintensity), measured as the enhancing tumor is, within 15 % of the
+    true label maps' sums; grown 86 % in volume by follow-up: progression against the baseline."""
+    from pipelines.metrics.rano import measure_lesions, target_sum
+
+    _, entries, records = one_run
+    baseline, follow_up = records["fu_baseline"]["rano"], records["fu_follow_up"]["rano"]
+    assert "response" not in baseline["non_enhancing"]
+    now = follow_up["non_enhancing"]
+    assert now["response"]["category"] == "PD" and now["response"]["nadir_sum_mm2"] == baseline["non_enhancing"]["sum_mm2"]
+    assert now["response"]["rule"].startswith("sum of products") and "over the nadir" in now["response"]["rule"]
+    for name, measured in (("fu_baseline", baseline), ("fu_follow_up", follow_up)):
+        truth = nib.load(DEMO / entries[name]["label"])
+        _, true_sum = target_sum(measure_lesions(np.asarray(truth.dataobj) == 2, truth.affine))
+        assert measured["non_enhancing"]["sum_mm2"] == pytest.approx(true_sum, rel=0.15), name
+        assert measured["non_enhancing"]["sum_mm2"] > measured["sum_mm2"]  # the edema surrounds the tumor
 
 
 def test_the_outputs_keep_the_patient_and_dates_only_as_hashes(one_run):
@@ -205,6 +228,8 @@ def test_the_follow_up_case_page_shows_the_prior_beside_it_scrolling_together(on
         assert f"Prior study {follow_up['comparison']['prior_case']}, 91 days earlier" in page.inner_text("#prior-note")
         assert page.inner_text("#rano-response").startswith("PD: ")
         assert follow_up["rano"]["response"]["rule"] in page.inner_text("#rano-response")
+        assert page.inner_text("#rano-volumetric").startswith("RANO 2.0 volumetric: PD: enhancing volume")
+        assert page.inner_text("#rano-non-enhancing-response").startswith("PD: sum of products")
         positions = "window.viewers.map(v => Array.from(v.nv.scene.crosshairPos))"
         now, prior = page.evaluate(positions)
         assert np.allclose(now, prior)  # the same point of both studies

@@ -188,3 +188,40 @@ def test_a_comparison_with_the_prior_study_joins_the_groups(case, tmp_path):
     assert status["WT"] == []
     scheme = pydicom.dcmread(case_dir / "sr.dcm").CodingSchemeIdentificationSequence[0]
     assert scheme.CodingSchemeDesignator == "99UNETP"
+
+
+def test_rano_diameters_are_drawn_on_the_source_slice_they_lie_on(case, tmp_path):
+    """A RANO lesion whose diameter lies on a source image is drawn there (SCOORD in that image's
+    pixel coordinates, the image referenced and in the evidence); one between the images in patient
+    coordinates (SCOORD3D). dciodvfy finds no error; dcmqi reads both."""
+    import shutil
+
+    from pipelines.io.dicom_sr import Bidimensional, Rano
+
+    affine = case.volume.affine.numpy()
+
+    def ras(*voxels):
+        return [list(affine[:3, :3] @ np.asarray(v, float) + affine[:3, 3]) for v in voxels]
+
+    rano = Rano([Bidimensional(1, 6.0, 4.0, ras((3, 7, 5), (9, 7, 5)), True),  # on slice 5
+                 Bidimensional(2, 6.0, 3.0, ras((15, 9, 5.5), (21, 9, 5.5)), False)],  # between slices 5 and 6
+                24.0, "PD")
+    case_dir = tmp_path / "case"
+    shutil.copytree(case.case_dir, case_dir)
+    measures = Measures(case.measures.volumes_ml, case.measures.regions_ml, REGIONS, case.measures.lesions,
+                        case.measures.lesion_count, rano=rano)
+    write_measurement_report(case_dir / "sr.dcm", case_dir / "seg.dcm", measures, "brain", "0.1.0", "f" * 64, case.key)
+    groups = {g.tracking_identifier: g.roi for g in hd.sr.srread(case_dir / "sr.dcm").content.get_planar_roi_measurement_groups()}
+    on_slice, between = groups["RANO lesion 1"], groups["RANO lesion 2"]
+    source = on_slice.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+    slice_5 = sorted((case.case_dir.parent / "mr").glob("*.dcm"))[5]  # written in slice order
+    assert source == pydicom.dcmread(slice_5).SOPInstanceUID
+    assert np.allclose(on_slice.value, [[3.5, 7.5], [9.5, 7.5]])  # (column, row): x runs along the rows here
+    assert np.asarray(between.value).shape == (2, 3) and "ContentSequence" not in between
+    sr = pydicom.dcmread(case_dir / "sr.dcm")
+    evidence = [i.ReferencedSOPInstanceUID for study in sr.CurrentRequestedProcedureEvidenceSequence
+                for series in study.ReferencedSeriesSequence for i in series.ReferencedSOPSequence]
+    assert source in evidence
+    assert not dciodvfy_errors(case_dir / "sr.dcm")
+    read = tid1500reader(case_dir / "sr.dcm", tmp_path)
+    assert read["RANO lesion 1"]["Long Axis"][0] == 6.0 and read["RANO lesion 2"]["Short Axis"][0] == 3.0

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipelines.metrics.rano import TARGETS, assess, axial_axis, measure_lesions, target_sum
+from pipelines.metrics.rano import TARGETS, assess, assess_volume, axial_axis, measure_lesions, target_sum
 
 
 def _grid(shape, spacing, angle_deg=0.0):
@@ -122,3 +122,35 @@ def test_the_category_follows_the_thresholds(now, earlier, new, category, rule):
 def test_no_earlier_study_is_refused():
     with pytest.raises(ValueError, match="earlier studies"):
         assess(10.0, [])
+    with pytest.raises(ValueError, match="earlier studies"):
+        assess_volume(10.0, [])
+
+
+@pytest.mark.parametrize(("now", "earlier", "category", "rule"), [
+    (10.0, [10.0], "SD", "neither"),
+    (13.99, [10.0], "SD", "neither"),  # 39.9 % over the smallest
+    (14.0, [10.0], "PD", "40.0 % over the smallest earlier volume (10.00 mL)"),
+    (3.51, [10.0], "SD", "neither"),  # 64.9 % under the baseline
+    (3.5, [10.0], "PR", "65.0 % under the baseline"),
+    (4.2, [10.0, 3.0], "PD", "40.0 % over the smallest earlier volume (3.00 mL)"),  # the nadir, not the baseline
+    (0.0, [10.0], "CR", "no enhancing disease left"),
+    (0.5, [10.0, 0.0], "PD", "after the volume had reached 0"),
+    (0.0, [0.0], "SD", "neither"),
+])
+def test_the_volumetric_category_follows_rano_2_thresholds(now, earlier, category, rule):
+    assessment = assess_volume(now, earlier)
+    assert assessment.category == category and rule in assessment.rule
+    record = assessment.as_record()
+    assert record["nadir_ml"] == min(earlier) and record["baseline_ml"] == earlier[0] and record["now_ml"] == now
+
+
+@pytest.mark.parametrize(("now", "minor", "category", "rule"), [
+    (751.0, True, "SD", "neither"),  # 24.9 % under the baseline
+    (750.0, True, "MR", "25.0 % under the baseline (1000.0 mm2), at least 25 % and under 50 %"),
+    (501.0, True, "MR", "49.9 % under"),
+    (500.0, True, "PR", "50.0 % under the baseline"),
+    (750.0, False, "SD", "neither"),  # enhancing disease has no minor response
+])
+def test_non_enhancing_disease_has_a_minor_response(now, minor, category, rule):
+    assessment = assess(now, [1000.0], minor=minor)
+    assert assessment.category == category and rule in assessment.rule

@@ -67,7 +67,7 @@ def default_outputs(model, probabilities: bool = False, push: Endpoint | None = 
     outputs += [
         MeasuresOutput(model.labels, model.regions, model.lesion_labels),
         *([ComparisonOutput(output, prior, model.lesion_labels, model.regions, model.name)] if output is not None else []),
-        *([RanoOutput(model.enhancing_labels)] if model.enhancing_labels else []),
+        *([RanoOutput(model.enhancing_labels, model.labels, model.non_enhancing_labels)] if model.enhancing_labels else []),
         DicomSegOutput(model.segments, model.name, model.version, model.regions),
         DicomSrOutput(model.segments, model.labels, model.regions, model.name, model.version, model.weights_sha256),
         *([RtstructOutput(model.segments, model.name, model.version)] if rtstruct else []),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,7 +19,9 @@ __all__ = ["RanoOutput", "RanoResult"]
 class RanoResult:
     """A case's RANO: its enhancing lesions' diameters (:class:`pipelines.metrics.rano.LesionDiameters`),
     the target lesions and the sum of their products; against earlier studies, the
-    :class:`pipelines.metrics.rano.Assessment` and the study it takes as baseline."""
+    :class:`pipelines.metrics.rano.Assessment`, RANO 2.0's volumetric one
+    (:class:`pipelines.metrics.rano.VolumeAssessment`) and the study they take as baseline; and the
+    same measurements of the non-enhancing labels, when the bundle declares them (a RanoResult)."""
 
     rule: str
     lesions: list
@@ -27,12 +29,18 @@ class RanoResult:
     sum_mm2: float
     response: object | None = None
     baseline_case: str | None = None
+    volumetric: object | None = None
+    non_enhancing: RanoResult | None = None
 
     def as_record(self) -> dict:
         out = {"rule": self.rule, "lesions": [lesion.as_record() for lesion in self.lesions], "targets": self.targets,
                "sum_mm2": round(self.sum_mm2, 1)}
         if self.response is not None:
             out["response"] = {"baseline_case": self.baseline_case, **self.response.as_record()}
+            if self.volumetric is not None:
+                out["response"]["volumetric"] = self.volumetric.as_record()
+        if self.non_enhancing is not None:
+            out["non_enhancing"] = {k: v for k, v in self.non_enhancing.as_record().items() if k != "rule"}
         return out
 
     def for_report(self, affine: np.ndarray) -> Rano:
@@ -55,17 +63,29 @@ class RanoOutput(Output):
     not, the target lesions and the sum of their products (:mod:`pipelines.metrics.rano`); with earlier
     studies of the patient that were measured so, the response category, the rule that decided it,
     the changes against the baseline and the nadir, and the new measurable lesions (those of the
-    comparison's new lesions that hold a measurable enhancing lesion). The SR states it too."""
+    comparison's new lesions that hold a measurable enhancing lesion), and RANO 2.0's volumetric
+    category of the enhancing volume. With ``non_enhancing`` labels (metadata ``rano.non_enhancing``:
+    the FLAIR/T2 hyperintensity), the same diameters and sum for them and a RANO-LGG style category
+    (with minor response). The SR states the enhancing measurements.
+
+    Args:
+        enhancing: the enhancing label values.
+        labels: the bundle's label names by value.
+        non_enhancing: the non-enhancing label values, or None.
+    """
 
     provides = ("rano",)
     reads = ("measures", "comparison", "history")
 
-    def __init__(self, enhancing: Sequence[int]) -> None:
+    def __init__(self, enhancing: Sequence[int], labels: Mapping[int, str] | None = None,
+                 non_enhancing: Sequence[int] | None = None) -> None:
         self.enhancing = list(enhancing)
+        self.names = [str((labels or {}).get(value, value)) for value in self.enhancing]
+        self.non_enhancing = list(non_enhancing) if non_enhancing else None
 
     def write(self, out: CaseOutput) -> None:
         # pipelines.metrics imports MONAI (its BraTS metrics), and with it Ignite: see pipelines.batch.bundle
-        from pipelines.metrics.rano import MEASURABLE_RULE, assess, measure_lesions, target_sum
+        from pipelines.metrics.rano import MEASURABLE_RULE, assess, assess_volume, measure_lesions, target_sum
 
         case = out.segmented
         if case.labels.ndim != 3 or case.is_picture or not isinstance(out.measures, VolumeMeasures):
@@ -74,12 +94,33 @@ class RanoOutput(Output):
         lesions = measure_lesions(numbered[0] > 0, case.affine, numbered)
         targets, total = target_sum(lesions)
         measured = [r for r in out.history if r.get("rano_sum_mm2") is not None]
-        response = None
+        response = volumetric = None
         if measured:
             response = assess(total, [float(r["rano_sum_mm2"]) for r in measured],
                               self._new_measurable(out, numbered[0], lesions))
+            volumetric = assess_volume(self._enhancing_ml(out.measures.volumes_ml),
+                                       [self._enhancing_ml(r.get("volumes_ml") or {}) for r in measured])
         out.rano = RanoResult(MEASURABLE_RULE, lesions, targets, total, response,
-                              measured[0]["case_id"] if measured else None)
+                              measured[0]["case_id"] if measured else None, volumetric,
+                              self._non_enhancing(case, out.history))
+
+    def _enhancing_ml(self, volumes: Mapping[str, float]) -> float:
+        return float(sum(volumes.get(name, 0.0) for name in self.names))
+
+    def _non_enhancing(self, case, history: list[dict]) -> RanoResult | None:
+        """The non-enhancing labels measured as the enhancing ones, with RANO-LGG's categories."""
+        from pipelines.metrics.rano import MEASURABLE_RULE, assess, measure_lesions, target_sum
+
+        if self.non_enhancing is None:
+            return None
+        numbered = lesion_map(case.labels, self.non_enhancing)
+        lesions = measure_lesions(numbered[0] > 0, case.affine, numbered)
+        targets, total = target_sum(lesions)
+        measured = [r for r in history if r.get("rano_non_enhancing_sum_mm2") is not None]
+        response = assess(total, [float(r["rano_non_enhancing_sum_mm2"]) for r in measured], minor=True) \
+            if measured else None
+        return RanoResult(MEASURABLE_RULE, lesions, targets, total, response,
+                          measured[0]["case_id"] if measured else None)
 
     def _new_measurable(self, out: CaseOutput, numbered: np.ndarray, lesions) -> int:
         """Measurable enhancing lesions inside lesions the comparison calls new."""
