@@ -230,7 +230,7 @@ def _segment(item: Loaded | LoadFailed, plan: Plan, warned: CaseWarnings) -> tup
     return None, Segmented(
         case, item.sources, model.reference_key, label_map,
         None if probabilities is None else np.asarray(probabilities, dtype=np.float32),
-        views={key: item.data[key][0].numpy() for key in model.qc_inputs if key in item.data},
+        views={key: item.data[key][0].numpy() for key in model.input_keys if key in item.data},
         brain=brain_extraction(item.data, reference), registration=registration, timings=timings, warnings=caught,
     )
 

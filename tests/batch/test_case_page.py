@@ -86,6 +86,7 @@ def test_the_viewer_is_the_pinned_niivue_copied_once_per_run(tmp_path):
 
 def test_without_niivue_the_run_says_so_once_and_writes_no_pages(tmp_path, monkeypatch, caplog):
     model = SimpleNamespace(labels={1: "tumor"}, regions={}, lesion_labels=None, enhancing_labels=[], segments=[],
+                            qc_inputs=[], input_keys=("image",),
                             name="b", version="1", weights_sha256="x", lesion_scoring=None)
     monkeypatch.setenv("UNET_NIIVUE_JS", str(tmp_path / "missing.js"))
     with caplog.at_level(logging.WARNING):

@@ -20,7 +20,7 @@ from pipelines.batch.remote.endpoint import Endpoint
 
 MODEL = SimpleNamespace(labels={1: "tumor", 2: "edema"}, regions={}, lesion_labels=[1], name="unet3d_tumor", version="1",
                         segments=None, weights_sha256="0" * 64, lesion_scoring={}, enhancing_labels=[1],
-                        non_enhancing_labels=None)
+                        non_enhancing_labels=None, qc_inputs=[], input_keys=("image",))
 
 
 @pytest.mark.parametrize("options", [{}, {"probabilities": True, "rtstruct": True},

@@ -524,7 +524,8 @@ def test_a_case_page_scrolls_the_flair_with_the_regions_overlaid(test_studies):
     with browse(page) as browsed:
         viewer_ready(browsed)
         assert no_horizontal_scrolling(browsed)
-        assert browsed.page.locator("#sequence").input_value() == "t2f"  # FLAIR first (qc_inputs)
+        sequences = browsed.page.locator("#sequence option").evaluate_all("options => options.map(o => o.value)")
+        assert sequences == ["t2f", "t1c", "t1n", "t2w"]  # FLAIR and T1c first (qc_inputs), then the others
         shown = settled(browsed)
         for box in browsed.page.locator("input[data-label]").all():
             box.uncheck()

@@ -72,8 +72,15 @@ def default_outputs(model, probabilities: bool = False, push: Endpoint | None = 
         DicomSrOutput(model.segments, model.labels, model.regions, model.name, model.version, model.weights_sha256),
         *([RtstructOutput(model.segments, model.name, model.version)] if rtstruct else []),
         PushOutput(push, calling_aet, retry),
-        QcOutput(),
-        *([CasePageOutput(output, script, model.labels, model.name)] if script is not None else []),
+        QcOutput(model.qc_inputs),
+        *([CasePageOutput(output, script, model.labels, model.name, _page_inputs(model))] if script is not None else []),
         DiceOutput(model.labels, model.regions, model.lesion_scoring),
     ]
     return outputs
+
+
+def _page_inputs(model) -> list[str]:
+    """The inputs a case page shows: the QC picture's first, then the bundle's others; none (the
+    reference image as loaded) for a bundle whose QC picture shows that."""
+    shown = list(model.qc_inputs)
+    return shown + [key for key in model.input_keys if key not in shown] if shown else []

@@ -33,8 +33,8 @@ class Segmented:
         reference_key: the input whose grid the label map is on.
         labels: the label map ``(*spatial)`` on that grid.
         probabilities: ``(C, *spatial)`` float32 there, or None.
-        views: input key -> ``(*spatial)`` volume on that grid (the bundle's ``qc_inputs`` as the
-            preprocessing aligned them), for the QC picture.
+        views: input key -> ``(*spatial)`` volume as the preprocessing left it (aligned with the
+            reference where the bundle registers its inputs), for the QC picture and the case page.
         brain: what the bundle's brain extraction found (its mask on that grid when it was used), or None.
         registration: per input the bundle's preprocessing aligned with the reference, how
             (:class:`pipelines.transforms.RegisterToReferenced`'s ``registration``).

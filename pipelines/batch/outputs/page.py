@@ -48,8 +48,9 @@ def diameter_map(lesions, shape: tuple[int, ...], steps: Sequence[int]) -> tuple
 
 
 class CasePageOutput(Output):
-    """``index.html`` for a volume: the inputs the QC picture shows (the bundle's ``qc_inputs``, else
-    the reference image) with the label map, the measurements, the RANO diameters drawn, and the prior
+    """``index.html`` for a volume: the study's inputs as the bundle's preprocessing aligned them, those
+    the QC picture shows first (``inputs``: the bundle's ``qc_inputs``, then its other inputs; none:
+    the reference image as loaded), with the label map, the measurements, the RANO diameters drawn, and the prior
     study's anatomy and mask registered onto this grid. The run's copy of NiiVue is made with the
     first page.
 
@@ -58,12 +59,15 @@ class CasePageOutput(Output):
         script: NiiVue's browser build (:func:`pipelines.batch.viewer.viewer_script`).
         labels: the bundle's label names by value.
         bundle: the bundle's name, for the page.
+        inputs: the input keys to show, in order (see above).
     """
 
     reads = ("measures", "comparison", "rano")
 
-    def __init__(self, output: Path, script: Path, labels: Mapping[int, str], bundle: str) -> None:
+    def __init__(self, output: Path, script: Path, labels: Mapping[int, str], bundle: str,
+                 inputs: Sequence[str] = ()) -> None:
         self.output, self.script = Path(output), Path(script)
+        self.inputs = list(inputs)
         self.labels = {int(value): (name, LABEL_COLOURS[(int(value) - 1) % len(LABEL_COLOURS)].tolist())
                        for value, name in labels.items() if int(value) > 0}
         self.bundle = bundle
@@ -76,7 +80,8 @@ class CasePageOutput(Output):
         if not self._installed:
             install_viewer(self.output, self.script)
             self._installed = True
-        volumes = {key: view for key, view in case.views.items() if np.shape(view) == case.labels.shape} \
+        volumes = {key: case.views[key] for key in self.inputs
+                   if key in case.views and np.shape(case.views[key]) == case.labels.shape} \
             or {case.reference_key: np.asarray(case.reference[0])}
         maps = {"labels": case.labels}
         if isinstance(out.comparison, PriorComparison):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from pipelines.batch.measures import VolumeMeasures
@@ -19,6 +21,9 @@ class QcOutput(Output):
 
     reads = ("measures",)
 
+    def __init__(self, inputs: Sequence[str] = ()) -> None:
+        self.inputs = list(inputs)  # the bundle's qc_inputs
+
     def write(self, out: CaseOutput) -> None:
         case, measures = out.segmented, out.measures
         if isinstance(measures, VolumeMeasures):
@@ -27,7 +32,8 @@ class QcOutput(Output):
         else:
             parts = [f"{k} {v:.1%}" for k, v in (measures.area_fractions if measures is not None else {}).items()]
             largest = None
-        views = {key: view for key, view in case.views.items() if np.shape(view) == case.labels.shape}
+        views = {key: case.views[key] for key in self.inputs
+                 if key in case.views and np.shape(case.views[key]) == case.labels.shape}
         image = views or np.asarray(case.reference[0])
         save_qc_picture(out.case_dir / "qc.png", image, case.labels, case.affine,
                         point=largest.centre_voxel if largest else None,
