@@ -14,7 +14,6 @@ from pipelines.batch.outputs.base import CaseOutput, Output
 from pipelines.batch.priors import ANATOMY_FILE
 from pipelines.batch.viewer import install_viewer, page_images, with_labels
 from pipelines.io.writers import atomic_path
-from pipelines.metrics.rano import axial_axis
 from pipelines.visualize import LABEL_COLOURS
 
 __all__ = ["PAGE_FILE", "CasePageOutput", "diameter_map"]
@@ -74,6 +73,9 @@ class CasePageOutput(Output):
         self._installed = False
 
     def write(self, out: CaseOutput) -> None:
+        # pipelines.metrics imports MONAI (its BraTS metrics), and with it Ignite: see pipelines.batch.bundle
+        from pipelines.metrics.rano import axial_axis
+
         case = out.segmented
         if case.labels.ndim != 3 or case.is_picture or not isinstance(out.measures, VolumeMeasures):
             return
