@@ -58,7 +58,8 @@ class Plan:
     joined: bool  # this run created the process group: it ends it
 
 
-def make_plan(bundle, source, output: Path, *, device: str, tta: bool, probabilities: bool, rtstruct: bool, rules: Mapping,
+def make_plan(bundle, source, output: Path, *, device: str, tta: bool, probabilities: bool, rtstruct: bool,
+              case_pages: bool, rules: Mapping,
           section: str, dataset_dir, image_key, push: bool | str, query: RemoteQuery, retry: RetryPolicy, prior: Sequence,
           min_free_mb: float, overrides: Mapping, wait: bool, held: ExitStack) -> Plan:
     """Everything decided before the first case: refuses an unusable input, output or bundle, and an
@@ -78,7 +79,7 @@ def make_plan(bundle, source, output: Path, *, device: str, tta: bool, probabili
         raise BatchInputError(f"DICOM series rules: {exc}") from exc
     cases = discover_cases(server or source, model.series_rules, section=section, dataset_dir=dataset_dir, image_key=image_key,
                            query=query, retry=retry)
-    settings = {"tta": tta, "probabilities": probabilities, "rtstruct": rtstruct,
+    settings = {"tta": tta, "probabilities": probabilities, "rtstruct": rtstruct, "case_pages": case_pages,
                 "push": destination.url if destination else None,
                 "series_rules": {key: r.as_dict() for key, r in model.series_rules.items()}}
     run_key = _run_key(model, settings)
@@ -91,7 +92,8 @@ def make_plan(bundle, source, output: Path, *, device: str, tta: bool, probabili
     base = {"model": model.describe(), "settings": {**settings, "device": str(model.device), "rank": rank,
                                                     "world_size": world},
             "run_key": run_key, "software": _software()}
-    outputs = default_outputs(model, probabilities, destination, rtstruct, query.calling_aet, output, priors, retry)
+    outputs = default_outputs(model, probabilities, destination, rtstruct, query.calling_aet, output, priors, retry,
+                              case_pages)
     records = Records(output, outputs, base, model.reference_key)
     return Plan(output, model, cases, mine, todo, records, rank, world, joined)
 

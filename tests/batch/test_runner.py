@@ -69,7 +69,7 @@ def folder_run(tmp_path_factory):
     switch = sys.getswitchinterval()
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(BundleModel, "predict", noting_predict)
-        summary = run_batch(BUNDLE, root / "in", root / "out", workers=1)
+        summary = run_batch(BUNDLE, root / "in", root / "out", workers=1, case_pages=False)
     return root, summary, {"a": entry_a, "b": entry_b, "nifti": nifti, "during": during, "switch": switch}
 
 
@@ -107,8 +107,8 @@ def test_every_case_gets_outputs_and_a_record(folder_run):
     assert referenced.SeriesInstanceUID == source.meta["series_instance_uid"]
     lesions = [f"lesion {n}" for n in range(1, len(record["lesions"]) + 1)]
     assert [s.SegmentLabel for s in seg.SegmentSequence] == ["tumor", "edema", *lesions]
-    assert record["outputs"] == ["mask.nii.gz", "anatomy.nii.gz", "seg.dcm", "sr.dcm", "qc.png", "qc_thumbnail.png",
-                                 "index.html"]
+    assert record["outputs"] == ["mask.nii.gz", "anatomy.nii.gz", "seg.dcm", "sr.dcm", "qc.png", "qc_thumbnail.png"]
+    assert record["settings"]["case_pages"] is False and not (out / VIEWER_DIR).exists()  # none asked for
     # the NIfTI case: no DICOM SEG, no patient to compare with later studies
     nifti = json.loads((out / pseudonym("scan.nii.gz") / "record.json").read_text())
     assert nifti["status"] == "ok" and "seg.dcm" not in nifti["outputs"]
@@ -245,7 +245,7 @@ def test_kill_9_mid_run_then_rerun_completes_every_case(tmp_path):
     manifest = _manifest(tmp_path, 4)
     out = tmp_path / "out"
     command = [sys.executable, "-m", "pipelines", "batch", "--bundle", str(BUNDLE), "--input", str(manifest),
-               "--dataset-dir", str(DEMO), "--output", str(out), "--quiet"]
+               "--dataset-dir", str(DEMO), "--output", str(out), "--quiet", "--no-case-pages"]
     process = subprocess.Popen(command, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
@@ -262,6 +262,7 @@ def test_kill_9_mid_run_then_rerun_completes_every_case(tmp_path):
         record = json.loads((case_dir / "record.json").read_text())
         assert record["status"] == "ok"
         assert sorted(p.name for p in case_dir.iterdir()) == sorted(["record.json", *record["outputs"]])
+        assert "index.html" not in record["outputs"] and record["settings"]["case_pages"] is False
         load_volume(case_dir / "mask.nii.gz")  # complete files
         hd.seg.segread(case_dir / "seg.dcm")
     assert _partials(out) == [] and not (out / ".cache").exists()

@@ -52,13 +52,13 @@ logger = logging.getLogger(__name__)
 
 def default_outputs(model, probabilities: bool = False, push: Endpoint | None = None, rtstruct: bool = False,
                     calling_aet: str = "UNETPIPELINES", output: Path | None = None,
-                    prior: Sequence[Path] = (), retry: RetryPolicy | None = None) -> list[Output]:
+                    prior: Sequence[Path] = (), retry: RetryPolicy | None = None, case_pages: bool = True) -> list[Output]:
     """The batch job's outputs for ``model`` (a :class:`~pipelines.batch.bundle.BundleModel`), in order;
     ``output`` (the run's folder) and ``prior`` (earlier runs' folders) for the comparison with prior
-    studies and the case pages (none without ``output``; no pages without NiiVue, said once); ``push``
-    where to store the DICOM outputs, ``retry`` how."""
-    script = viewer_script() if output is not None else None
-    if output is not None and script is None:
+    studies and the case pages (none without ``output``, or with ``case_pages`` False; without NiiVue,
+    said once); ``push`` where to store the DICOM outputs, ``retry`` how."""
+    script = viewer_script() if output is not None and case_pages else None
+    if output is not None and case_pages and script is None:
         logger.warning("no case pages: NiiVue is not installed (run `make web-deps`, or set UNET_NIIVUE_JS to its "
                        "niivue.umd.js)")
     outputs: list[Output] = [MaskOutput(), BrainMaskOutput()]
