@@ -213,14 +213,18 @@ def test_the_report_with_changes_renders_in_chromium(one_run):
 
 
 def test_the_follow_up_case_page_shows_the_prior_beside_it_scrolling_together(one_run):
-    """The follow-up's case page in Chromium, offline: the prior study registered onto it in a second
-    viewer whose slice follows the first's; the RANO category with its reason; a RANO lesion's link goes
+    """The follow-up's report at 1400 px without horizontal scrolling, its RANO category in the row; its
+    case page in Chromium, offline: the prior study registered onto it in a second viewer whose slice
+    follows the first's; the RANO category with its reason; a RANO lesion's link goes
     to the slice its diameters were measured on, drawn there; no console error, nothing fetched."""
-    from tests.browser import browse, settled, viewer_ready
+    from tests.browser import browse, no_horizontal_scrolling, settled, viewer_ready
 
     out, _, records = one_run
     follow_up = records["fu_follow_up"]
     assert "index.html" in follow_up["outputs"]
+    with browse(out / "report.html") as browsed:  # the report, on a laptop's screen
+        assert no_horizontal_scrolling(browsed) and browsed.errors == [] and browsed.remote == []
+        assert browsed.page.locator(f"tr#{follow_up['case_id']} td[data-column=rano_category]").inner_text() == "PD"
     with browse(out / follow_up["case_id"] / "index.html") as browsed:
         viewer_ready(browsed)
         page = browsed.page
