@@ -158,15 +158,15 @@ def test_rerun_skips_complete_cases_and_redoes_changed_ones(folder_run, caplog):
     out = root / "out"
     masks = {p: p.stat().st_mtime_ns for p in out.glob("*/mask.nii.gz")}
     with caplog.at_level(logging.INFO, logger="pipelines"):
-        summary = run_batch(BUNDLE, root / "in", out, workers=0)
+        summary = run_batch(BUNDLE, root / "in", out, workers=0, case_pages=False)
     assert (summary.skipped, summary.done, len(summary.failed)) == (3, 0, 1)  # the failed case is retried
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/mask.nii.gz")} == masks
     logs = caplog.text
     assert "DEMO" not in logs.upper() and "patient_a" not in logs  # ids only, no names or paths
     os.utime(root / "in" / "scan.nii.gz")  # a replaced input is redone
-    summary = run_batch(BUNDLE, root / "in", out, workers=0)
+    summary = run_batch(BUNDLE, root / "in", out, workers=0, case_pages=False)
     assert (summary.skipped, summary.done) == (2, 1)
-    summary = run_batch(BUNDLE, root / "in", out, workers=0, probabilities=True)  # other settings: redone
+    summary = run_batch(BUNDLE, root / "in", out, workers=0, case_pages=False, probabilities=True)  # other settings: redone
     assert summary.done == 3
     prob = load_volume(out / pseudonym("scan.nii.gz") / "prob.nii.gz")
     assert prob.shape[0] == 3 and np.allclose(prob.sum(0), 1, atol=1e-3)

@@ -199,7 +199,7 @@ def test_a_brats_2021_download_trains_and_evaluates_on_two_channels(brats2021, t
 
     # the batch job takes the same overrides (the docs' third command); without them it says which
     batch = ["batch", "--bundle", str(BUNDLE), "--input", str(brats2021 / "brats_fold0.json"), "--dataset-dir",
-             str(brats2021), "--section", "validation", "--workers", "0", "--quiet"]
+             str(brats2021), "--section", "validation", "--workers", "0", "--quiet", "--no-case-pages"]
     overrides = ["--ckpt_path", str(tmp_path / "models" / "model.pt"), "--features", "[4, 8]", "--spacing",
                  "[4.0, 4.0, 4.0]", "--patch_size", "[32, 32, 32]", "--label_map", "{'4': 3}"]
     assert main([*batch, "--output", str(tmp_path / "refused"), *overrides]) == 2
@@ -293,7 +293,7 @@ def test_real_cases_fine_tune_the_shipped_weights_and_go_through_the_batch_job(b
 
     out = tmp_path / "batch"
     assert main(["batch", "--bundle", str(BUNDLE), "--input", str(brats2013), "--dataset-dir", str(root),
-                 "--section", "validation", "--output", str(out), "--workers", "0", "--quiet",
+                 "--section", "validation", "--output", str(out), "--workers", "0", "--quiet", "--no-case-pages",
                  "--ckpt_path", str(tmp_path / "models" / "model.pt"), "--spacing", "[4.0, 4.0, 4.0]",
                  "--patch_size", "[32, 32, 32]", *REAL]) == 0
     record = json.loads((out / "brats_2013_pat0006_1" / "record.json").read_text())
@@ -333,7 +333,8 @@ def test_a_whole_head_dicom_study_is_segmented_within_its_brain(tmp_path):
                            study / f"{number:02d}_{series}", "HEAD-0001", "head-study", SERIES_DESCRIPTIONS[series][0],
                            series_key=series, series_number=number)
     # the series share one grid and frame of reference: no registration needed (nor the time it takes)
-    summary = run_batch(BUNDLE, tmp_path / "in", tmp_path / "out", workers=0, overrides={"register": False})
+    summary = run_batch(BUNDLE, tmp_path / "in", tmp_path / "out", workers=0, overrides={"register": False},
+                        case_pages=False)
     assert (summary.cases, summary.done) == (1, 1)
     (case_dir,) = [p.parent for p in (tmp_path / "out").glob("*/record.json")]
     record = json.loads((case_dir / "record.json").read_text())
@@ -470,7 +471,7 @@ def test_a_channel_that_cannot_be_aligned_fails_its_study_only(demo, tmp_path):
         ds.FrameOfReferenceUID = frame
         ds.PixelData = rng.integers(0, 4000, ds.Rows * ds.Columns, dtype=np.uint16).tobytes()
         ds.save_as(path)
-    summary = run_batch(BUNDLE, inbox, tmp_path / "out", workers=0)
+    summary = run_batch(BUNDLE, inbox, tmp_path / "out", workers=0, case_pages=False)
     assert (summary.cases, summary.done, summary.exit_code) == (2, 1, 0)
     record = json.loads((_pseudonym_dir(tmp_path / "out", broken) / "record.json").read_text())
     assert record["status"] == "failed"
@@ -484,7 +485,8 @@ def test_the_validation_cases_from_the_manifest_of_nifti_channels(demo, tmp_path
     each tumor counted once (two tumors are two lesions, their edema not counted)."""
     from pipelines.batch import run_batch
 
-    summary = run_batch(BUNDLE, MANIFEST, tmp_path / "out", dataset_dir=demo, section="validation", workers=1)
+    summary = run_batch(BUNDLE, MANIFEST, tmp_path / "out", dataset_dir=demo, section="validation", workers=1,
+                        case_pages=False)
     entries = json.loads(MANIFEST.read_text())["validation"]
     assert (summary.cases, summary.done, summary.exit_code) == (len(entries), len(entries), 0)
     for entry in entries:

@@ -46,7 +46,7 @@ def _batch_mask(bundle, entry: dict, out, data=DEMO) -> tuple[np.ndarray, dict]:
     """The batch job's mask and record for one demo case (a one-case manifest, so it also scores Dice)."""
     manifest = out.parent / f"{out.name}.json"
     manifest.write_text(json.dumps({"test": [entry]}))
-    summary = run_batch(bundle, manifest, out, workers=0, dataset_dir=data, image_key="image")
+    summary = run_batch(bundle, manifest, out, workers=0, dataset_dir=data, image_key="image", case_pages=False)
     assert summary.done == 1, summary
     (case_dir,) = [p for p in out.iterdir() if p.is_dir() and not p.name.startswith(".")]
     record = json.loads((case_dir / "record.json").read_text())
@@ -255,7 +255,7 @@ def test_dicomweb_store_infers_saves_seg_and_trains(tmp_path):
             text = log.read_text()
             assert "validating on the training images" in text  # one label: the 20% validation split is empty
             assert "Epoch[1] Metrics" in text and _sha256(weights) != old
-    summary = run_batch(BUNDLE, study, tmp_path / "batch", workers=0)
+    summary = run_batch(BUNDLE, study, tmp_path / "batch", workers=0, case_pages=False)
     assert summary.done == 1
     (case_dir,) = [p for p in (tmp_path / "batch").iterdir() if p.is_dir() and not p.name.startswith(".")]
     batch = nib.load(case_dir / "mask.nii.gz")
