@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["LABEL_COLOURS", "overlay_slice"]
+__all__ = ["LABEL_COLOURS", "label_colour", "overlay_slice"]
 
 # label colours (RGB) for labels 1, 2, ...; further labels cycle
 LABEL_COLOURS = np.array([[230, 60, 40], [250, 200, 40], [60, 160, 240], [90, 220, 120]], dtype=np.float32)
+
+
+def label_colour(value: int) -> np.ndarray:
+    """The RGB colour label ``value`` (1, 2, ...) is drawn in, here and on the case pages."""
+    return LABEL_COLOURS[(int(value) - 1) % len(LABEL_COLOURS)]
 
 
 def overlay_slice(image: np.ndarray, label: np.ndarray, alpha: float = 0.45) -> np.ndarray:
@@ -21,5 +26,5 @@ def overlay_slice(image: np.ndarray, label: np.ndarray, alpha: float = 0.45) -> 
     rgb = np.repeat(grey[..., None], 3, axis=-1)
     for value in np.unique(label[label > 0]):
         mask = label == value
-        rgb[mask] = (1 - alpha) * rgb[mask] + alpha * LABEL_COLOURS[(int(value) - 1) % len(LABEL_COLOURS)]
+        rgb[mask] = (1 - alpha) * rgb[mask] + alpha * label_colour(value)
     return rgb.astype(np.uint8)

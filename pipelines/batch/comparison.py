@@ -13,7 +13,7 @@ prior volume.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +23,8 @@ from pipelines.batch.priors import ANATOMY_FILE
 from pipelines.io.dicom_seg import tracking_uid
 from pipelines.io.dicom_sr import Change, Comparison
 
-__all__ = ["ComparisonFailure", "LesionChange", "PriorComparison", "VolumeChange", "carry", "compare_with_prior"]
+__all__ = ["ComparisonFailure", "LesionChange", "PriorComparison", "PriorImages", "VolumeChange", "carry",
+           "compare_with_prior"]
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,23 @@ class LesionChange:
 
 
 @dataclass(frozen=True)
+class PriorImages:
+    """The prior's anatomy and label map as the comparison read them, each with its RAS affine, and
+    ``matrix`` (RAS: a point of the case's study to the prior's point), for the case page."""
+
+    anatomy: np.ndarray
+    anatomy_affine: np.ndarray
+    labels: np.ndarray
+    labels_affine: np.ndarray
+    matrix: np.ndarray
+
+    def on_grid(self, shape: tuple[int, ...], affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The anatomy and the label map on the case's grid ``(shape, affine)`` (:func:`carry`)."""
+        return (carry(self.anatomy, self.anatomy_affine, shape, affine, self.matrix),
+                carry(self.labels.astype(np.uint8), self.labels_affine, shape, affine, self.matrix))
+
+
+@dataclass(frozen=True)
 class PriorComparison:
     """A case compared with its prior (:func:`compare_with_prior`); ``as_record`` is the record's
     ``comparison``.
@@ -80,6 +98,7 @@ class PriorComparison:
         lesion_count: ``{prior, now, new, gone}``.
         lesions: per listed lesion of the case.
         gone: the prior's lesions that no lesion of the case overlaps, with their volumes.
+        images: the prior's images as read (not in the record).
     """
 
     prior_case: str | None
@@ -91,6 +110,7 @@ class PriorComparison:
     lesion_count: dict[str, int]
     lesions: list[LesionChange]
     gone: list[dict]
+    images: PriorImages | None = field(default=None, repr=False, compare=False)
 
     def as_record(self) -> dict:
         return {
@@ -229,4 +249,6 @@ def compare_with_prior(
         lesion_count={"prior": int(prior_count), "now": int(now_count), "new": int(new), "gone": len(gone)},
         lesions=listed,
         gone=gone,
+        images=PriorImages(np.asarray(prior_anatomy[0]), np.asarray(prior_anatomy.affine, np.float64), prior_labels,
+                           prior_affine, np.asarray(registration.matrix, np.float64)),
     )

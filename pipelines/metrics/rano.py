@@ -83,6 +83,14 @@ class LesionDiameters:
     measurable: bool
     why: str = ""
 
+    def voxels(self, diameter: int = 0) -> np.ndarray:
+        """The ends of the longest (0) or the perpendicular (1) diameter as voxel coordinates of the
+        grid, ``(2, 3)``."""
+        index = np.zeros((2, 3))
+        index[:, self.axis] = self.slice_index
+        index[:, [a for a in range(3) if a != self.axis]] = self.ends[diameter]
+        return index
+
     @property
     def product_mm2(self) -> float:
         return self.longest_mm * self.perpendicular_mm

@@ -17,6 +17,7 @@ import pytest
 from pipelines.batch.outputs import CasePageOutput, default_outputs
 from pipelines.batch.outputs.page import diameter_map
 from pipelines.batch.viewer import NIIVUE_VERSION, install_viewer, page_images, viewer_script
+from pipelines.metrics.rano import LesionDiameters
 from tests.conftest import REPO
 
 
@@ -60,7 +61,8 @@ def test_past_the_budget_thin_slices_are_thinned_first_then_the_finest_axes():
 
 
 def test_the_diameters_are_drawn_on_their_slice_on_the_kept_grid():
-    lesion = SimpleNamespace(lesion=1, axis=2, slice_index=10, ends=np.array([[[5, 5], [5, 25]], [[2, 15], [8, 15]]]))
+    lesion = LesionDiameters(lesion=1, slice_index=10, axis=2, longest_mm=20.0, perpendicular_mm=6.0,
+                             ends=np.array([[[5, 5], [5, 25]], [[2, 15], [8, 15]]]), slices=3, measurable=True)
     drawn, middles = diameter_map([lesion], (20, 30, 20), (1, 1, 1))
     assert set(np.nonzero(drawn)[2]) == {10}
     assert np.all(drawn[5, 5:26, 10] > 0) and np.sum(drawn[5, :, 10] == 1) == 20  # crossed by the perpendicular

@@ -8,13 +8,12 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.batch.case_page import PageContent, render_case_page
-from pipelines.batch.comparison import PriorComparison, carry
+from pipelines.batch.comparison import PriorComparison
 from pipelines.batch.measures import VolumeMeasures
 from pipelines.batch.outputs.base import CaseOutput, Output
-from pipelines.batch.priors import ANATOMY_FILE
 from pipelines.batch.viewer import install_viewer, page_images, with_labels
 from pipelines.io.writers import atomic_path
-from pipelines.visualize import LABEL_COLOURS
+from pipelines.visualize import label_colour
 
 __all__ = ["PAGE_FILE", "CasePageOutput", "diameter_map"]
 
@@ -30,19 +29,14 @@ def diameter_map(lesions, shape: tuple[int, ...], steps: Sequence[int]) -> tuple
     steps = np.asarray(steps, float)
     middles = {}
     for lesion in lesions:
-        plane = [a for a in range(3) if a != lesion.axis]
-        for value, (start, end) in ((1, lesion.ends[0]), (2, lesion.ends[1])):
-            start, end = np.asarray(start, float) / steps[plane], np.asarray(end, float) / steps[plane]
+        for value, diameter in ((1, 0), (2, 1)):
+            start, end = lesion.voxels(diameter) / steps
             count = int(np.ceil(np.abs(end - start).max() * 2)) + 2
-            index = np.zeros((count, 3), int)
-            index[:, lesion.axis] = int(lesion.slice_index // steps[lesion.axis])
-            index[:, plane] = np.rint(start + np.linspace(0, 1, count)[:, None] * (end - start)).astype(int)
+            index = np.rint(start + np.linspace(0, 1, count)[:, None] * (end - start)).astype(int)
+            index[:, lesion.axis] = int(lesion.slice_index // steps[lesion.axis])  # the kept slice at or before it
             index = tuple(np.clip(index, 0, np.asarray(shape) - 1).T)
             drawn[index] = np.maximum(drawn[index], value)
-        middle = np.zeros(3)
-        middle[lesion.axis] = lesion.slice_index
-        middle[plane] = np.mean(np.asarray(lesion.ends[0], float), axis=0)
-        middles[lesion.lesion] = middle.tolist()
+        middles[lesion.lesion] = lesion.voxels(0).mean(axis=0).tolist()
     return drawn, middles
 
 
@@ -67,7 +61,7 @@ class CasePageOutput(Output):
                  inputs: Sequence[str] = ()) -> None:
         self.output, self.script = Path(output), Path(script)
         self.inputs = list(inputs)
-        self.labels = {int(value): (name, LABEL_COLOURS[(int(value) - 1) % len(LABEL_COLOURS)].tolist())
+        self.labels = {int(value): (name, label_colour(value).tolist())
                        for value, name in labels.items() if int(value) > 0}
         self.bundle = bundle
         self._installed = False
@@ -86,8 +80,8 @@ class CasePageOutput(Output):
                    if key in case.views and np.shape(case.views[key]) == case.labels.shape} \
             or {case.reference_key: np.asarray(case.reference[0])}
         maps = {"labels": case.labels}
-        if isinstance(out.comparison, PriorComparison):
-            volumes["prior"], maps["prior_labels"] = self._prior(out.comparison, case.labels.shape, case.affine)
+        if isinstance(out.comparison, PriorComparison) and out.comparison.images is not None:
+            volumes["prior"], maps["prior_labels"] = out.comparison.images.on_grid(case.labels.shape, case.affine)
         images = page_images(volumes, maps, case.affine, through=axial_axis(case.affine))
         goto = None
         if out.rano is not None and out.rano.lesions:
@@ -99,14 +93,3 @@ class CasePageOutput(Output):
         with atomic_path(out.case_dir / PAGE_FILE) as tmp:
             tmp.write_text(render_case_page(content), encoding="utf-8")
         out.files.append(PAGE_FILE)
-
-    @staticmethod
-    def _prior(comparison: PriorComparison, shape: tuple[int, ...], affine: np.ndarray):
-        """The prior's anatomy and mask on this grid, through the comparison's registration."""
-        from pipelines.io import load_volume  # imports MONAI, and with it Ignite: see pipelines.batch.bundle
-
-        folder = Path(comparison.prior_output)
-        matrix = np.asarray(comparison.registration["matrix"], np.float64)
-        anatomy, mask = load_volume(folder / ANATOMY_FILE), load_volume(folder / "mask.nii.gz")
-        return (carry(np.asarray(anatomy[0]), np.asarray(anatomy.affine, np.float64), shape, affine, matrix),
-                carry(np.asarray(mask[0]).astype(np.uint8), np.asarray(mask.affine, np.float64), shape, affine, matrix))

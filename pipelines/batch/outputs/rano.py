@@ -47,11 +47,7 @@ class RanoResult:
         """As the SR states it: each lesion's longest diameter from end to end in RAS patient coordinates."""
         lesions = []
         for lesion in self.lesions:
-            plane = [a for a in range(3) if a != lesion.axis]
-            index = np.zeros((2, 3))
-            index[:, lesion.axis] = lesion.slice_index
-            index[:, plane] = lesion.ends[0]
-            ends = index @ np.asarray(affine, float)[:3, :3].T + np.asarray(affine, float)[:3, 3]
+            ends = lesion.voxels(0) @ np.asarray(affine, float)[:3, :3].T + np.asarray(affine, float)[:3, 3]
             lesions.append(Bidimensional(lesion.lesion, lesion.longest_mm, lesion.perpendicular_mm, ends.tolist(),
                                          lesion.lesion in self.targets))
         return Rano(lesions, self.sum_mm2, None if self.response is None else self.response.category)
@@ -85,15 +81,12 @@ class RanoOutput(Output):
 
     def write(self, out: CaseOutput) -> None:
         # pipelines.metrics imports MONAI (its BraTS metrics), and with it Ignite: see pipelines.batch.bundle
-        from pipelines.metrics.rano import MEASURABLE_RULE, assess, assess_volume, measure_lesions, target_sum
+        from pipelines.metrics.rano import MEASURABLE_RULE, assess, assess_volume
 
         case = out.segmented
         if case.labels.ndim != 3 or case.is_picture or not isinstance(out.measures, VolumeMeasures):
             return
-        numbered = lesion_map(case.labels, self.enhancing)
-        lesions = measure_lesions(numbered[0] > 0, case.affine, numbered)
-        targets, total = target_sum(lesions)
-        measured = [r for r in out.history if r.get("rano_sum_mm2") is not None]
+        numbered, lesions, targets, total, measured = _measured(case, self.enhancing, out.history, "rano_sum_mm2")
         response = volumetric = None
         if measured:
             response = assess(total, [float(r["rano_sum_mm2"]) for r in measured],
@@ -109,14 +102,11 @@ class RanoOutput(Output):
 
     def _non_enhancing(self, case, history: list[dict]) -> RanoResult | None:
         """The non-enhancing labels measured as the enhancing ones, with RANO-LGG's categories."""
-        from pipelines.metrics.rano import MEASURABLE_RULE, assess, measure_lesions, target_sum
+        from pipelines.metrics.rano import MEASURABLE_RULE, assess
 
         if self.non_enhancing is None:
             return None
-        numbered = lesion_map(case.labels, self.non_enhancing)
-        lesions = measure_lesions(numbered[0] > 0, case.affine, numbered)
-        targets, total = target_sum(lesions)
-        measured = [r for r in history if r.get("rano_non_enhancing_sum_mm2") is not None]
+        _, lesions, targets, total, measured = _measured(case, self.non_enhancing, history, "rano_non_enhancing_sum_mm2")
         response = assess(total, [float(r["rano_non_enhancing_sum_mm2"]) for r in measured], minor=True) \
             if measured else None
         return RanoResult(MEASURABLE_RULE, lesions, targets, total, response,
@@ -133,3 +123,14 @@ class RanoOutput(Output):
 
     def fields(self, out: CaseOutput) -> dict:
         return {"rano": out.rano.as_record()} if out.rano is not None else {}
+
+
+def _measured(case, values: Sequence[int], history: list[dict], kept: str):
+    """The lesions of the labels ``values`` numbered and measured, the targets and their sum, and the
+    patient's earlier studies that were measured so (their record keeps the sum under ``kept``)."""
+    from pipelines.metrics.rano import measure_lesions, target_sum  # MONAI and Ignite: see pipelines.batch.bundle
+
+    numbered = lesion_map(case.labels, values)
+    lesions = measure_lesions(numbered[0] > 0, case.affine, numbered)
+    targets, total = target_sum(lesions)
+    return numbered, lesions, targets, total, [r for r in history if r.get(kept) is not None]
