@@ -104,7 +104,7 @@
     });
     now.nv.onIntensityChange = function () { showWindow(now); };
     now.nv.onLocationChange = function (where) {
-      status.textContent = "voxel " + where.vox.join(", ") + " (" + where.mm.slice(0, 3).map(function (v) {
+      status.textContent = "voxel " + where.vox.join(", ") + " (" + Array.from(where.mm).slice(0, 3).map(function (v) {
         return v.toFixed(1); }).join(", ") + " mm RAS)";
       document.body.setAttribute("data-voxel", where.vox.join(","));
     };

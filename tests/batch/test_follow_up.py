@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import re
 
 import nibabel as nib
 import numpy as np
@@ -234,6 +235,7 @@ def test_the_follow_up_case_page_shows_the_prior_beside_it_scrolling_together(on
         assert follow_up["rano"]["response"]["rule"] in page.inner_text("#rano-response")
         assert page.inner_text("#rano-volumetric").startswith("RANO 2.0 volumetric: PD: enhancing volume")
         assert page.inner_text("#rano-non-enhancing-response").startswith("PD: sum of products")
+        assert re.fullmatch(r"voxel \d+, \d+, \d+ \((-?\d+\.\d, ){2}-?\d+\.\d mm RAS\)", page.inner_text("#viewer-status"))
         positions = "window.viewers.map(v => Array.from(v.nv.scene.crosshairPos))"
         now, prior = page.evaluate(positions)
         assert np.allclose(now, prior)  # the same point of both studies
