@@ -210,7 +210,8 @@ def _run_batch(args: argparse.Namespace) -> int:
         try:
             summary = run_batch(
                 args.bundle, args.input, args.output, workers=args.workers, device=args.device, tta=args.tta,
-                probabilities=args.probabilities, rtstruct=args.rtstruct, case_pages=not args.no_case_pages, rules=rules, section=args.section, dataset_dir=args.dataset_dir,
+                probabilities=args.probabilities, rtstruct=args.rtstruct, case_pages=not args.no_case_pages, runtime=args.runtime,
+                rules=rules, section=args.section, dataset_dir=args.dataset_dir,
                 image_key=args.image_key, push=args.push,
                 query=RemoteQuery(tuple(args.study_uid or ()), args.study_date, args.calling_aet),
                 retry=RetryPolicy(retries=args.retries, wait=args.retry_wait),
@@ -250,6 +251,8 @@ def _add_batch_command(commands) -> None:
     batch.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     batch.add_argument("--tta", action="store_true", help="mirroring test-time augmentation")
     batch.add_argument("--probabilities", action="store_true", help="also write prob.nii.gz")
+    batch.add_argument("--runtime", choices=("torch", "openvino"),
+                       help="where the network runs on the CPU (default: the bundle's `runtime` config id, else torch)")
     batch.add_argument("--no-case-pages", action="store_true",
                        help="no index.html per study (a case page holds its images: up to about 10 MB each)")
     batch.add_argument("--rtstruct", action="store_true",

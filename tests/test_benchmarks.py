@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 import sys
 
@@ -66,6 +68,17 @@ def test_batch_bench_runs():
     # the job includes the inference, but the two are timed in separate runs of two cases: on a loaded
     # machine the order can flip (the fresh-clone CI saw 0.986), so this checks the figure is sane
     assert len(ratio) == 1 and 0.5 < float(ratio[0].split()[4]) < 100
+
+
+@pytest.mark.slow
+def test_runtimes_bench_runs(tmp_path):
+    pytest.importorskip("openvino", reason="OpenVINO not installed (the openvino extra)")
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_runtimes.py"), "--quick"],
+        capture_output=True, text=True, timeout=600, check=True, env={**os.environ, "UNET_CACHE": str(tmp_path)},
+    )
+    found = re.search(r"torch (\d+) ms, openvino (\d+) ms, ratio ([\d.]+)x", result.stdout)
+    assert found and float(found.group(3)) == pytest.approx(int(found.group(1)) / int(found.group(2)), rel=0.05)
 
 
 @pytest.mark.slow

@@ -29,7 +29,7 @@ from pipelines.segment_codes import segments_from_metadata
 __all__ = ["OPTIONAL_IDS", "PRED", "PROB", "REQUIRED_IDS", "BundleModel", "bundle_hash"]
 
 REQUIRED_IDS = ("network_def", "preprocessing", "inferer", "postprocessing")
-OPTIONAL_IDS = ("series_rules", "network_input_key", "reference_key", "tta_inferer", "probabilities")
+OPTIONAL_IDS = ("series_rules", "network_input_key", "reference_key", "tta_inferer", "probabilities", "runtime")
 PRED, PROB = "pred", "prob"  # MONAI's engine keys (CommonKeys.PRED) for the network output, and ours
 
 
@@ -105,18 +105,23 @@ class BundleModel:
         probabilities: the run writes probabilities: the bundle's ``probabilities`` transform is needed.
         overrides: config id -> value, set on the inference config before anything is built, as
             ``python -m monai.bundle run --id value`` sets them (``{"channels": ["t2f", "t1c"]}``).
+        runtime: where the network runs on the CPU (:data:`pipelines.inference.runtimes.RUNTIMES`);
+            None: the config's ``runtime``, else ``torch``.
 
     Raises:
         BundleContractError: a required config id (or one the options need) is missing,
             ``preprocessing`` does not start with a loading transform, an override names no config
-            id, or the weights do not fit the network; the message names it.
+            id, the weights do not fit the network, or the runtime is unknown or unusable; the message
+            names it.
         FileNotFoundError: no bundle configs or weights.
     """
 
     def __init__(self, bundle_dir: str | os.PathLike, device: str | torch.device = "cpu",
                  weights: str | os.PathLike | None = None, tta: bool = False, probabilities: bool = False,
-                 overrides: Mapping[str, object] | None = None) -> None:
+                 overrides: Mapping[str, object] | None = None, runtime: str | None = None) -> None:
         from monai.bundle import ConfigParser
+
+        from pipelines.inference.runtimes import check_runtime, on_runtime
 
         self.root = Path(bundle_dir).resolve()
         config = self.root / "configs" / "inference.json"
@@ -185,6 +190,12 @@ class BundleModel:
         self._load_weights(state, parser)
         self.weights_sha256 = content_hash(self.weights_path)
         self.bundle_sha256 = _bundle_digest(self.root, self.weights_sha256, self.overrides)  # weights read once
+        self.runtime = str(runtime or _optional(parser, "runtime") or "torch")
+        try:
+            check_runtime(self.runtime, self.device)
+        except ValueError as exc:
+            raise BundleContractError(str(exc) if runtime else f"{config}: `runtime`: {exc}") from exc
+        self.runner = on_runtime(self.network, self.runtime, self.bundle_sha256, self.root.name)  # what the inferer calls
         self.labels = label_names(self.metadata, meta_file)
         self.regions = {str(k): [int(v) for v in values] for k, values in (self.metadata.get("regions") or {}).items()}
         self.lesion_scoring = lesion_scoring(self.metadata, meta_file)
@@ -282,7 +293,7 @@ class BundleModel:
 
         image = data[self.network_input_key]
         with torch.inference_mode():
-            logits = self.inferer(image.as_tensor()[None].to(self.device), self.network)
+            logits = self.inferer(image.as_tensor()[None].to(self.device), self.runner)
         # out of inference mode (the inverse transforms update tensors in place), on the CPU, with the
         # input's metadata and transform trace, as the evaluator's decollated output has them
         logits = logits[0].float().cpu().clone()

@@ -59,11 +59,13 @@ class Plan:
 
 
 def make_plan(bundle, source, output: Path, *, device: str, tta: bool, probabilities: bool, rtstruct: bool,
-              case_pages: bool, rules: Mapping,
+              case_pages: bool, runtime: str | None, rules: Mapping,
           section: str, dataset_dir, image_key, push: bool | str, query: RemoteQuery, retry: RetryPolicy, prior: Sequence,
           min_free_mb: float, overrides: Mapping, wait: bool, held: ExitStack) -> Plan:
     """Everything decided before the first case: refuses an unusable input, output or bundle, and an
     output folder another run holds (its lock goes on ``held``)."""
+    from pipelines.inference.runtimes import runtime_name  # pipelines.inference imports MONAI: see bundle.py
+
     if device == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
         torch.cuda.set_device(torch.device(device))  # before NCCL joins: one GPU per rank
@@ -72,7 +74,7 @@ def make_plan(bundle, source, output: Path, *, device: str, tta: bool, probabili
     _check_output(output, min_free_mb)
     _lock_output(output, rank, world, joined, wait, held)
     priors = prior_folders(prior)
-    model = BundleModel(bundle, device=device, tta=tta, probabilities=probabilities, overrides=overrides)
+    model = BundleModel(bundle, device=device, tta=tta, probabilities=probabilities, overrides=overrides, runtime=runtime)
     try:
         model.series_rules = {key: SeriesRules.of(base, **rules) for key, base in model.series_rules.items()}
     except (TypeError, ValueError) as exc:
@@ -80,6 +82,7 @@ def make_plan(bundle, source, output: Path, *, device: str, tta: bool, probabili
     cases = discover_cases(server or source, model.series_rules, section=section, dataset_dir=dataset_dir, image_key=image_key,
                            query=query, retry=retry)
     settings = {"tta": tta, "probabilities": probabilities, "rtstruct": rtstruct, "case_pages": case_pages,
+                "runtime": runtime_name(model.runtime),
                 "push": destination.url if destination else None,
                 "series_rules": {key: r.as_dict() for key, r in model.series_rules.items()}}
     run_key = _run_key(model, settings)

@@ -85,6 +85,7 @@ def run_batch(
     probabilities: bool = False,
     rtstruct: bool = False,
     case_pages: bool = True,
+    runtime: str | None = None,
     rules: Mapping | None = None,
     section: str = "test",
     dataset_dir: str | os.PathLike | None = None,
@@ -114,6 +115,8 @@ def run_batch(
         probabilities: also write ``prob.nii.gz`` (the bundle's ``probabilities`` transform).
         rtstruct: also write ``rtstruct.dcm`` (an RT Structure Set, for DICOM input).
         case_pages: write each volume's case page, ``index.html`` (with NiiVue installed).
+        runtime: where the network runs on the CPU: ``torch`` or ``openvino``
+            (:mod:`pipelines.inference.runtimes`); None: the bundle's ``runtime`` config id, else ``torch``.
         rules: DICOM series rules by name (``{"modality": "CT"}``), over each input's rules from the bundle.
         push: store each case's DICOM outputs (SEG, SR, RTSTRUCT): True, back to the ``source`` server
             (STOW-RS to DICOMweb, C-STORE to a DICOM peer); or to the destination given
@@ -141,7 +144,7 @@ def run_batch(
     """
     with stopped_by_signals(), ExitStack() as held:  # held: the output folder's lock, to the end
         plan = make_plan(bundle, source, Path(output), device=device, tta=tta, probabilities=probabilities,
-                     rtstruct=rtstruct, case_pages=case_pages, rules=rules or {}, section=section, dataset_dir=dataset_dir, image_key=image_key,
+                     rtstruct=rtstruct, case_pages=case_pages, runtime=runtime, rules=rules or {}, section=section, dataset_dir=dataset_dir, image_key=image_key,
                      push=push, query=query or RemoteQuery(), retry=retry or RetryPolicy(), prior=prior,
                      min_free_mb=min_free_mb, overrides=overrides or {}, wait=wait, held=held)
         summary = BatchSummary(cases=len(plan.mine), skipped=len(plan.mine) - len(plan.todo))

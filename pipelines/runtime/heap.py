@@ -24,7 +24,6 @@ does nothing.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import threading
 from collections.abc import Iterator
@@ -48,7 +47,8 @@ _active = 0  # contexts open, over all threads
 def _glibc() -> ctypes.CDLL | None:
     """The C library when it is glibc (it has ``mallopt`` and ``malloc_trim``), else None."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        # the process's own symbols, libc's among them (ctypes.util.find_library runs ldconfig in a child)
+        libc = ctypes.CDLL(None)
     except OSError:
         return None
     if not all(hasattr(libc, name) for name in ("gnu_get_libc_version", "mallopt", "malloc_trim")):
