@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import logging
 import sys
 from collections.abc import Sequence
 
@@ -251,7 +252,7 @@ def _add_batch_command(commands) -> None:
     batch.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     batch.add_argument("--tta", action="store_true", help="mirroring test-time augmentation")
     batch.add_argument("--probabilities", action="store_true", help="also write prob.nii.gz")
-    batch.add_argument("--runtime", choices=("torch", "openvino"),
+    batch.add_argument("--runtime", choices=("torch", "openvino", "openvino-int8"),
                        help="where the network runs on the CPU (default: the bundle's `runtime` config id, else torch)")
     batch.add_argument("--no-case-pages", action="store_true",
                        help="no index.html per study (a case page holds its images: up to about 10 MB each)")
@@ -284,6 +285,47 @@ def _add_batch_command(commands) -> None:
     _add_series_rule_arguments(batch)
     batch.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
     batch.set_defaults(func=_batch)
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from pipelines.batch.quantize import QuantizationRefused, bundle_cases, quantize_bundle
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    source, dataset_dir = (args.input, args.dataset_dir) if args.input else bundle_cases(args.bundle)
+    try:
+        path, calibration = quantize_bundle(
+            args.bundle, source, section=args.section, dataset_dir=args.dataset_dir or dataset_dir,
+            image_key=args.image_key, max_windows=args.max_windows, seed=args.seed, min_dice=args.min_dice,
+            max_volume_difference=args.max_volume_difference)
+    except QuantizationRefused as exc:
+        print(f"unet-pipelines quantize: {exc}", file=sys.stderr)
+        return 1
+    print(f"{path}: {calibration.recipe['name']}, calibrated on {len(calibration.sample)} windows of "
+          f"{'x'.join(map(str, calibration.window))} from {len(calibration.cases)} cases; against the float "
+          "network: " + ", ".join(f"{name} Dice {f['dice']:.4f}, volume {100 * f['volume_difference']:+.2f} %"
+                                  for name, f in calibration.gate["labels"].items()))
+    return 0
+
+
+def _add_quantize_command(commands) -> None:
+    quantize = commands.add_parser(
+        "quantize", help="an OpenVINO int8 model of a bundle's network, calibrated and checked (--runtime openvino-int8)",
+        description="Calibrate an int8 model on the windows the bundle's inferer cuts from validation cases "
+        "(NNCF post-training quantisation), check it segments those cases as the float network does, and write "
+        "it next to the weights (models/model_int8.xml, its record model_int8.json) with the check's figures in "
+        "the metadata. Nothing is written when the check fails. Needs the openvino extra.",
+    )
+    quantize.add_argument("--bundle", required=True, help="bundle folder")
+    quantize.add_argument("--input", help="the cases, as the batch job takes them (default: the bundle's `manifest`)")
+    quantize.add_argument("--section", default="validation", help="manifest section (default: validation)")
+    quantize.add_argument("--dataset-dir", help="base folder of the manifest's paths (default: the bundle's `dataset_dir`)")
+    quantize.add_argument("--image-key", help="manifest key of each entry's image (as the batch job's)")
+    quantize.add_argument("--max-windows", type=int, default=64, help="windows to calibrate on, at most")
+    quantize.add_argument("--seed", type=int, default=0, help="seed of the windows drawn")
+    quantize.add_argument("--min-dice", type=float, default=0.99, help="gate: Dice against the float network, per label")
+    quantize.add_argument("--max-volume-difference", type=float, default=0.01,
+                          help="gate: relative volume difference per label (0.01: 1 %%)")
+    quantize.set_defaults(func=_quantize)
 
 
 def _label_server(args: argparse.Namespace) -> int:
@@ -351,6 +393,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_manifest_commands(commands)
     _add_batch_command(commands)
     _add_label_command(commands)
+    _add_quantize_command(commands)
     demo = _add_demo_command(
         commands, "demo-data", "write the synthetic tumor data set (NIfTI, DICOM studies, manifest)",
         "Synthetic brain-tumor MR cases on the MNI152 anatomy shipped in nilearn: deterministic, no download. "

@@ -74,11 +74,14 @@ def test_batch_bench_runs():
 def test_runtimes_bench_runs(tmp_path):
     pytest.importorskip("openvino", reason="OpenVINO not installed (the openvino extra)")
     result = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "bench_runtimes.py"), "--quick"],
+        [sys.executable, str(REPO / "benchmarks" / "bench_runtimes.py"), "--quick", "--bundle", "unet3d_tumor"],
         capture_output=True, text=True, timeout=600, check=True, env={**os.environ, "UNET_CACHE": str(tmp_path)},
     )
-    found = re.search(r"torch (\d+) ms, openvino (\d+) ms, ratio ([\d.]+)x", result.stdout)
-    assert found and float(found.group(3)) == pytest.approx(int(found.group(1)) / int(found.group(2)), rel=0.05)
+    found = re.search(r"idle: per 64x64x64 window: torch (\d+) ms \(1.00x\), openvino (\d+) ms \(([\d.]+)x\), "
+                      r"openvino-int8 (\d+) ms \(([\d.]+)x\)", result.stdout)
+    assert found, result.stdout
+    assert float(found.group(3)) == pytest.approx(int(found.group(1)) / int(found.group(2)), rel=0.05)
+    assert "one CPU-bound process beside: per 64x64x64 window" in result.stdout
 
 
 @pytest.mark.slow

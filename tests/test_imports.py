@@ -103,8 +103,9 @@ def test_the_graph_is_read():
 
 BATCH = PACKAGE / "batch"
 # what the batch package may import inside a function: MONAI and what loads it (it takes seconds and
-# imports Ignite, which `import pipelines.batch` must not: tests/test_visualize.py)
-LATE = ("monai", "pipelines.io", "pipelines.transforms", "pipelines.metrics", "pipelines.inference")
+# imports Ignite, which `import pipelines.batch` must not: tests/test_visualize.py), and the optional
+# OpenVINO and NNCF (the openvino extra)
+LATE = ("monai", "pipelines.io", "pipelines.transforms", "pipelines.metrics", "pipelines.inference", "openvino", "nncf")
 
 
 def test_the_batch_modules_are_small_and_import_at_the_top():

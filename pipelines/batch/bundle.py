@@ -121,7 +121,7 @@ class BundleModel:
                  overrides: Mapping[str, object] | None = None, runtime: str | None = None) -> None:
         from monai.bundle import ConfigParser
 
-        from pipelines.inference.runtimes import check_runtime, on_runtime
+        from pipelines.inference.runtimes import Int8Model, check_runtime, inferer_window, on_runtime
 
         self.root = Path(bundle_dir).resolve()
         config = self.root / "configs" / "inference.json"
@@ -191,11 +191,16 @@ class BundleModel:
         self.weights_sha256 = content_hash(self.weights_path)
         self.bundle_sha256 = _bundle_digest(self.root, self.weights_sha256, self.overrides)  # weights read once
         self.runtime = str(runtime or _optional(parser, "runtime") or "torch")
+        self.int8: Int8Model | None = None
         try:
             check_runtime(self.runtime, self.device)
+            if self.runtime == "openvino-int8":
+                self.int8 = Int8Model.of_bundle(self.root, self.weights_sha256, getattr(self.network, "in_channels", None),
+                                                inferer_window(self.inferer))
         except ValueError as exc:
             raise BundleContractError(str(exc) if runtime else f"{config}: `runtime`: {exc}") from exc
-        self.runner = on_runtime(self.network, self.runtime, self.bundle_sha256, self.root.name)  # what the inferer calls
+        self.runner = on_runtime(self.network, self.runtime, self.bundle_sha256, self.root.name,  # what the inferer calls
+                                 model_file=self.int8 and self.int8.xml, window=self.int8 and self.int8.window)
         self.labels = label_names(self.metadata, meta_file)
         self.regions = {str(k): [int(v) for v in values] for k, values in (self.metadata.get("regions") or {}).items()}
         self.lesion_scoring = lesion_scoring(self.metadata, meta_file)
@@ -279,6 +284,8 @@ class BundleModel:
             "weights_sha256": self.weights_sha256,
             "bundle_sha256": self.bundle_sha256,
             **({"overrides": self.overrides} if self.overrides else {}),  # as given, after the bundle's configs
+            # the model the runtime ran, when not the weights (the runtime: the record's settings)
+            **({"int8_model": self.int8.xml.name, "int8_model_sha256": self.int8.sha256} if self.int8 else {}),
         }
 
     def preprocess(self, inputs: Mapping) -> dict:

@@ -1,5 +1,6 @@
 """Where a network runs on the CPU: ``torch`` (the project's CPU path, :mod:`pipelines.networks.cpu`),
-or ``openvino`` (OpenVINO, float32).
+``openvino`` (OpenVINO, float32) or ``openvino-int8`` (the bundle's int8 model, made and checked by
+``unet-pipelines quantize``: :mod:`pipelines.batch.quantize`).
 
 Only the network call changes: tiling, blending, test-time augmentation and postprocessing stay the
 inferers'. :class:`OpenVinoNetwork` stands where the inferer expects the network: called with a batch
@@ -9,24 +10,33 @@ configs, overrides and weights), the shape and OpenVINO's version, so that a run
 once per shape, and a changed bundle, shape or OpenVINO gets a model of its own.
 
 OpenVINO computes in bfloat16 on some CPUs unless told otherwise; it is told float32 here, so that
-the runtime gives torch's results to within float rounding.
+the runtime gives torch's results to within float rounding (int8 models: the layers left in float).
+An int8 model is read from the bundle, not converted; it holds for the window size it was calibrated
+on, and another is refused by name.
 """
 
 from __future__ import annotations
 
 import ctypes
 import hashlib
+import json
 import os
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-__all__ = ["RUNTIMES", "OpenVinoNetwork", "cache_folder", "check_runtime", "on_runtime", "runtime_name"]
+from pipelines.io.hashing import content_hash
 
-RUNTIMES = ("torch", "openvino")
+__all__ = ["INT8_MODEL", "INT8_RECORD", "RUNTIMES", "Int8Model", "OpenVinoNetwork", "cache_folder", "check_runtime", "inferer_window", "on_runtime", "runtime_name"]
+
+RUNTIMES = ("torch", "openvino", "openvino-int8")
+INT8_MODEL = "model_int8.xml"  # in the bundle's models/, its weights in model_int8.bin beside it
+INT8_RECORD = "model_int8.json"  # its calibration and accuracy gate (pipelines.batch.quantize)
 
 
 def check_runtime(runtime: str, device: torch.device) -> None:
@@ -37,13 +47,72 @@ def check_runtime(runtime: str, device: torch.device) -> None:
     """
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime {runtime!r}: expected one of {', '.join(RUNTIMES)}")
-    if runtime == "openvino" and device.type != "cpu":
-        raise ValueError(f"runtime 'openvino' runs on the CPU; device {device} keeps the 'torch' runtime")
-    if runtime == "openvino":
+    if runtime == "torch":
+        return
+    if device.type != "cpu":
+        raise ValueError(f"runtime {runtime!r} runs on the CPU; device {device} keeps the 'torch' runtime")
+    try:
+        import openvino  # noqa: F401 - only whether it is installed
+    except ImportError as exc:
+        raise ValueError(f"runtime {runtime!r} needs OpenVINO: pip install 'unet-pipelines[openvino]'") from exc
+
+
+@dataclass(frozen=True)
+class Int8Model:
+    """A bundle's int8 model as its calibration record describes it.
+
+    Attributes:
+        xml: the OpenVINO model (``models/model_int8.xml``, its weights in the ``.bin`` beside it).
+        window: the spatial window shape it was calibrated on.
+        record: the calibration record (``models/model_int8.json``): sample, layers kept in float,
+            the accuracy gate's figures, versions.
+        sha256: the ``.bin``'s hash, for the case records.
+    """
+
+    xml: Path
+    window: tuple[int, ...]
+    record: dict
+    sha256: str
+
+    @classmethod
+    def of_bundle(cls, root: Path, weights_sha256: str, in_channels: int | None, window: tuple[int, ...] | None) -> Int8Model:
+        """The int8 model of the bundle at ``root`` for its weights, channels and window.
+
+        Raises:
+            ValueError: none made (run ``unet-pipelines quantize``), made for other weights or another
+                number of channels, or for another window than ``window`` (the inferer's); names the files.
+        """
+        xml, record_file = root / "models" / INT8_MODEL, root / "models" / INT8_RECORD
+        if not (xml.is_file() and xml.with_suffix(".bin").is_file() and record_file.is_file()):
+            raise ValueError(f"{root.name}: no calibrated int8 model ({xml} with its .bin and {record_file.name}): "
+                             f"run `unet-pipelines quantize --bundle {root}` first")
         try:
-            import openvino  # noqa: F401 - only whether it is installed
-        except ImportError as exc:
-            raise ValueError("runtime 'openvino' needs OpenVINO: pip install 'unet-pipelines[openvino]'") from exc
+            record = json.loads(record_file.read_text())
+            made_for, channels = str(record["weights_sha256"]), int(record["in_channels"])
+            calibrated = tuple(int(n) for n in record["window"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{record_file}: not a calibration record ({exc})") from exc
+        if made_for != weights_sha256:
+            raise ValueError(f"{xml}: quantized from other weights (sha256 {made_for[:12]}..., these are "
+                             f"{weights_sha256[:12]}...): run `unet-pipelines quantize --bundle {root}` again")
+        if in_channels is not None and channels != in_channels:
+            raise ValueError(f"{xml}: quantized for {channels} input channels, the network takes {in_channels}")
+        if window is not None and tuple(window) != calibrated:
+            raise ValueError(f"{xml}: calibrated on windows of {'x'.join(map(str, calibrated))}, the inferer's are "
+                             f"{'x'.join(map(str, window))}: quantize the bundle for that window size")
+        return cls(xml, calibrated, record, content_hash(xml.with_suffix(".bin")))
+
+
+def inferer_window(inferer) -> tuple[int, ...] | None:
+    """The spatial window an inferer cuts (``roi_size`` or ``tile_size``; through a test-time
+    augmentation's inner ``inferer``), or None when it says none."""
+    while inferer is not None:
+        for name in ("roi_size", "tile_size"):
+            size = getattr(inferer, name, None)
+            if isinstance(size, (list, tuple)) and all(isinstance(n, int) for n in size):
+                return tuple(size)
+        inferer = getattr(inferer, "inferer", None)
+    return None
 
 
 def cache_folder() -> Path:
@@ -63,13 +132,18 @@ class OpenVinoNetwork:
         threads: OpenVINO's inference threads (None: torch's thread count when a shape is compiled,
             which the batch job sets to its share of the cores).
         cache: the folder of converted models (default :func:`cache_folder`).
+        model_file: an OpenVINO model to run instead of converting ``network`` (the bundle's int8
+            model), valid for windows of ``window`` only.
+        window: the spatial shape ``model_file`` was calibrated on.
     """
 
     def __init__(self, network: torch.nn.Module, key: str, name: str = "network", threads: int | None = None,
-                 cache: Path | None = None) -> None:
+                 cache: Path | None = None, model_file: Path | None = None,
+                 window: tuple[int, ...] | None = None) -> None:
         import openvino
 
         self.network, self.key, self.name, self.threads = network, key, name, threads
+        self.model_file, self.window = model_file, tuple(window) if window else None
         self.module = network  # where an inferer reads a valid network's window geometry
         self.cache = Path(cache) if cache is not None else cache_folder()
         self.version = openvino.__version__.split("-")[0]
@@ -97,10 +171,17 @@ class OpenVinoNetwork:
 
         core = openvino.Core()
         path = self.file(shape)
-        if path.is_file() and path.with_suffix(".bin").is_file():
+        if self.model_file is not None:
+            if self.window is not None and shape[2:] != self.window:
+                raise ValueError(f"{self.model_file}: calibrated on windows of {'x'.join(map(str, self.window))}, "
+                                 f"got {'x'.join(map(str, shape[2:]))}: quantize the bundle for that window size")
+            model = core.read_model(self.model_file)
+            model.reshape(list(shape))
+        elif path.is_file() and path.with_suffix(".bin").is_file():
             model = core.read_model(path)
         else:
-            with torch.no_grad():
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the network's shape checks, traced as constants
                 model = openvino.convert_model(self.network.eval(), example_input=torch.zeros(shape))
             self._save(openvino, model, path)
             self.converted += 1
@@ -153,16 +234,20 @@ def _own_signal_stack() -> Iterator[None]:
 
 
 def runtime_name(runtime: str) -> str:
-    """The runtime as a record states it: ``torch``, or ``openvino`` with OpenVINO's version."""
-    if runtime != "openvino":
+    """The runtime as a record states it: ``torch``, or the runtime with OpenVINO's version."""
+    if runtime == "torch":
         return runtime
     import openvino
 
-    return f"openvino {openvino.__version__.split('-')[0]}"
+    return f"{runtime} {openvino.__version__.split('-')[0]}"
 
 
 def on_runtime(network: torch.nn.Module, runtime: str, key: str, name: str = "network",
-               threads: int | None = None) -> torch.nn.Module | OpenVinoNetwork:
+               threads: int | None = None, model_file: Path | None = None,
+               window: tuple[int, ...] | None = None) -> torch.nn.Module | OpenVinoNetwork:
     """What the inferer is to call: ``network`` itself for ``torch``, an :class:`OpenVinoNetwork` of
-    it for ``openvino``."""
-    return network if runtime == "torch" else OpenVinoNetwork(network, key, name, threads)
+    it for ``openvino``, of ``model_file`` for ``openvino-int8``."""
+    if runtime == "torch":
+        return network
+    return OpenVinoNetwork(network, key, name, threads, model_file=model_file if runtime == "openvino-int8" else None,
+                           window=window)

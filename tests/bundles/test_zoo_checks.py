@@ -45,7 +45,7 @@ def _bundle_files(bundle):
 
 
 def _text_files(bundle):
-    return [p for p in _bundle_files(bundle) if p.suffix not in (".pt", ".ts", ".onnx")]
+    return [p for p in _bundle_files(bundle) if p.suffix not in (".pt", ".ts", ".onnx", ".bin")]
 
 
 def test_every_bundle_is_checked():
