@@ -346,7 +346,8 @@ def _label_server(args: argparse.Namespace) -> int:
     served = prepare_app(args.app_dir, args.bundles_dir, args.bundle, refresh=args.refresh_bundles)
     if remote and args.dicomweb_modality:
         os.environ.setdefault("MONAI_LABEL_DICOMWEB_SEARCH_FILTER", json.dumps({"Modality": args.dicomweb_modality}))
-    command = server_command(args.app_dir, args.studies, args.port, [p.name for p in served], host=args.host)
+    command = server_command(args.app_dir, args.studies, args.port, [p.name for p in served], host=args.host,
+                             runtime=args.runtime)
     print(f"MONAI Label on http://{args.host}:{args.port}: {', '.join(p.name for p in served)} "
           f"(copies in {os.path.join(args.app_dir, 'model')})", flush=True)
     os.execv(command[0], command)  # the server runs in the foreground, in this process
@@ -367,6 +368,9 @@ def _add_label_command(commands) -> None:
     label.add_argument("--bundles-dir", default="bundles", help="folder of the bundles to serve")
     label.add_argument("--bundle", nargs="+", help="bundle folder names to serve (default: all)")
     label.add_argument("--refresh-bundles", action="store_true", help="copy the bundles again (drops retrained weights)")
+    label.add_argument("--runtime", choices=("torch", "openvino", "openvino-int8"),
+                       help="where the networks run on the CPU (default: each bundle's `runtime` config id, else torch); "
+                       "openvino-int8 needs each served bundle's int8 model (unet-pipelines quantize)")
     label.add_argument("--dicomweb-modality", default="MR", help="modality the DICOMweb study list shows ('' for all)")
     label.set_defaults(func=_label_server)
 

@@ -32,7 +32,7 @@ import torch
 
 from pipelines.io.hashing import content_hash
 
-__all__ = ["INT8_MODEL", "INT8_RECORD", "RUNTIMES", "Int8Model", "OpenVinoNetwork", "cache_folder", "check_runtime", "inferer_window", "on_runtime", "runtime_name"]
+__all__ = ["INT8_MODEL", "INT8_RECORD", "RUNTIMES", "Int8Model", "OpenVinoNetwork", "RuntimeModule", "bundle_runner", "cache_folder", "check_runtime", "inferer_window", "on_runtime", "runtime_name"]
 
 RUNTIMES = ("torch", "openvino", "openvino-int8")
 INT8_MODEL = "model_int8.xml"  # in the bundle's models/, its weights in model_int8.bin beside it
@@ -231,6 +231,48 @@ def _own_signal_stack() -> Iterator[None]:
         yield
     finally:  # as found: the same stack, or none (SS_DISABLE)
         libc.sigaltstack(ctypes.byref(_SignalStack(kept.ss_sp, kept.ss_flags & _SS_DISABLE, kept.ss_size)), None)
+
+
+class RuntimeModule(torch.nn.Module):
+    """An :class:`OpenVinoNetwork` where a torch module is expected: MONAI's evaluators and MONAI
+    Label's infer tasks call ``eval()`` and ``to()`` on the network, then hand it to the inferer."""
+
+    def __init__(self, runner: OpenVinoNetwork) -> None:
+        super().__init__()
+        self.runner = runner  # not a module: torch neither moves nor registers it
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """The torch network (where an inferer reads a valid network's window geometry)."""
+        return self.runner.module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.runner(x)
+
+
+def bundle_runner(network: torch.nn.Module, runtime: str, bundle_root: str | os.PathLike,
+                  ckpt_path: str | os.PathLike, window=None) -> torch.nn.Module:
+    """What a bundle config's evaluator runs (config id ``runner``): ``network`` for ``torch``, else a
+    :class:`RuntimeModule` of it on OpenVINO (float32, or the bundle's int8 model).
+
+    The float model is converted at the first call, after the evaluator's checkpoint loader has put
+    the weights in ``network``; the int8 model must have been made from ``ckpt_path``'s weights.
+
+    Raises:
+        ValueError: an unknown runtime, OpenVINO missing, or an int8 model that does not fit
+            (:meth:`Int8Model.of_bundle`).
+    """
+    device = next(network.parameters()).device
+    check_runtime(runtime, device)
+    if runtime == "torch":
+        return network
+    root = Path(bundle_root)
+    window = tuple(int(n) for n in window) if window is not None else None
+    int8 = Int8Model.of_bundle(root, content_hash(ckpt_path), getattr(network, "in_channels", None), window) \
+        if runtime == "openvino-int8" else None
+    key = hashlib.sha256(f"{content_hash(root / 'configs')} {content_hash(ckpt_path)}".encode()).hexdigest()
+    return RuntimeModule(on_runtime(network, runtime, key, root.name, model_file=int8 and int8.xml,
+                                    window=int8 and int8.window))
 
 
 def runtime_name(runtime: str) -> str:

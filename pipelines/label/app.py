@@ -46,6 +46,10 @@ import shutil
 import sys
 from pathlib import Path
 
+import torch
+
+from pipelines.inference.runtimes import Int8Model, bundle_runner, check_runtime, inferer_window
+from pipelines.io.hashing import content_hash
 from pipelines.label.compat import provide_torchvision_utils
 from pipelines.label.seg_codes import bundle_segments, segment_attributes
 from pipelines.label.server import bundle_names
@@ -90,6 +94,28 @@ class UNetBundleInferTask(BundleInferTask):
         labels = json.loads((Path(path) / "configs" / "metadata.json").read_text()).get("labels")
         if labels:
             self.labels = {str(name): int(value) for value, name in labels.items()}
+        # where the network runs on the CPU: the server's --runtime, else the bundle's `runtime` id;
+        # refused at start (naming the bundle) when unusable, never left to fall back to torch
+        self.runtime = str(conf.get("runtime") or self.bundle_config.get("runtime", "torch"))
+        self._runner: tuple | None = None
+        check_runtime(self.runtime, torch.device("cpu"))
+        if self.runtime == "openvino-int8":
+            window = inferer_window(self.bundle_config.get_parsed_content("inferer"))
+            Int8Model.of_bundle(Path(path), content_hash(Path(path) / "models" / "model.pt"), None, window)
+        if self.runtime != "torch":
+            logger.info("%s: the network runs on %s", Path(path).name, self.runtime)
+
+    def _get_network(self, device, data):
+        """The bundle's network with its weights (MONAI Label's, reloaded when the weights change), on
+        the runtime: OpenVINO's model is made again for new weights; an int8 model made from other
+        weights (after training from annotations) is refused by name."""
+        network = super()._get_network(device, data)
+        if network is None or self.runtime == "torch" or not str(device).startswith("cpu"):
+            return network
+        if self._runner is None or self._runner[0] is not network:
+            window = inferer_window(self.bundle_config.get_parsed_content("inferer"))
+            self._runner = (network, bundle_runner(network, self.runtime, self.bundle_path, self.get_path(), window))
+        return self._runner[1]
 
     def _load_bundle_config(self, path, config):
         return _with_metadata(super()._load_bundle_config(path, config), path)

@@ -91,14 +91,17 @@ def server_command(
     port: int,
     names: Sequence[str],
     host: str = "127.0.0.1",
+    runtime: str | None = None,
 ) -> list[str]:
     """The ``monailabel start_server`` command line, on loopback unless ``host`` says otherwise.
 
     The app serves the bundle copies in ``<app_dir>/model`` only; unlike MONAI Label's sample bundle
-    app it has no model-zoo source and no SAM2 model, so nothing is fetched at start.
+    app it has no model-zoo source and no SAM2 model, so nothing is fetched at start. ``runtime``
+    (``--conf runtime``): where every served bundle's network runs on the CPU, over its ``runtime``
+    config id (:mod:`pipelines.inference.runtimes`).
     """
     return [
         sys.executable, "-m", "monailabel.main", "start_server",
         "--app", str(app_dir), "--studies", str(studies), "--host", host, "--port", str(port),
-        "--conf", "models", ",".join(names),
+        "--conf", "models", ",".join(names), *(("--conf", "runtime", runtime) if runtime else ()),
     ]

@@ -138,6 +138,25 @@ def test_training_tracked_in_mlflow_then_inference_on_dicom(demo, tmp_path):
     assert set(np.unique(seg.numpy())) <= {0, 1, 2}
 
 
+@pytest.mark.integration
+def test_the_inference_config_runs_on_the_int8_model(demo, tmp_path):
+    """``--runtime openvino-int8`` on ``python -m monai.bundle run``: the shipped int8 model segments
+    the demo study as the float network does; a window it was not calibrated on is refused by name."""
+    pytest.importorskip("openvino", reason="OpenVINO not installed (the openvino extra)")
+    common = ["run", "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json",
+              "--logging_file", "configs/logging.conf", "--dataset_dir", str(demo[0]), "--manifest", str(demo[1])]
+    segs = {}
+    for runtime in ("torch", "openvino-int8"):
+        run_bundle("unet3d_tumor", *common, "--runtime", runtime, "--output_dir", str(tmp_path / runtime))
+        (path,) = (tmp_path / runtime).iterdir()
+        segs[runtime] = load_volume(path).numpy()
+    a, b = segs["torch"] > 0, segs["openvino-int8"] > 0
+    assert a.any() and 2 * (a & b).sum() / (a.sum() + b.sum()) > 0.98
+    with pytest.raises(pytest.fail.Exception, match=r"calibrated on windows of 64x64x64, the inferer.s are 96x96x96"):
+        run_bundle("unet3d_tumor", *common, "--runtime", "openvino-int8", "--patch_size", "[96, 96, 96]",
+                   "--output_dir", str(tmp_path / "refused"))
+
+
 @pytest.mark.slow
 @pytest.mark.integration
 def test_evaluate_reports_per_label_dice(demo, tmp_path):

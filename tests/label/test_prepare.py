@@ -63,6 +63,9 @@ def test_project_bundles_are_servable(tmp_path):
     assert command[command.index("--host") + 1] == "127.0.0.1"
     assert command[command.index("--conf") + 1 : command.index("--conf") + 3] == [
         "models", "unet2d_isbi2012,unet3d_brain_tumor,unet3d_tumor"]
+    assert "runtime" not in command  # each bundle's own `runtime` config id
+    assert server_command(tmp_path / "app", "/studies", 8123, ["a"], runtime="openvino-int8")[-3:] == [
+        "--conf", "runtime", "openvino-int8"]
 
 
 def test_cli_errors(tmp_path, capsys):

@@ -133,6 +133,30 @@ def test_the_brain_bundle_segments_a_four_channel_image_as_the_batch_job_does(lo
     assert _dice(served > 0, reference > 0, True) == pytest.approx(record["region_scores"]["WT"]["dice"], abs=0.005)
 
 
+def test_served_on_the_int8_model_as_the_batch_job_runs_it(tmp_path):
+    """``label-server --runtime openvino-int8``: the tumor bundle's int8 model serves the label map the
+    batch job makes with it; a bundle without an int8 model stops the server at start, named."""
+    pytest.importorskip("openvino", reason="OpenVINO not installed (the openvino extra)")
+    entry = demo_case("test", 0)
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    shutil.copy(DEMO / entry["image"], studies / f"{entry['case_id']}.nii.gz")
+    (tmp_path / "refused").mkdir()
+    with pytest.raises(pytest.fail.Exception, match=r"(?s)unet2d_isbi2012: no calibrated int8 model.*quantize"):
+        with label_server(tmp_path / "refused", str(studies), "--runtime", "openvino-int8", "--bundle", "unet2d_isbi2012"):
+            pass
+    with label_server(tmp_path, str(studies), "--runtime", "openvino-int8", "--bundle", "unet3d_tumor") as (base, _, log):
+        served = np.asarray(_infer(base, "unet3d_tumor", entry["case_id"], tmp_path / "served.nii.gz").dataobj)
+    assert "unet3d_tumor: the network runs on openvino-int8" in log.read_text()
+    manifest = tmp_path / "one.json"
+    manifest.write_text(json.dumps({"test": [entry]}))
+    assert run_batch(BUNDLE, manifest, tmp_path / "batch", workers=0, dataset_dir=DEMO, image_key="image",
+                     case_pages=False, runtime="openvino-int8").done == 1
+    (case_dir,) = [p for p in (tmp_path / "batch").iterdir() if p.is_dir() and not p.name.startswith((".", "_"))]
+    batch = np.asarray(nib.load(case_dir / "mask.nii.gz").dataobj)
+    assert served.any() and np.mean(served == batch) > 0.999
+
+
 def test_2d_bundle_segments_an_uploaded_em_section(local_server, isbi_dir, tmp_path):
     """The ISBI bundle (valid U-Net, overlap-tile, watershed) on validation section 20, sent with the request."""
     base = local_server[0]
