@@ -95,7 +95,7 @@ system-deps:
 	fi
 
 test: $(STAMP) $(LABEL_STAMP) system-deps web-deps demo-data demo-brain docs
-	$(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not gpu" --durations=30 $(PYTEST_ARGS)
 
 # --strict: a broken link, a missing anchor or a docstring naming a parameter the code lacks fails the
 # build. The environment variables silence the theme's and MkDocs' notices about their successors.

@@ -39,6 +39,7 @@ import torch
 from pipelines.batch.bundle import BundleModel
 from pipelines.batch.discovery import discover_cases
 from pipelines.batch.loading import Loaded, Loading
+from pipelines.io.writers import atomic_path
 
 __all__ = ["Int8Calibration", "QuantizationRefused", "bundle_cases", "quantize_bundle"]
 
@@ -201,12 +202,8 @@ def _write(model: BundleModel, quantized, calibration: Int8Calibration) -> Path:
 
 
 def _replace_text(path: Path, text: str) -> None:
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
-        f.write(text)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(f.name, 0o666 & ~umask)  # as a file written in place would be, not the temporary file's 0600
-    os.replace(f.name, path)
+    with atomic_path(path) as partial:
+        partial.write_text(text)
 
 
 def bundle_cases(bundle: str | os.PathLike) -> tuple[str, str | None]:

@@ -122,12 +122,7 @@ def _diameters(points: np.ndarray, to_mm: np.ndarray) -> tuple[float, float, np.
     points in voxel coordinates (``(2, 2, 2)``: diameter, end, in-plane index). ``to_mm``: ``(3, 2)``,
     a voxel step along each in-plane axis in mm (anisotropic, oblique: as the grid has it)."""
     mm = points @ to_mm.T
-    try:
-        hull = ConvexHull(_in_plane(mm)).vertices
-    except (QhullError, ValueError):  # a line of voxels: every point
-        hull = np.arange(len(mm))
-    gaps = np.linalg.norm(mm[hull][:, None] - mm[hull][None], axis=-1)
-    a, b = (hull[i] for i in np.unravel_index(np.argmax(gaps), gaps.shape))
+    a, b = _farthest_pair(mm)
     longest = float(np.linalg.norm(mm[b] - mm[a]))
     ends = np.zeros((2, 2, 2))
     ends[0] = points[[a, b]]
@@ -144,6 +139,17 @@ def _diameters(points: np.ndarray, to_mm: np.ndarray) -> tuple[float, float, np.
     return longest, chord[1] - chord[0], ends
 
 
+def _farthest_pair(mm: np.ndarray) -> tuple[int, int]:
+    """Indices of the two points of ``mm`` ``(N, 3)`` farthest apart (on the convex hull)."""
+    try:
+        hull = ConvexHull(_in_plane(mm)).vertices
+    except (QhullError, ValueError):  # a line of voxels: every point
+        hull = np.arange(len(mm))
+    gaps = np.linalg.norm(mm[hull][:, None] - mm[hull][None], axis=-1)
+    a, b = (hull[i] for i in np.unravel_index(np.argmax(gaps), gaps.shape))
+    return int(a), int(b)
+
+
 def _in_plane(mm: np.ndarray) -> np.ndarray:
     """3D points on a plane as 2D coordinates in it (for the hull of an oblique slice)."""
     centred = mm - mm.mean(0)
@@ -152,19 +158,30 @@ def _in_plane(mm: np.ndarray) -> np.ndarray:
 
 
 def _longest_chord(u: np.ndarray, v: np.ndarray, samples: int = 512):
-    """The longest segment inside the closed polygon ``(u, v)`` along a line ``u = c``: ``((v0, v1), c)``."""
+    """The longest segment inside the closed polygon ``(u, v)`` along a line ``u = c``: ``((v0, v1), c)``,
+    over ``samples`` lines across the polygon (the first longest when several are as long)."""
     u1, v1, u2, v2 = u, v, np.roll(u, -1), np.roll(v, -1)
     positions = np.linspace(u.min(), u.max(), samples)[1:-1]
-    best, where = None, None
-    for c in positions:
-        crossing = (u1 - c) * (u2 - c) < 0
-        if not crossing.any():
+    best, where, length = None, None, -np.inf
+    block = max(1, (1 << 21) // max(len(u), 1))  # lines per step: bounds the (lines, edges) arrays
+    for first in range(0, len(positions), block):
+        c = positions[first : first + block, None]
+        crossing = (u1 - c) * (u2 - c) < 0  # edges each line crosses
+        with np.errstate(divide="ignore", invalid="ignore"):
+            at = np.where(crossing, v1 + (c - u1) * (v2 - v1) / (u2 - u1), np.inf)
+        at.sort(axis=1)
+        count = crossing.sum(axis=1)
+        pairs = int(count.max()) // 2
+        if pairs == 0:
             continue
-        at = np.sort(v1[crossing] + (c - u1[crossing]) * (v2[crossing] - v1[crossing]) / (u2[crossing] - u1[crossing]))
-        segments = at[1::2][: len(at) // 2] - at[0::2][: len(at) // 2]
-        if len(segments) and (best is None or segments.max() > best[1] - best[0]):
-            k = int(np.argmax(segments))
-            best, where = (float(at[2 * k]), float(at[2 * k + 1])), float(c)
+        starts, ends = at[:, 0 : 2 * pairs : 2], at[:, 1 : 2 * pairs : 2]
+        inside = 2 * np.arange(pairs)[None] + 1 < count[:, None]  # (enter, leave) pairs of crossings
+        with np.errstate(invalid="ignore"):  # inf - inf where a line crosses fewer edges: masked
+            lengths = np.where(inside, ends - starts, -np.inf)
+        row, k = np.unravel_index(np.argmax(lengths), lengths.shape)
+        if lengths[row, k] > length:
+            length = lengths[row, k]
+            best, where = (float(starts[row, k]), float(ends[row, k])), float(c[row, 0])
     return best, where
 
 
@@ -179,17 +196,28 @@ def measure_lesions(enhancing: np.ndarray, affine: np.ndarray,
     to_mm = affine[:3, plane]
     components, count = number_components(enhancing) if lesions is None else lesions
     found = []
-    for number in range(1, count + 1):
-        lesion = np.moveaxis(components == number, axis, 0)
+    # each lesion within its bounding box: a noisy mask's hundreds of specks each cost their own size,
+    # not the volume's
+    for number, box in enumerate(ndimage.find_objects(components, max_label=count), start=1):
+        if box is None:  # a number no voxel carries (a numbering handed in)
+            continue
+        lesion = np.moveaxis(components[box] == number, axis, 0)
+        first, offset = box[axis].start, np.array([box[a].start for a in plane], float)
         present = np.flatnonzero(lesion.any(axis=(1, 2)))
+        slices = []  # (longest diameter, slice, outline): the perpendicular is never longer, so a slice
+        for index in present:  # whose longest squared is under the best product found cannot win
+            points = _outline(lesion[index]) + offset
+            if len(points) >= 2:
+                mm = points @ to_mm.T
+                slices.append((float(np.linalg.norm(np.subtract(*mm[list(_farthest_pair(mm))]))), int(index), points))
         best = None
-        for index in present:
-            points = _outline(lesion[index])
-            if len(points) < 2:
-                continue
+        for bound, index, points in sorted(slices, key=lambda s: (-s[0], s[1])):
+            if best is not None and bound * bound < best[1] * best[2]:
+                break
             longest, perpendicular, ends = _diameters(points, to_mm)
-            if best is None or longest * perpendicular > best[1] * best[2]:
-                best = (int(index), longest, perpendicular, ends)
+            product = longest * perpendicular
+            if best is None or product > best[1] * best[2] or (product == best[1] * best[2] and index + first < best[0]):
+                best = (index + first, longest, perpendicular, ends)
         index, longest, perpendicular, ends = best
         why = []
         if min(longest, perpendicular) < MIN_DIAMETER_MM:
