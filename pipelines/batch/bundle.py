@@ -121,7 +121,7 @@ class BundleModel:
                  overrides: Mapping[str, object] | None = None, runtime: str | None = None) -> None:
         from monai.bundle import ConfigParser
 
-        from pipelines.inference.runtimes import Int8Model, check_runtime, inferer_window, on_runtime
+        from pipelines.inference.runtimes import Int8Model, inferer_window, int8_for, on_runtime
 
         self.root = Path(bundle_dir).resolve()
         config = self.root / "configs" / "inference.json"
@@ -191,12 +191,9 @@ class BundleModel:
         self.weights_sha256 = content_hash(self.weights_path)
         self.bundle_sha256 = _bundle_digest(self.root, self.weights_sha256, self.overrides)  # weights read once
         self.runtime = str(runtime or _optional(parser, "runtime") or "torch")
-        self.int8: Int8Model | None = None
         try:
-            check_runtime(self.runtime, self.device)
-            if self.runtime == "openvino-int8":
-                self.int8 = Int8Model.of_bundle(self.root, self.weights_sha256, getattr(self.network, "in_channels", None),
-                                                inferer_window(self.inferer))
+            self.int8: Int8Model | None = int8_for(self.runtime, self.device, self.root, self.weights_sha256,
+                                                   getattr(self.network, "in_channels", None), inferer_window(self.inferer))
         except ValueError as exc:
             raise BundleContractError(str(exc) if runtime else f"{config}: `runtime`: {exc}") from exc
         self.runner = on_runtime(self.network, self.runtime, self.bundle_sha256, self.root.name,  # what the inferer calls

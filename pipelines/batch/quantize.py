@@ -181,16 +181,11 @@ def _quantize(model: BundleModel, windows: list[np.ndarray], recipe: Mapping):
 def _write(model: BundleModel, quantized, calibration: Int8Calibration) -> Path:
     """The model, then its record, then the metadata, each under a temporary name and renamed: a reader
     finds the record only when the model beside it is complete."""
-    import openvino
-
-    from pipelines.inference.runtimes import INT8_MODEL, INT8_RECORD
+    from pipelines.inference.runtimes import INT8_MODEL, INT8_RECORD, save_model
 
     folder = model.root / "models"
     xml = folder / INT8_MODEL
-    partial = folder / f".{xml.stem}.{os.getpid()}.xml"
-    openvino.save_model(quantized, partial, compress_to_fp16=False)
-    os.replace(partial.with_suffix(".bin"), xml.with_suffix(".bin"))
-    os.replace(partial, xml)
+    save_model(quantized, xml)
     _replace_text(folder / INT8_RECORD, json.dumps(asdict(calibration), indent=4) + "\n")
     meta_file = model.root / "configs" / "metadata.json"
     metadata = json.loads(meta_file.read_text())

@@ -32,7 +32,10 @@ import torch
 
 from pipelines.io.hashing import content_hash
 
-__all__ = ["INT8_MODEL", "INT8_RECORD", "RUNTIMES", "Int8Model", "OpenVinoNetwork", "RuntimeModule", "bundle_runner", "cache_folder", "check_runtime", "inferer_window", "on_runtime", "runtime_name"]
+__all__ = [
+    "INT8_MODEL", "INT8_RECORD", "RUNTIMES", "Int8Model", "OpenVinoNetwork", "RuntimeModule", "bundle_runner",
+    "cache_folder", "check_runtime", "inferer_window", "int8_for", "on_runtime", "runtime_name", "save_model",
+]
 
 RUNTIMES = ("torch", "openvino", "openvino-int8")
 INT8_MODEL = "model_int8.xml"  # in the bundle's models/, its weights in model_int8.bin beside it
@@ -183,26 +186,42 @@ class OpenVinoNetwork:
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the network's shape checks, traced as constants
                 model = openvino.convert_model(self.network.eval(), example_input=torch.zeros(shape))
-            self._save(openvino, model, path)
+            try:  # a cache that cannot be written is skipped: the model is converted again next time
+                save_model(model, path)
+            except OSError:
+                pass
             self.converted += 1
         config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY",
                   "INFERENCE_NUM_THREADS": int(self.threads or torch.get_num_threads())}
         with _own_signal_stack():
             return core.compile_model(model, "CPU", config)
 
-    @staticmethod
-    def _save(openvino, model, path: Path) -> None:
-        """Writes the model under temporary names, then the weights and the model into place (a reader
-        finds the ``.xml`` only when its ``.bin`` is complete). A cache that cannot be written is skipped:
-        the model is converted again next time."""
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            partial = path.with_name(f".{path.stem}.{os.getpid()}.xml")
-            openvino.save_model(model, partial, compress_to_fp16=False)
-            os.replace(partial.with_suffix(".bin"), path.with_suffix(".bin"))
-            os.replace(partial, path)
-        except OSError:
-            pass
+def save_model(model, path: Path) -> None:
+    """Writes an OpenVINO model under temporary names, then its weights (``.bin``) and the model
+    (``.xml``) into place: a reader finds the ``.xml`` only when its ``.bin`` is complete.
+
+    Raises:
+        OSError: the folder cannot be written.
+    """
+    import openvino
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.stem}.{os.getpid()}.xml")
+    openvino.save_model(model, partial, compress_to_fp16=False)
+    os.replace(partial.with_suffix(".bin"), path.with_suffix(".bin"))
+    os.replace(partial, path)
+
+
+def int8_for(runtime: str, device: torch.device, root: Path, weights_sha256: str, in_channels: int | None,
+             window: tuple[int, ...] | None) -> Int8Model | None:
+    """Refuses an unusable runtime (:func:`check_runtime`); for ``openvino-int8``, the bundle's int8
+    model for these weights, channels and window (:meth:`Int8Model.of_bundle`), else None.
+
+    Raises:
+        ValueError: naming the runtime or the int8 model's file and what to do.
+    """
+    check_runtime(runtime, device)
+    return Int8Model.of_bundle(root, weights_sha256, in_channels, window) if runtime == "openvino-int8" else None
 
 
 _SS_DISABLE = 2  # <signal.h>
@@ -262,15 +281,13 @@ def bundle_runner(network: torch.nn.Module, runtime: str, bundle_root: str | os.
         ValueError: an unknown runtime, OpenVINO missing, or an int8 model that does not fit
             (:meth:`Int8Model.of_bundle`).
     """
-    device = next(network.parameters()).device
-    check_runtime(runtime, device)
     if runtime == "torch":
         return network
-    root = Path(bundle_root)
+    root, weights = Path(bundle_root), content_hash(ckpt_path)
     window = tuple(int(n) for n in window) if window is not None else None
-    int8 = Int8Model.of_bundle(root, content_hash(ckpt_path), getattr(network, "in_channels", None), window) \
-        if runtime == "openvino-int8" else None
-    key = hashlib.sha256(f"{content_hash(root / 'configs')} {content_hash(ckpt_path)}".encode()).hexdigest()
+    int8 = int8_for(runtime, next(network.parameters()).device, root, weights, getattr(network, "in_channels", None),
+                    window)
+    key = hashlib.sha256(f"{content_hash(root / 'configs')} {weights}".encode()).hexdigest()
     return RuntimeModule(on_runtime(network, runtime, key, root.name, model_file=int8 and int8.xml,
                                     window=int8 and int8.window))
 

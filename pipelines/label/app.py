@@ -48,7 +48,7 @@ from pathlib import Path
 
 import torch
 
-from pipelines.inference.runtimes import Int8Model, bundle_runner, check_runtime, inferer_window
+from pipelines.inference.runtimes import bundle_runner, inferer_window, int8_for
 from pipelines.io.hashing import content_hash
 from pipelines.label.compat import provide_torchvision_utils
 from pipelines.label.seg_codes import bundle_segments, segment_attributes
@@ -98,10 +98,8 @@ class UNetBundleInferTask(BundleInferTask):
         # refused at start (naming the bundle) when unusable, never left to fall back to torch
         self.runtime = str(conf.get("runtime") or self.bundle_config.get("runtime", "torch"))
         self._runner: tuple | None = None
-        check_runtime(self.runtime, torch.device("cpu"))
-        if self.runtime == "openvino-int8":
-            window = inferer_window(self.bundle_config.get_parsed_content("inferer"))
-            Int8Model.of_bundle(Path(path), content_hash(Path(path) / "models" / "model.pt"), None, window)
+        int8_for(self.runtime, torch.device("cpu"), Path(path), content_hash(Path(path) / "models" / "model.pt"), None,
+                 inferer_window(self.bundle_config.get_parsed_content("inferer")))
         if self.runtime != "torch":
             logger.info("%s: the network runs on %s", Path(path).name, self.runtime)
 

@@ -117,12 +117,13 @@ def _outline(section: np.ndarray) -> np.ndarray:
     return np.concatenate(contours) - 1.0 if contours else np.zeros((0, 2))
 
 
-def _diameters(points: np.ndarray, to_mm: np.ndarray) -> tuple[float, float, np.ndarray]:
+def _diameters(points: np.ndarray, to_mm: np.ndarray, pair: tuple[int, int]) -> tuple[float, float, np.ndarray]:
     """Longest diameter of an outline and the longest chord perpendicular to it (mm), and their end
     points in voxel coordinates (``(2, 2, 2)``: diameter, end, in-plane index). ``to_mm``: ``(3, 2)``,
-    a voxel step along each in-plane axis in mm (anisotropic, oblique: as the grid has it)."""
+    a voxel step along each in-plane axis in mm (anisotropic, oblique: as the grid has it); ``pair``:
+    the indices of the outline's two points farthest apart (:func:`_farthest_pair`)."""
     mm = points @ to_mm.T
-    a, b = _farthest_pair(mm)
+    a, b = pair
     longest = float(np.linalg.norm(mm[b] - mm[a]))
     ends = np.zeros((2, 2, 2))
     ends[0] = points[[a, b]]
@@ -209,12 +210,13 @@ def measure_lesions(enhancing: np.ndarray, affine: np.ndarray,
             points = _outline(lesion[index]) + offset
             if len(points) >= 2:
                 mm = points @ to_mm.T
-                slices.append((float(np.linalg.norm(np.subtract(*mm[list(_farthest_pair(mm))]))), int(index), points))
+                pair = _farthest_pair(mm)
+                slices.append((float(np.linalg.norm(mm[pair[1]] - mm[pair[0]])), int(index), points, pair))
         best = None
-        for bound, index, points in sorted(slices, key=lambda s: (-s[0], s[1])):
+        for bound, index, points, pair in sorted(slices, key=lambda s: (-s[0], s[1])):
             if best is not None and bound * bound < best[1] * best[2]:
                 break
-            longest, perpendicular, ends = _diameters(points, to_mm)
+            longest, perpendicular, ends = _diameters(points, to_mm, pair)
             product = longest * perpendicular
             if best is None or product > best[1] * best[2] or (product == best[1] * best[2] and index + first < best[0]):
                 best = (index + first, longest, perpendicular, ends)

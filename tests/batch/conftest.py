@@ -6,9 +6,13 @@ import json
 import shutil
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 
+from pipelines.batch import run_batch
 from pipelines.batch.viewer import VIEWER_DIR
+from pipelines.cli import main
 from tests.conftest import REPO
 
 DEMO = REPO / "demo_data"
@@ -50,3 +54,15 @@ def broken_stranger(source: Path, target: Path, keep: int = 1000) -> Path:
     ds.save_as(buffer, enforce_file_format=True)
     target.write_bytes(buffer.getvalue()[:keep])
     return target
+
+
+def on_torch_and(runtime: str, bundle: Path, index: int, tmp_path: Path):
+    """Demo test study ``index`` through the batch job on torch (``run_batch``) and on ``runtime`` (the
+    command line's ``--runtime``): the two case folders and their masks."""
+    copy_study("test", index, tmp_path / "in" / "study")
+    assert run_batch(bundle, tmp_path / "in", tmp_path / "torch", workers=0, case_pages=False).done == 1
+    assert main(["batch", "--bundle", str(bundle), "--input", str(tmp_path / "in"), "--output", str(tmp_path / runtime),
+                 "--runtime", runtime, "--no-case-pages", "--workers", "0", "--quiet"]) == 0
+    (on_torch,), (on_runtime,) = case_dirs(tmp_path / "torch"), case_dirs(tmp_path / runtime)
+    masks = [np.asarray(nib.load(d / "mask.nii.gz").dataobj) for d in (on_torch, on_runtime)]
+    return on_torch, on_runtime, *masks

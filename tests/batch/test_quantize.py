@@ -7,15 +7,12 @@ from __future__ import annotations
 import json
 import shutil
 
-import nibabel as nib
-import numpy as np
 import pytest
 
-from pipelines.batch import BundleContractError, BundleModel, run_batch
+from pipelines.batch import BundleContractError, BundleModel
 from pipelines.batch.quantize import QuantizationRefused, quantize_bundle
-from pipelines.cli import main
 from pipelines.inference.runtimes import INT8_MODEL, INT8_RECORD, Int8Model
-from tests.batch.conftest import BUNDLE, DEMO, case_dirs, copy_study, demo_case
+from tests.batch.conftest import BUNDLE, DEMO, demo_case, on_torch_and
 
 openvino = pytest.importorskip("openvino", reason="OpenVINO not installed (the openvino extra)")
 pytest.importorskip("nncf", reason="NNCF not installed (the openvino extra)")
@@ -51,12 +48,7 @@ def test_a_gated_int8_model_is_written_and_segments_as_the_float_network(tmp_pat
     assert not list((bundle / "models").glob(".*"))  # no temporary file left
 
     # the batch job on the int8 model: the case as on torch, the model file in the record
-    copy_study("test", 0, tmp_path / "in" / "study")
-    assert run_batch(bundle, tmp_path / "in", tmp_path / "torch", workers=0, case_pages=False).done == 1
-    assert main(["batch", "--bundle", str(bundle), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "int8"),
-                 "--runtime", "openvino-int8", "--no-case-pages", "--workers", "0", "--quiet"]) == 0
-    (on_torch,), (on_int8,) = case_dirs(tmp_path / "torch"), case_dirs(tmp_path / "int8")
-    a, b = (np.asarray(nib.load(d / "mask.nii.gz").dataobj) for d in (on_torch, on_int8))
+    _, on_int8, a, b = on_torch_and("openvino-int8", bundle, 0, tmp_path)
     assert a.any() and 2 * ((a > 0) & (b > 0)).sum() / ((a > 0).sum() + (b > 0).sum()) > 0.98
     found = json.loads((on_int8 / "record.json").read_text())
     assert found["settings"]["runtime"] == f"openvino-int8 {openvino.__version__.split('-')[0]}"

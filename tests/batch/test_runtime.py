@@ -6,13 +6,10 @@ from __future__ import annotations
 
 import json
 
-import nibabel as nib
-import numpy as np
 import pytest
 
 from pipelines.batch import run_batch
-from pipelines.cli import main
-from tests.batch.conftest import BUNDLE, case_dirs, copy_study
+from tests.batch.conftest import BUNDLE, on_torch_and
 
 openvino = pytest.importorskip("openvino", reason="OpenVINO not installed (the openvino extra)")
 
@@ -20,12 +17,7 @@ openvino = pytest.importorskip("openvino", reason="OpenVINO not installed (the o
 @pytest.mark.integration
 def test_a_study_on_openvino_is_segmented_as_on_torch(tmp_path, monkeypatch):
     monkeypatch.setenv("UNET_CACHE", str(tmp_path / "cache"))
-    copy_study("test", 1, tmp_path / "in" / "study")
-    assert run_batch(BUNDLE, tmp_path / "in", tmp_path / "torch", workers=0, case_pages=False).done == 1
-    assert main(["batch", "--bundle", str(BUNDLE), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "ov"),
-                 "--runtime", "openvino", "--no-case-pages", "--workers", "0", "--quiet"]) == 0
-    (on_torch,), (on_openvino,) = case_dirs(tmp_path / "torch"), case_dirs(tmp_path / "ov")
-    a, b = (np.asarray(nib.load(d / "mask.nii.gz").dataobj) for d in (on_torch, on_openvino))
+    on_torch, on_openvino, a, b = on_torch_and("openvino", BUNDLE, 1, tmp_path)
     assert (a != b).mean() < 1e-4 and a.any()  # float rounding may flip a voxel at a boundary, no more
     first, second = (json.loads((d / "record.json").read_text()) for d in (on_torch, on_openvino))
     assert first["settings"]["runtime"] == "torch"
