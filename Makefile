@@ -182,6 +182,7 @@ bench: $(STAMP) demo-data demo-brain
 	$(PY) benchmarks/bench_training.py --data $(DEMO_DATA)
 	$(PY) benchmarks/bench_batch.py --data $(DEMO_DATA)
 	$(PY) benchmarks/bench_brain.py --data $(DEMO_BRAIN)
+	$(PY) benchmarks/bench_brain.py --data $(DEMO_BRAIN) --runtime openvino-int8
 	$(PY) benchmarks/bench_runtimes.py
 
 clean:

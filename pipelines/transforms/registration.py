@@ -4,8 +4,8 @@ coordinates, then, optionally, rigidly registered to it.
 The sequences of one MR study share the scanner's patient coordinates, so resampling by those
 coordinates aligns them unless the patient moved between series. Rigid registration (SimpleITK:
 Mattes mutual information, which compares sequences of different contrast, a regular-step gradient
-descent over three resolutions, the finest at about 2 mm, rotation about the reference's centre)
-finds such a movement. The
+descent over three resolutions of both volumes averaged to about 2 mm, rotation about the
+reference's centre) finds such a movement. The
 result is kept only when it raises the mutual information over patient coordinates by at least
 ``min_gain``; otherwise the channel stays as the coordinates place it, so aligned channels are not
 moved by the optimiser's noise. A channel whose final mutual information is below
@@ -131,9 +131,25 @@ def _center(image) -> list[float]:
     return list(image.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2.0 for s in image.GetSize()]))
 
 
-def register_rigid(reference: torch.Tensor, moving: torch.Tensor, bins: int = 32, sampling: float = 0.2,
-                   iterations: int = 200, min_gain: float = 0.01, seed: int = 0) -> RigidRegistration:
+def _binned(image, spacing_mm: float):
+    """``image`` averaged over blocks of whole voxels to about ``spacing_mm`` along each axis (axes
+    already at least that coarse are kept)."""
+    import SimpleITK as sitk
+
+    factors = [max(1, round(spacing_mm / s)) if s < spacing_mm else 1 for s in image.GetSpacing()]
+    factors = [min(f, n) for f, n in zip(factors, image.GetSize())]
+    return sitk.BinShrink(image, factors) if max(factors) > 1 else image
+
+
+def register_rigid(reference: torch.Tensor, moving: torch.Tensor, bins: int = 32, sampling: float = 0.1,
+                   iterations: int = 200, min_gain: float = 0.01, seed: int = 0,
+                   finest_mm: float = 2.0) -> RigidRegistration:
     """Rigidly register ``moving`` to ``reference`` (both ``(C, X, Y, Z)`` with RAS affines, channel 0 used).
+
+    Both volumes are first averaged over blocks of whole voxels to about ``finest_mm`` (the finest
+    level), then registered over three levels, each twice as coarse as the next; the mutual
+    information before and after is measured on those averaged volumes too, which is much faster than
+    reading the full-resolution volumes at each level (docs/benchmarks.md, "A brain tumor study").
 
     Args:
         reference: the fixed volume.
@@ -144,10 +160,11 @@ def register_rigid(reference: torch.Tensor, moving: torch.Tensor, bins: int = 32
         min_gain: the mutual information (nats) the registration must add over patient coordinates to
             be kept.
         seed: the sampling's seed: the same inputs give the same result.
+        finest_mm: the finest level's voxel size.
     """
     import SimpleITK as sitk
 
-    fixed, mov = _to_sitk(reference), _to_sitk(moving)
+    fixed, mov = _binned(_to_sitk(reference), finest_mm), _binned(_to_sitk(moving), finest_mm)
     center = _center(fixed)
     identity = _euler(np.eye(4), center)
     before = _mutual_information(fixed, mov, identity, bins)
@@ -159,8 +176,8 @@ def register_rigid(reference: torch.Tensor, moving: torch.Tensor, bins: int = 32
     method.SetOptimizerAsRegularStepGradientDescent(learningRate=2.0, minStep=1e-4, numberOfIterations=iterations,
                                                    relaxationFactor=0.5, gradientMagnitudeTolerance=1e-8)
     method.SetOptimizerScalesFromPhysicalShift()
-    finest = max(1, int(2.0 // min(fixed.GetSpacing())))  # the last level at about 2 mm: precise enough, fast
-    method.SetShrinkFactorsPerLevel([4 * finest, 2 * finest, finest])
+    finest = max(min(fixed.GetSpacing()), 1.0)  # the smoothing's scale, in mm, as the finest level's voxels
+    method.SetShrinkFactorsPerLevel([4, 2, 1])
     method.SetSmoothingSigmasPerLevel([2.0 * finest, 1.0 * finest, 0.0])
     method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
     method.SetInitialTransform(_euler(np.eye(4), center), inPlace=False)
@@ -228,7 +245,7 @@ class RegisterToReferenced(MapTransform):
 
     def __init__(self, keys: KeysCollection, reference_key: str, register: bool | str = True,
                  min_mutual_information: float = 0.05, min_gain: float = 0.01, bins: int = 32,
-                 sampling: float = 0.2, iterations: int = 200, seed: int = 0,
+                 sampling: float = 0.1, iterations: int = 200, seed: int = 0,
                  allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
         if register not in (True, False, "auto"):
