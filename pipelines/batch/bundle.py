@@ -193,13 +193,16 @@ class BundleModel:
         self.runtime = str(runtime or _optional(parser, "runtime") or "torch")
         try:
             self.int8: Int8Model | None = int8_for(self.runtime, self.device, self.root, self.weights_sha256,
-                                                   getattr(self.network, "in_channels", None), inferer_window(self.inferer))
+                                                   getattr(self.network, "in_channels", None),
+                                                   inferer_window(self.inferer, self.network))
         except ValueError as exc:
             raise BundleContractError(str(exc) if runtime else f"{config}: `runtime`: {exc}") from exc
         self.runner = on_runtime(self.network, self.runtime, self.bundle_sha256, self.root.name,  # what the inferer calls
                                  model_file=self.int8 and self.int8.xml, window=self.int8 and self.int8.window)
         self.labels = label_names(self.metadata, meta_file)
         self.regions = {str(k): [int(v) for v in values] for k, values in (self.metadata.get("regions") or {}).items()}
+        # what overlap and volume are compared over: each label alone, then each region
+        self.label_groups = {name: [value] for value, name in self.labels.items()} | self.regions
         self.lesion_scoring = lesion_scoring(self.metadata, meta_file)
         self.lesion_labels = label_values(self.metadata, "lesion_labels", self.labels, meta_file)
         self.enhancing_labels = label_values(self.metadata, "rano", self.labels, meta_file, within="enhancing")

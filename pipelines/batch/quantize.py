@@ -118,10 +118,8 @@ def _gate(model: BundleModel, reference: Mapping[str, np.ndarray], found: Mappin
     """Per label and region, over the cases (voxels pooled, so that a case with a few voxels of a label
     weighs as few voxels): the Dice of ``found`` against ``reference`` and the relative volume
     difference; the worst single case's Dice beside them; and whether all pass."""
-    groups = {name: [value] for value, name in model.labels.items()} | {
-        name: values for name, values in model.regions.items()}
     figures = {}
-    for name, values in groups.items():
+    for name, values in model.label_groups.items():
         both = total = ref_volume = found_volume = 0
         worst = 1.0
         for case_id, ref in reference.items():
@@ -262,7 +260,7 @@ def quantize_bundle(bundle: str | os.PathLike, source: str | os.PathLike, *, sec
     if len(recorder.shapes) != 1:
         raise ValueError(f"{bundle}: the inferer cut windows of several shapes {sorted(recorder.shapes)}; "
                          "an int8 model is calibrated for one window size")
-    window = list(inferer_window(model.inferer) or next(iter(recorder.shapes)))
+    window = list(inferer_window(model.inferer, model.network) or next(iter(recorder.shapes)))
     sample = sorted(recorder.kept, key=lambda kept: (kept[0]["case_id"], kept[0]["window"]))
     windows = [array for _, array in sample]
     logger.info("%s: calibrating on %d of the %d windows of %d cases", model.root.name, len(windows), recorder.seen, len(loaded))

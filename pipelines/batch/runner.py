@@ -185,7 +185,7 @@ def _segment_cases(plan: Plan, summary: BatchSummary, *, workers: int, progress:
     cores = CoreShare() if model.device.type == "cpu" else None
     loading = Loading(plan.todo, model, plan.output / ".cache", workers, cores)
     warned = CaseWarnings()
-    with cpu_runtime(model.network, cores), warned.installed(), \
+    with cpu_runtime(model.runner, cores), warned.installed(), \
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-writer") as pool:
         pending: Future | None = None
         bar = tqdm(total=len(plan.todo), unit="case", desc="segmenting", disable=not progress, dynamic_ncols=True)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import json
+import logging
 import os
 import threading
 import warnings
@@ -31,6 +32,8 @@ from pathlib import Path
 import torch
 
 from pipelines.io.hashing import content_hash
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "INT8_MODEL", "INT8_RECORD", "RUNTIMES", "Int8Model", "OpenVinoNetwork", "RuntimeModule", "bundle_runner",
@@ -106,13 +109,19 @@ class Int8Model:
         return cls(xml, calibrated, record, content_hash(xml.with_suffix(".bin")))
 
 
-def inferer_window(inferer) -> tuple[int, ...] | None:
-    """The spatial window an inferer cuts (``roi_size`` or ``tile_size``; through a test-time
-    augmentation's inner ``inferer``), or None when it says none."""
+def inferer_window(inferer, network: torch.nn.Module | None = None) -> tuple[int, ...] | None:
+    """The spatial window the network is handed: the inferer's ``roi_size`` or ``tile_size`` (through
+    a test-time augmentation's inner ``inferer``), or None when it says none. An overlap-tile
+    inferer's ``tile_size`` names the output tile of a valid (unpadded) network: with ``network``,
+    the network's input for it is returned (the tile of an image at least that large).
+    """
+    net = getattr(network, "module", network)
     while inferer is not None:
         for name in ("roi_size", "tile_size"):
             size = getattr(inferer, name, None)
             if isinstance(size, (list, tuple)) and all(isinstance(n, int) for n in size):
+                if name == "tile_size" and getattr(net, "padding", None) == "valid":
+                    return tuple(int(n) for n in net.valid_input_shape(size))
                 return tuple(size)
         inferer = getattr(inferer, "inferer", None)
     return None
@@ -132,8 +141,9 @@ class OpenVinoNetwork:
         network: the torch module, with its weights.
         key: what identifies the network and its weights (the bundle's hash).
         name: a readable part of the cached files' names (the bundle's name).
-        threads: OpenVINO's inference threads (None: torch's thread count when a shape is compiled,
-            which the batch job sets to its share of the cores).
+        threads: OpenVINO's inference threads (None: torch's thread count at each call, which the
+            batch job sets to the network's share of the cores before it; a model is compiled for each
+            shape and thread count met).
         cache: the folder of converted models (default :func:`cache_folder`).
         model_file: an OpenVINO model to run instead of converting ``network`` (the bundle's int8
             model), valid for windows of ``window`` only.
@@ -161,15 +171,16 @@ class OpenVinoNetwork:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = tuple(int(n) for n in x.shape)
-        compiled = self._compiled.get(shape)
+        threads = int(self.threads or torch.get_num_threads())
+        compiled = self._compiled.get((shape, threads))
         if compiled is None:
             with self._lock:
-                compiled = self._compiled.get(shape) or self._compile(shape)
-                self._compiled[shape] = compiled
+                compiled = self._compiled.get((shape, threads)) or self._compile(shape, threads)
+                self._compiled[(shape, threads)] = compiled
         out = compiled(x.detach().to("cpu", torch.float32).contiguous().numpy())[0]
         return torch.from_numpy(out)
 
-    def _compile(self, shape: tuple[int, ...]):
+    def _compile(self, shape: tuple[int, ...], threads: int):
         import openvino
 
         core = openvino.Core()
@@ -191,8 +202,7 @@ class OpenVinoNetwork:
             except OSError:
                 pass
             self.converted += 1
-        config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY",
-                  "INFERENCE_NUM_THREADS": int(self.threads or torch.get_num_threads())}
+        config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads}
         with _own_signal_stack():
             return core.compile_model(model, "CPU", config)
 
@@ -270,12 +280,14 @@ class RuntimeModule(torch.nn.Module):
 
 
 def bundle_runner(network: torch.nn.Module, runtime: str, bundle_root: str | os.PathLike,
-                  ckpt_path: str | os.PathLike, window=None) -> torch.nn.Module:
+                  ckpt_path: str | os.PathLike, window=None, inferer=None) -> torch.nn.Module:
     """What a bundle config's evaluator runs (config id ``runner``): ``network`` for ``torch``, else a
     :class:`RuntimeModule` of it on OpenVINO (float32, or the bundle's int8 model).
 
     The float model is converted at the first call, after the evaluator's checkpoint loader has put
-    the weights in ``network``; the int8 model must have been made from ``ckpt_path``'s weights.
+    the weights in ``network``; the int8 model must have been made from ``ckpt_path``'s weights, for
+    the window the network is handed: ``window``, or the one ``inferer`` hands it
+    (:func:`inferer_window`; an overlap-tile inferer's valid network takes more than its tile).
 
     Raises:
         ValueError: an unknown runtime, OpenVINO missing, or an int8 model that does not fit
@@ -283,13 +295,15 @@ def bundle_runner(network: torch.nn.Module, runtime: str, bundle_root: str | os.
     """
     if runtime == "torch":
         return network
-    root, weights = Path(bundle_root), content_hash(ckpt_path)
+    root, weights = Path(bundle_root).resolve(), content_hash(ckpt_path)  # "." in a bundle config: its name
+    window = inferer_window(inferer, network) if window is None and inferer is not None else window
     window = tuple(int(n) for n in window) if window is not None else None
     int8 = int8_for(runtime, next(network.parameters()).device, root, weights, getattr(network, "in_channels", None),
                     window)
     key = hashlib.sha256(f"{content_hash(root / 'configs')} {weights}".encode()).hexdigest()
-    return RuntimeModule(on_runtime(network, runtime, key, root.name, model_file=int8 and int8.xml,
-                                    window=int8 and int8.window))
+    logger.info("%s: the network runs on %s (%s)", root.name, runtime_name(runtime),
+                int8.xml if int8 else "converted from the weights at the first call")
+    return on_runtime(network, runtime, key, root.name, model_file=int8 and int8.xml, window=int8 and int8.window)
 
 
 def runtime_name(runtime: str) -> str:
@@ -303,10 +317,11 @@ def runtime_name(runtime: str) -> str:
 
 def on_runtime(network: torch.nn.Module, runtime: str, key: str, name: str = "network",
                threads: int | None = None, model_file: Path | None = None,
-               window: tuple[int, ...] | None = None) -> torch.nn.Module | OpenVinoNetwork:
-    """What the inferer is to call: ``network`` itself for ``torch``, an :class:`OpenVinoNetwork` of
-    it for ``openvino``, of ``model_file`` for ``openvino-int8``."""
+               window: tuple[int, ...] | None = None) -> torch.nn.Module:
+    """What the inferer is to call: ``network`` itself for ``torch``, else a :class:`RuntimeModule` of
+    an :class:`OpenVinoNetwork` of it for ``openvino``, of ``model_file`` for ``openvino-int8`` (a
+    module, so that :class:`~pipelines.runtime.CoreShare` sizes its threads before each call)."""
     if runtime == "torch":
         return network
-    return OpenVinoNetwork(network, key, name, threads, model_file=model_file if runtime == "openvino-int8" else None,
-                           window=window)
+    return RuntimeModule(OpenVinoNetwork(network, key, name, threads, window=window,
+                                         model_file=model_file if runtime == "openvino-int8" else None))

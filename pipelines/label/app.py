@@ -99,7 +99,8 @@ class UNetBundleInferTask(BundleInferTask):
         self.runtime = str(conf.get("runtime") or self.bundle_config.get("runtime", "torch"))
         self._runner: tuple | None = None
         int8_for(self.runtime, torch.device("cpu"), Path(path), content_hash(Path(path) / "models" / "model.pt"), None,
-                 inferer_window(self.bundle_config.get_parsed_content("inferer")))
+                 inferer_window(self.bundle_config.get_parsed_content("inferer"),
+                                self.bundle_config.get_parsed_content("network_def")))
         if self.runtime != "torch":
             logger.info("%s: the network runs on %s", Path(path).name, self.runtime)
 
@@ -111,7 +112,7 @@ class UNetBundleInferTask(BundleInferTask):
         if network is None or self.runtime == "torch" or not str(device).startswith("cpu"):
             return network
         if self._runner is None or self._runner[0] is not network:
-            window = inferer_window(self.bundle_config.get_parsed_content("inferer"))
+            window = inferer_window(self.bundle_config.get_parsed_content("inferer"), network)
             self._runner = (network, bundle_runner(network, self.runtime, self.bundle_path, self.get_path(), window))
         return self._runner[1]
 

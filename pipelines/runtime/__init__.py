@@ -10,8 +10,8 @@ MONAI Label app or the CLI.
 from __future__ import annotations
 
 from .context import SWITCH_INTERVAL_S, cpu_runtime
-from .cores import CoreShare
+from .cores import CoreShare, MachineLoad
 from .heap import keep_freed_memory
 from .iod_memo import memoise_iod_lookups
 
-__all__ = ["SWITCH_INTERVAL_S", "CoreShare", "cpu_runtime", "keep_freed_memory", "memoise_iod_lookups"]
+__all__ = ["SWITCH_INTERVAL_S", "CoreShare", "MachineLoad", "cpu_runtime", "keep_freed_memory", "memoise_iod_lookups"]

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import jsonschema
 import mlflow
@@ -11,6 +12,8 @@ from monai.bundle.scripts import _get_fake_spatial_shape
 from PIL import Image
 from torch import nn
 
+from pipelines.batch import pseudonym, run_batch
+from pipelines.metrics.segmentation_errors import pixel_error
 from pipelines.networks import UNet
 from pipelines.transforms import RandCoarseElasticd, UNetWeightMapd
 from tests.bundles.conftest import BUNDLES, assert_bundle_ids, bundle_metadata, bundle_parser, read_metrics, run_bundle
@@ -157,6 +160,32 @@ def test_training_and_inference_commands(isbi_dir, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["0_membrane_prob.png", "0_seg.png", "29_membrane_prob.png", "29_seg.png"]
     seg = np.asarray(Image.open(out / "0_seg.png"))
     assert seg.shape == (512, 512) and set(np.unique(seg)) <= {0, 255}
+
+
+@pytest.mark.integration
+def test_the_int8_model_keeps_the_held_out_pixel_error(isbi_dir, tmp_path):
+    """``--runtime openvino-int8`` on the batch job: a held-out section (21) segmented by the shipped
+    int8 model, whose pixel error against the labels is within 0.002 of the float network's; the
+    record names the model. The bundle's own inference config on that runtime gives the same cells."""
+    pytest.importorskip("openvino", reason="OpenVINO not installed (the openvino extra)")
+    (tmp_path / "in").mkdir()
+    shutil.copy(isbi_dir / "train" / "image" / "21.png", tmp_path / "in" / "21.png")
+    label = np.asarray(Image.open(isbi_dir / "train" / "label" / "21.png")) > 0  # cells 255, membrane 0
+    errors = {}
+    for runtime in ("torch", "openvino-int8"):
+        summary = run_batch(BUNDLE, tmp_path / "in", tmp_path / runtime, workers=0, case_pages=False, runtime=runtime)
+        assert summary.done == 1
+        case_dir = tmp_path / runtime / pseudonym("21.png")
+        errors[runtime] = pixel_error(np.asarray(Image.open(case_dir / "mask.png")) == 1, label)
+    record = json.loads((case_dir / "record.json").read_text())
+    assert record["settings"]["runtime"].startswith("openvino-int8") and record["model"]["int8_model"] == "model_int8.xml"
+    assert errors["torch"] < 0.1 and abs(errors["openvino-int8"] - errors["torch"]) <= 0.002, errors
+    result = run_bundle("unet2d_isbi2012", "run", "--meta_file", "configs/metadata.json", "--config_file",
+                        "configs/inference.json", "--logging_file", "configs/logging.conf", "--runtime", "openvino-int8",
+                        "--dataset_dir", str(tmp_path / "in"), "--output_dir", str(tmp_path / "bundle"))
+    assert "unet2d_isbi2012: the network runs on openvino-int8" in result.stdout
+    theirs = np.asarray(Image.open(tmp_path / "bundle" / "21_seg.png")) > 0
+    assert np.mean(theirs != (np.asarray(Image.open(case_dir / "mask.png")) == 1)) < 1e-3
 
 
 @pytest.mark.slow

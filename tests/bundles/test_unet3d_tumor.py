@@ -328,6 +328,24 @@ def test_torchrun_two_processes_with_gloo(demo, tmp_path):
     assert set(state["model"]) == {f"module.{k}" for k in ddp_free}
 
 
+def test_the_evaluation_runs_on_the_int8_model(demo, tmp_path):
+    """``evaluate.json`` takes ``runtime`` too: the shipped weights scored on torch and on their int8
+    model, the two means within 0.01 Dice, and the run says which model it used."""
+    pytest.importorskip("openvino", reason="OpenVINO not installed (the openvino extra)")
+    data, manifest = demo
+    dice = {}
+    for runtime in ("torch", "openvino-int8"):
+        result = run_bundle(
+            "unet3d_tumor", "run", "--meta_file", "configs/metadata.json",
+            "--config_file", "['configs/train.json','configs/evaluate.json']", "--logging_file", "configs/logging.conf",
+            "--dataset_dir", str(data), "--manifest", str(manifest), "--cache_workers", "0", "--runtime", runtime,
+            "--output_dir", str(tmp_path / runtime),
+        )
+        dice[runtime] = read_metrics(tmp_path / runtime / "metrics.csv")["val_mean_dice"]
+    assert "unet3d_tumor: the network runs on openvino-int8" in result.stdout and "model_int8.xml" in result.stdout
+    assert dice["torch"] > 0.5 and dice["openvino-int8"] == pytest.approx(dice["torch"], abs=0.01), dice
+
+
 @pytest.mark.slow
 @pytest.mark.integration
 def test_shipped_weights_reproduce_the_recorded_metrics(tmp_path):

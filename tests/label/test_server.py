@@ -142,8 +142,11 @@ def test_served_on_the_int8_model_as_the_batch_job_runs_it(tmp_path):
     studies.mkdir()
     shutil.copy(DEMO / entry["image"], studies / f"{entry['case_id']}.nii.gz")
     (tmp_path / "refused").mkdir()
-    with pytest.raises(pytest.fail.Exception, match=r"(?s)unet2d_isbi2012: no calibrated int8 model.*quantize"):
-        with label_server(tmp_path / "refused", str(studies), "--runtime", "openvino-int8", "--bundle", "unet2d_isbi2012"):
+    uncalibrated = tmp_path / "bundles" / "unet3d_tumor"  # the tumor bundle before `quantize`
+    shutil.copytree(BUNDLE, uncalibrated, ignore=shutil.ignore_patterns("model_int8.*", "eval"))
+    with pytest.raises(pytest.fail.Exception, match=r"(?s)unet3d_tumor: no calibrated int8 model.*quantize"):
+        with label_server(tmp_path / "refused", str(studies), "--runtime", "openvino-int8",
+                          "--bundles-dir", str(uncalibrated.parent), "--bundle", "unet3d_tumor"):
             pass
     with label_server(tmp_path, str(studies), "--runtime", "openvino-int8", "--bundle", "unet3d_tumor") as (base, _, log):
         served = np.asarray(_infer(base, "unet3d_tumor", entry["case_id"], tmp_path / "served.nii.gz").dataobj)

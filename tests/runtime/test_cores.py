@@ -1,13 +1,19 @@
-"""The network gives up a thread to each helper at work, in any process, and takes it back."""
+"""The network gives up a thread to each helper at work, in any process, and to each core other
+processes keep busy, and takes it back."""
 
 from __future__ import annotations
 
 import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
-from pipelines.runtime import CoreShare
+from pipelines.runtime import CoreShare, MachineLoad
 
 
 class _Recorder(torch.nn.Module):
@@ -38,7 +44,7 @@ def _helper(cores: CoreShare, started, release) -> None:
 
 
 def test_a_helper_in_another_process_takes_one_thread_while_it_works(threads):
-    cores = CoreShare(threads)
+    cores = CoreShare(threads, watch_machine=False)
     network, x = _Recorder(), torch.zeros(1, 1, 5, 6, 7)
     context = multiprocessing.get_context("fork")
     started, release = context.Event(), context.Event()
@@ -62,7 +68,7 @@ def test_a_helper_in_another_process_takes_one_thread_while_it_works(threads):
 
 
 def test_the_network_keeps_one_thread_however_many_helpers_work(threads):
-    cores = CoreShare(2)
+    cores = CoreShare(2, watch_machine=False)
     with cores.working(), cores.working(), cores.working():
         assert cores.busy == 3 and cores.wanted_threads() == 1
     assert cores.busy == 0 and cores.wanted_threads() == 2
@@ -78,3 +84,79 @@ def test_a_failing_helper_gives_its_core_back():
 def test_threads_must_be_positive():
     with pytest.raises(ValueError, match="`threads` must be at least 1, got -1"):
         CoreShare(-1)
+
+
+_BUSY_LOOP = [sys.executable, "-c", "while True: pass"]
+
+
+def _measured(load: MachineLoad, seconds: float, spin: bool = False) -> float:
+    load.cores()
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if not spin:
+            time.sleep(0.05)
+    return load.cores()
+
+
+@pytest.fixture
+def two_cpus():
+    if len(os.sched_getaffinity(0)) < 2 or not os.path.isfile("/proc/stat"):
+        pytest.skip("needs Linux's /proc and two CPUs")
+
+
+def test_a_process_outside_the_job_is_measured_as_one_busy_core(two_cpus):
+    """Started by a shell that exits at once, the busy loop is no descendant of this process."""
+    pid = int(subprocess.run(["sh", "-c", f"{' '.join(_BUSY_LOOP[:2])} '{_BUSY_LOOP[2]}' >/dev/null 2>&1 & echo $!"],
+                             capture_output=True, text=True, check=True).stdout)
+    try:
+        time.sleep(0.3)
+        busy = _measured(MachineLoad(interval=0.5), 1.5)
+    finally:
+        os.kill(pid, signal.SIGKILL)
+    assert 0.7 < busy < 1.5, busy
+    quiet = _measured(MachineLoad(interval=0.5), 1.0)
+    assert quiet < 0.5, quiet
+
+
+def test_the_jobs_own_work_and_its_childrens_is_not_counted(two_cpus):
+    """A loader process (a child) and the network's thread (this one) at work: nothing else is busy."""
+    child = subprocess.Popen(_BUSY_LOOP)
+    try:
+        time.sleep(0.3)
+        busy = _measured(MachineLoad(interval=0.5), 1.5, spin=True)
+    finally:
+        child.kill()
+        child.wait()
+    assert busy < 0.5, busy
+
+
+def test_children_that_ended_are_still_the_jobs_own(two_cpus):
+    """A header pool's processes that worked, then ended, within the span: not another process's load."""
+    load = MachineLoad(interval=0.5)
+    load.cores()
+    for _ in range(3):
+        subprocess.run([sys.executable, "-c", "import time\nend = time.time() + 0.4\nwhile time.time() < end: pass"],
+                       check=True)
+    busy = _measured(load, 0.0)
+    assert busy < 0.4, busy
+
+
+def test_the_network_leaves_the_cores_the_machine_keeps_busy(threads):
+    class Busy:
+        def cores(self) -> float:
+            return 1.4
+
+    cores = CoreShare(3)
+    cores.machine = Busy()
+    assert cores.wanted_threads() == 2
+    with cores.working():
+        assert cores.wanted_threads() == 1
+    cores.threads = 1
+    assert cores.wanted_threads() == 1
+
+
+def test_a_first_measure_and_a_machine_without_proc_count_nothing(monkeypatch):
+    load = MachineLoad(interval=10.0)
+    assert load.cores() == 0.0 and load.cores() == 0.0  # one measure is no span
+    load.available = False
+    assert load.cores() == 0.0
