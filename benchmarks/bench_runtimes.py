@@ -5,11 +5,11 @@ For each bundle (brain tumor, tumor, ISBI 2012): per window, the network on one 
 inferer's size, the call alone; per volume, a demo study (for ISBI a held-out EM section) as the
 bundle's preprocessing leaves it through the bundle's own inferer (windows or tiles, blending or
 test-time augmentation, the bundle's postprocessing), with the Dice of each label and region against
-torch's, and for ISBI the pixel error of each runtime on the held-out sections. The contenders alternate within each round, so that a change in
-the machine's load meets all; medians over the rounds, and each runtime's speed-up over torch. Then
-the same again with one CPU-bound process beside (``--load``: a Python busy loop), and each runtime's
-time under load over its idle time. Each runtime runs as the batch job runs it: its threads sized
-before each call (``pipelines.runtime.CoreShare``: all the cores, less those other processes keep
+torch's, and for ISBI the pixel error of each runtime on the held-out sections. The contenders
+alternate within each round, so that a change in the machine's load meets all; medians over the
+rounds, and each runtime's speed-up over torch. Then the same again with one CPU-bound process
+beside (a Python busy loop), and each runtime's time under load over its idle time. Each runtime runs as the batch job runs it: its threads sized
+before each call (``pipelines.runtime.CoreShare``: ``--threads``, less the cores other processes keep
 busy); ``--fixed-threads`` keeps them at ``--threads`` whatever the load (the setting before). OpenVINO's
 conversion is done before the timing (the batch job keeps it on disk). Run it on an otherwise idle
 machine.

@@ -296,8 +296,7 @@ def bundle_runner(network: torch.nn.Module, runtime: str, bundle_root: str | os.
     if runtime == "torch":
         return network
     root, weights = Path(bundle_root).resolve(), content_hash(ckpt_path)  # "." in a bundle config: its name
-    window = inferer_window(inferer, network) if window is None and inferer is not None else window
-    window = tuple(int(n) for n in window) if window is not None else None
+    window = inferer_window(inferer, network) if window is None else tuple(int(n) for n in window)
     int8 = int8_for(runtime, next(network.parameters()).device, root, weights, getattr(network, "in_channels", None),
                     window)
     key = hashlib.sha256(f"{content_hash(root / 'configs')} {weights}".encode()).hexdigest()

@@ -98,9 +98,11 @@ class UNetBundleInferTask(BundleInferTask):
         # refused at start (naming the bundle) when unusable, never left to fall back to torch
         self.runtime = str(conf.get("runtime") or self.bundle_config.get("runtime", "torch"))
         self._runner: tuple | None = None
+        window = inferer_window(self.bundle_config.get_parsed_content("inferer"),  # a network built for int8 only
+                                self.bundle_config.get_parsed_content("network_def")) \
+            if self.runtime == "openvino-int8" else None
         int8_for(self.runtime, torch.device("cpu"), Path(path), content_hash(Path(path) / "models" / "model.pt"), None,
-                 inferer_window(self.bundle_config.get_parsed_content("inferer"),
-                                self.bundle_config.get_parsed_content("network_def")))
+                 window)
         if self.runtime != "torch":
             logger.info("%s: the network runs on %s", Path(path).name, self.runtime)
 
@@ -112,8 +114,8 @@ class UNetBundleInferTask(BundleInferTask):
         if network is None or self.runtime == "torch" or not str(device).startswith("cpu"):
             return network
         if self._runner is None or self._runner[0] is not network:
-            window = inferer_window(self.bundle_config.get_parsed_content("inferer"), network)
-            self._runner = (network, bundle_runner(network, self.runtime, self.bundle_path, self.get_path(), window))
+            self._runner = (network, bundle_runner(network, self.runtime, self.bundle_path, self.get_path(),
+                                                   inferer=self.bundle_config.get_parsed_content("inferer")))
         return self._runner[1]
 
     def _load_bundle_config(self, path, config):

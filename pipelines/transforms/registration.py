@@ -180,7 +180,7 @@ def register_rigid(reference: torch.Tensor, moving: torch.Tensor, bins: int = 32
     method.SetShrinkFactorsPerLevel([4, 2, 1])
     method.SetSmoothingSigmasPerLevel([2.0 * finest, 1.0 * finest, 0.0])
     method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
-    method.SetInitialTransform(_euler(np.eye(4), center), inPlace=False)
+    method.SetInitialTransform(identity, inPlace=False)  # the optimiser moves a copy
     result = method.Execute(fixed, mov)
     euler = sitk.Euler3DTransform(sitk.CompositeTransform(result).GetNthTransform(0)) \
         if result.GetName() == "CompositeTransform" else sitk.Euler3DTransform(result)
